@@ -1,0 +1,304 @@
+"""Typed configuration: YAML in, validated frozen dataclasses out.
+
+A proxy that every LLM call of a team goes through must not start on a typo and then behave
+strangely, so every key is checked and every error is one line that names the key, the value
+it got and what is allowed. Unknown keys are errors for the same reason: a misspelt
+`tpm_limt` silently falling back to a default is how people get rate-limited.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_HOSTS = ("api.cerebras.ai", "inference.cerebras.ai")
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message is one line meant for the user."""
+
+
+@dataclass(frozen=True)
+class CerebrasLimits:
+    rpm_limit: int = 1000
+    tpm_limit: int = 1_000_000
+    max_queue_depth: int = 100
+    request_timeout: float = 600.0
+    priority_threshold: float = 0.7
+    # Beyond the seed: the context length assumed when a request sets no output limit
+    # (Cerebras then reserves context length minus input), and how fast a waiting request's
+    # priority grows so that a large request cannot starve behind a stream of small ones.
+    context_length: int = 131_072
+    priority_aging: float = 30.0
+
+
+@dataclass(frozen=True)
+class BreakerConfig:
+    failure_threshold: int = 10
+    open_duration: float = 60.0
+
+
+@dataclass(frozen=True)
+class DomainRateLimit:
+    domain: str
+    requests_per_second: float
+
+
+@dataclass(frozen=True)
+class Config:
+    cerebras_limits: CerebrasLimits = field(default_factory=CerebrasLimits)
+    circuit_breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    cerebras_hosts: tuple[str, ...] = DEFAULT_HOSTS
+    # For tests, demos and benchmarks only: send intercepted requests to this base URL
+    # (e.g. a local mock of Cerebras) instead of the host the client asked for.
+    cerebras_upstream: str | None = None
+    # Accepted for compatibility with the seed's config; enforced in a later version.
+    rate_limits: tuple[DomainRateLimit, ...] = ()
+    default_rate_limit: float | None = 10.0
+    source: str = "built-in defaults"
+
+
+# ---------------------------------------------------------------------------------------------
+# Value parsers. Each takes the dotted key (for the message) and the raw YAML value.
+
+
+def _fail(key: str, value: Any, expected: str) -> ConfigError:
+    return ConfigError(f"{key}: got {value!r}; expected {expected}")
+
+
+def _positive_int(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise _fail(key, value, "a positive integer")
+    return value
+
+
+def _fraction(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise _fail(key, value, "a number from 0 to 1")
+    return float(value)
+
+
+def _positive_number(key: str, value: Any) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise _fail(key, value, "a positive number")
+    return float(value)
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: str | int | float) -> float:
+    """`10m`, `30s`, `1h30m`, `250ms` or a plain number of seconds -> seconds (> 0)."""
+    if isinstance(value, bool):
+        raise ValueError("not a duration")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip().lower()
+        try:
+            seconds = float(text)
+        except ValueError:
+            parts = _DURATION_PART.findall(text)
+            if not parts or "".join(n + u for n, u in parts) != text:
+                raise ValueError("not a duration") from None
+            seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+    else:
+        raise ValueError("not a duration")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError("not a positive duration")
+    return seconds
+
+
+def _duration(key: str, value: Any) -> float:
+    try:
+        return parse_duration(value)
+    except ValueError:
+        raise _fail(key, value, "a duration such as 30s, 10m, 1h or a number of seconds") from None
+
+
+def _hostname(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9*.-]+", value):
+        raise _fail(key, value, "a host name such as api.cerebras.ai")
+    return value.lower()
+
+
+def _upstream_url(key: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    parts = urlsplit(value) if isinstance(value, str) else None
+    if (
+        parts is None
+        or parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.path not in ("", "/")
+    ):
+        raise _fail(key, value, "a base URL such as http://127.0.0.1:8765 (no path), or null")
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise _fail(key, value, "a base URL with a valid port") from None
+    return value.rstrip("/")
+
+
+def _mapping(key: str, value: Any) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise _fail(key, value, "a mapping of keys to values")
+    return value
+
+
+def _section(
+    key: str, value: Any, fields: Mapping[str, Callable[[str, Any], Any]]
+) -> dict[str, Any]:
+    """Parse a mapping whose keys must all be known; returns only the keys present."""
+    parsed: dict[str, Any] = {}
+    for name, raw in _mapping(key, value).items():
+        parser = fields.get(name)
+        if parser is None:
+            allowed = ", ".join(fields)
+            raise ConfigError(f"{key}.{name}: unknown key; allowed keys are {allowed}")
+        parsed[name] = parser(f"{key}.{name}", raw)
+    return parsed
+
+
+_LIMIT_FIELDS: dict[str, Callable[[str, Any], Any]] = {
+    "rpm_limit": _positive_int,
+    "tpm_limit": _positive_int,
+    "max_queue_depth": _positive_int,
+    "request_timeout": _duration,
+    "priority_threshold": _fraction,
+    "context_length": _positive_int,
+    "priority_aging": _duration,
+}
+
+_BREAKER_FIELDS: dict[str, Callable[[str, Any], Any]] = {
+    "failure_threshold": _positive_int,
+    "open_duration": _duration,
+}
+
+_RPS_FIELDS: dict[str, Callable[[str, Any], Any]] = {"requests_per_second": _positive_number}
+
+
+def _hosts(key: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise _fail(key, value, "a non-empty list of host names")
+    return tuple(_hostname(f"{key}[{i}]", host) for i, host in enumerate(value))
+
+
+def _rate_limits(key: str, value: Any) -> tuple[DomainRateLimit, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise _fail(key, value, "a list of {domain, requests_per_second} entries")
+    entries = []
+    for i, item in enumerate(value):
+        fields = {"domain": _hostname, **_RPS_FIELDS}
+        parsed = _section(f"{key}[{i}]", item, fields)
+        missing = [name for name in fields if name not in parsed]
+        if missing:
+            raise ConfigError(f"{key}[{i}]: missing {', '.join(missing)}")
+        entries.append(DomainRateLimit(**parsed))
+    return tuple(entries)
+
+
+def _server(key: str, value: Any) -> None:
+    # The seed's Go plan had its own listener settings; mitmproxy's --listen-host and
+    # --listen-port play that role here. Accept the section so old files keep loading.
+    if _mapping(key, value):
+        log.warning("%s: ignored; use mitmproxy's --listen-host/--listen-port instead", key)
+
+
+def parse_config(data: Any, source: str = "config") -> Config:
+    """Validate a parsed YAML document (None = empty file) into a Config."""
+    top = _mapping("(top level)", data)
+    known = {
+        "cerebras_limits",
+        "circuit_breaker",
+        "cerebras_hosts",
+        "cerebras_upstream",
+        "rate_limits",
+        "default_rate_limit",
+        "server",
+    }
+    for name in top:
+        if name not in known:
+            allowed = ", ".join(sorted(known))
+            raise ConfigError(f"{name}: unknown key; allowed top-level keys are {allowed}")
+
+    limits = CerebrasLimits(
+        **_section("cerebras_limits", top.get("cerebras_limits"), _LIMIT_FIELDS)
+    )
+    breaker = BreakerConfig(
+        **_section("circuit_breaker", top.get("circuit_breaker"), _BREAKER_FIELDS)
+    )
+    hosts = (
+        _hosts("cerebras_hosts", top["cerebras_hosts"])
+        if "cerebras_hosts" in top
+        else DEFAULT_HOSTS
+    )
+    upstream = _upstream_url("cerebras_upstream", top.get("cerebras_upstream"))
+    rate_limits = _rate_limits("rate_limits", top.get("rate_limits"))
+    default_rps = _section("default_rate_limit", top.get("default_rate_limit"), _RPS_FIELDS)
+    _server("server", top.get("server"))
+    if rate_limits or "default_rate_limit" in top:
+        log.info("rate_limits/default_rate_limit are accepted but not enforced yet")
+    return Config(
+        cerebras_limits=limits,
+        circuit_breaker=breaker,
+        cerebras_hosts=hosts,
+        cerebras_upstream=upstream,
+        rate_limits=rate_limits,
+        default_rate_limit=default_rps.get("requests_per_second", 10.0),
+        source=source,
+    )
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Load and validate the YAML file at `path`; None means built-in defaults."""
+    if path is None:
+        return Config()
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text: {e}") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML{at}: {problem}") from e
+    try:
+        return parse_config(data, source=str(path))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
+
+
+def resolve_config_path(option_value: str | None, cwd: Path | None = None) -> Path | None:
+    """The contract: the `cerebras_config` option, else ./config.yaml if present, else None."""
+    if option_value:
+        return Path(option_value).expanduser()
+    candidate = (cwd or Path.cwd()) / "config.yaml"
+    return candidate if candidate.is_file() else None

@@ -1,0 +1,184 @@
+"""The async face of the scheduler: held requests await a future; one timer wakes the queue.
+
+No polling: after every state change (submit, cancel, settle, timer) the scheduler is pumped
+once and says when it next needs a pump — when the head of a queue will fit, or the earliest
+deadline. One `loop.call_later` handle covers that. Still no mitmproxy import: the addon
+translates flows into these calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .breaker import CircuitBreaker
+from .config import Config
+from .limiter import LimiterBackend, MemoryLimiter, Rate
+from .scheduler import Outcome, Scheduler, Ticket
+
+log = logging.getLogger(__name__)
+
+DEFAULT_KEY = "default"
+_MIN_TIMER_DELAY = 0.001
+
+
+@dataclass
+class GateStats:
+    """Counters since start; read by tests and, later, by metrics."""
+
+    submitted: int = 0
+    forwarded: int = 0
+    upstream_429s: int = 0
+
+    def __post_init__(self) -> None:
+        self.refused: Counter[str] = Counter()
+
+
+class Gate:
+    def __init__(
+        self,
+        config: Config,
+        clock: Callable[[], float] = time.monotonic,
+        limiter: LimiterBackend | None = None,
+    ) -> None:
+        self.clock = clock
+        self.config = config
+        self.breaker = CircuitBreaker(config.circuit_breaker)
+        self.limiter = limiter or MemoryLimiter()
+        self.scheduler = Scheduler(
+            self.limiter,
+            config.cerebras_limits,
+            self.breaker,
+            self.rates_for,
+            on_resolved=self._on_resolved,
+        )
+        self.stats = GateStats()
+        self._waiters: dict[int, asyncio.Future[Outcome]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+
+    def rates_for(self, key: str) -> Sequence[Rate]:
+        limits = self.config.cerebras_limits
+        return (
+            Rate("rpm", "requests", limits.rpm_limit, 60.0),
+            Rate("tpm", "tokens", limits.tpm_limit, 60.0),
+        )
+
+    def reconfigure(self, config: Config) -> None:
+        """Apply new limits without dropping anything held or in flight."""
+        self.config = config
+        self.scheduler.limits = config.cerebras_limits
+        self.breaker.config = config.circuit_breaker
+        self.pump()
+
+    # -- the request's life ----------------------------------------------------------------------
+
+    def submit(self, tokens: int, key: str = DEFAULT_KEY, meta: Any = None) -> Ticket:
+        self.stats.submitted += 1
+        ticket = self.scheduler.submit(key, tokens, self.clock(), meta)
+        if ticket.held:
+            self.pump()
+        return ticket
+
+    async def wait(self, ticket: Ticket) -> Outcome:
+        """Wait until the ticket is released or refused. Cancelling the wait cancels the ticket."""
+        if ticket.outcome is not None:
+            return ticket.outcome
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._waiters[ticket.id] = future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            # Released in the same instant the waiter died: nothing will forward it, so give
+            # the reservation back rather than leak it.
+            if not self.cancel(ticket) and ticket.outcome is Outcome.RELEASED:
+                self.abort(ticket, reached_upstream=False)
+            raise
+        finally:
+            self._waiters.pop(ticket.id, None)
+
+    def cancel(self, ticket: Ticket) -> bool:
+        cancelled = self.scheduler.cancel(ticket, self.clock())
+        if cancelled:
+            self.pump()
+        return cancelled
+
+    def finish(self, ticket: Ticket, status: int, actual_tokens: int | None) -> None:
+        if status == 429 and ticket.outcome is Outcome.RELEASED and not ticket.finished:
+            self.stats.upstream_429s += 1
+        self.scheduler.finish(ticket, status, actual_tokens, self.clock())
+        self.pump()
+
+    def abort(self, ticket: Ticket, reached_upstream: bool) -> None:
+        self.scheduler.abort(ticket, reached_upstream, self.clock())
+        self.pump()
+
+    def shutdown(self) -> int:
+        """Answer everything held (the proxy is stopping); returns how many were held."""
+        tickets = self.scheduler.shutdown(self.clock())
+        self._cancel_timer()
+        return len(tickets)
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _on_resolved(self, ticket: Ticket) -> None:
+        if ticket.outcome is Outcome.RELEASED:
+            self.stats.forwarded += 1
+        elif ticket.outcome is not Outcome.CANCELLED and ticket.outcome is not None:
+            self.stats.refused[ticket.outcome.value] += 1
+        future = self._waiters.get(ticket.id)
+        if future is not None and not future.done():
+            future.set_result(ticket.outcome)  # type: ignore[arg-type]
+
+    def pump(self) -> None:
+        """Release what may go now and arm the timer for the next moment something can."""
+        next_at = self.scheduler.pump(self.clock())
+        if next_at is None:
+            self._cancel_timer()
+            return
+        if self._timer is not None and self._timer_at == next_at:
+            return
+        self._cancel_timer()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (sync unit tests): the caller pumps by hand
+        delay = max(next_at - self.clock(), _MIN_TIMER_DELAY)
+        self._timer = loop.call_later(delay, self._on_timer)
+        self._timer_at = next_at
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        try:
+            self.pump()
+        except Exception:
+            # A failing pump must not leave held requests without a wake-up; log loudly and
+            # retry soon rather than hang every held request until its timeout.
+            log.exception("scheduler pump failed; retrying in 1s")
+            asyncio.get_running_loop().call_later(1.0, self._on_timer)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = None
+        self._timer_at = None
+
+    def status(self) -> dict[str, Any]:
+        """A snapshot of the limiter's state for logs, commands and tests."""
+        now = self.clock()
+        return {
+            "queue_depth": self.scheduler.depth,
+            "open_reservations": self.limiter.open_reservations(),
+            "breaker": self.breaker.state(now).value,
+            "usage": {key: self.scheduler.usage(key, now) for key in (DEFAULT_KEY,)},
+            "submitted": self.stats.submitted,
+            "forwarded": self.stats.forwarded,
+            "refused": dict(self.stats.refused),
+            "upstream_429s": self.stats.upstream_429s,
+        }

@@ -1,0 +1,296 @@
+"""Which held request goes next, and when.
+
+Pure decision logic with no clock and no asyncio: every call takes `now`, and `pump(now)` says
+when it next needs to be called. `gate.py` turns that into futures and timers.
+
+Ordering. While usage of every limit is at or below `priority_threshold`, held requests leave
+in arrival order (FIFO): capacity is not tight, so reordering would only add unfairness. Above
+it, the seed's rule applies: under 1,000 estimated tokens priority 2.0, over 5,000 priority
+0.5, else 1.0; equal priority is FIFO. Waiting adds `1 / priority_aging` priority per second,
+so a large request overtakes fresh small ones after a bounded wait instead of starving.
+Because every held request ages at the same rate, the order between two requests never
+changes while they wait: the heap key `enqueued_at / aging - base` is fixed at submission and
+both orders are kept as heaps (O(log n) per decision, stale entries skipped lazily).
+
+Strict head-of-line per limiter key: if the first in order does not fit, nothing behind it
+overtakes it. Letting small ones slip past would keep a large request waiting forever under a
+steady trickle of small ones; aging would then not help.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import itertools
+import logging
+import math
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .breaker import BreakerState, CircuitBreaker
+from .config import CerebrasLimits
+from .limiter import LimiterBackend, Rate, Reservation
+
+log = logging.getLogger(__name__)
+
+SMALL_REQUEST_TOKENS = 1_000
+LARGE_REQUEST_TOKENS = 5_000
+
+
+class Outcome(enum.Enum):
+    RELEASED = "released"  # forwarded upstream; holds a reservation
+    QUEUE_FULL = "queue_full"
+    TIMEOUT = "timeout"
+    BREAKER_OPEN = "breaker_open"
+    CANCELLED = "cancelled"  # the client went away or the flow was killed
+    SHUTDOWN = "shutdown"
+
+
+def base_priority(tokens: int) -> float:
+    if tokens < SMALL_REQUEST_TOKENS:
+        return 2.0
+    if tokens > LARGE_REQUEST_TOKENS:
+        return 0.5
+    return 1.0
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One request from the moment it asks to go upstream until its answer is accounted."""
+
+    id: int
+    key: str
+    tokens: int
+    enqueued_at: float
+    deadline: float
+    meta: Any = None
+    outcome: Outcome | None = None
+    resolved_at: float | None = None
+    retry_after: float = 0.0  # for refusals: when trying again makes sense
+    reservation: Reservation | None = None
+    probe: bool = False  # the single request a half-open breaker let through
+    finished: bool = False  # settled or released after release
+    wait_reason: str | None = field(default=None)  # which limit it is waiting for, if any
+
+    @property
+    def held(self) -> bool:
+        return self.outcome is None
+
+    @property
+    def waited(self) -> float:
+        return (
+            self.resolved_at if self.resolved_at is not None else self.enqueued_at
+        ) - self.enqueued_at
+
+
+class _KeyQueue:
+    """The held tickets of one limiter key, in both FIFO and priority order."""
+
+    def __init__(self) -> None:
+        self.fifo: deque[Ticket] = deque()
+        self.by_priority: list[tuple[float, int, Ticket]] = []
+        self.live = 0
+
+    def push(self, ticket: Ticket, aging: float) -> None:
+        self.fifo.append(ticket)
+        key = ticket.enqueued_at / aging - base_priority(ticket.tokens)
+        heapq.heappush(self.by_priority, (key, ticket.id, ticket))
+        self.live += 1
+
+    def head(self, tight: bool) -> Ticket | None:
+        if tight:
+            while self.by_priority and not self.by_priority[0][2].held:
+                heapq.heappop(self.by_priority)
+            return self.by_priority[0][2] if self.by_priority else None
+        while self.fifo and not self.fifo[0].held:
+            self.fifo.popleft()
+        return self.fifo[0] if self.fifo else None
+
+    def compact(self) -> None:
+        """Drop resolved tickets once they outnumber live ones, so memory tracks the queue."""
+        if len(self.fifo) > 2 * self.live + 64:
+            self.fifo = deque(t for t in self.fifo if t.held)
+            self.by_priority = [e for e in self.by_priority if e[2].held]
+            heapq.heapify(self.by_priority)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        limiter: LimiterBackend,
+        limits: CerebrasLimits,
+        breaker: CircuitBreaker,
+        rates_for: Callable[[str], Sequence[Rate]],
+        on_resolved: Callable[[Ticket], None] = lambda ticket: None,
+    ) -> None:
+        self.limiter = limiter
+        self.limits = limits
+        self.breaker = breaker
+        self.rates_for = rates_for
+        self.on_resolved = on_resolved
+        self._queues: dict[str, _KeyQueue] = {}
+        self._deadlines: list[tuple[float, int, Ticket]] = []
+        self._ids = itertools.count(1)
+        self._depth = 0
+        self._last_wait: dict[str, float] = {}
+
+    # -- queries -------------------------------------------------------------------------------
+
+    @property
+    def depth(self) -> int:
+        """Requests currently held."""
+        return self._depth
+
+    def usage(self, key: str, now: float) -> dict[str, float]:
+        """Fraction of each limit in use for `key`, by rate name."""
+        return {
+            rate.name: self.limiter.used(key, rate, now) / rate.limit
+            for rate in self.rates_for(key)
+        }
+
+    def is_tight(self, key: str, now: float) -> bool:
+        return max(self.usage(key, now).values(), default=0.0) > self.limits.priority_threshold
+
+    def held_tickets(self) -> Iterator[Ticket]:
+        for queue in self._queues.values():
+            yield from (t for t in queue.fifo if t.held)
+
+    # -- transitions ---------------------------------------------------------------------------
+
+    def _resolve(
+        self, ticket: Ticket, outcome: Outcome, now: float, retry_after: float = 0.0
+    ) -> None:
+        """Take a held ticket out of the queue with its outcome."""
+        if ticket.outcome is not None:
+            return
+        queue = self._queues[ticket.key]
+        queue.live -= 1
+        self._depth -= 1
+        queue.compact()
+        self._finalize(ticket, outcome, now, retry_after)
+
+    def _finalize(self, ticket: Ticket, outcome: Outcome, now: float, retry_after: float) -> None:
+        ticket.outcome = outcome
+        ticket.resolved_at = now
+        ticket.retry_after = retry_after
+        self.on_resolved(ticket)
+
+    def submit(self, key: str, tokens: int, now: float, meta: Any = None) -> Ticket:
+        """Queue a request; it may be refused at once (queue full, breaker open)."""
+        ticket = Ticket(
+            id=next(self._ids),
+            key=key,
+            tokens=max(int(tokens), 1),
+            enqueued_at=now,
+            deadline=now + self.limits.request_timeout,
+            meta=meta,
+        )
+        if self.breaker.state(now) is BreakerState.OPEN:
+            self._finalize(ticket, Outcome.BREAKER_OPEN, now, self.breaker.retry_after(now))
+            return ticket
+        if self._depth >= self.limits.max_queue_depth:
+            self._finalize(ticket, Outcome.QUEUE_FULL, now, self.retry_hint(key))
+            log.debug("queue full (%d held): refusing ticket %d", self._depth, ticket.id)
+            return ticket
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = _KeyQueue()
+        queue.push(ticket, self.limits.priority_aging)
+        heapq.heappush(self._deadlines, (ticket.deadline, ticket.id, ticket))
+        self._depth += 1
+        return ticket
+
+    def cancel(self, ticket: Ticket, now: float) -> bool:
+        """The client left or the flow was killed while held: leave the queue, take nothing."""
+        if not ticket.held:
+            return False
+        self._resolve(ticket, Outcome.CANCELLED, now)
+        return True
+
+    def pump(self, now: float) -> float | None:
+        """Release every held request that may go now; return when to pump next (or None)."""
+        self._expire(now)
+        if self.breaker.state(now) is BreakerState.OPEN:
+            retry = self.breaker.retry_after(now)
+            for ticket in list(self.held_tickets()):
+                self._resolve(ticket, Outcome.BREAKER_OPEN, now, retry)
+            return None
+        next_at = self._deadlines[0][0] if self._deadlines else None
+        for key, queue in list(self._queues.items()):
+            wake = self._release_from(key, queue, now)
+            if wake is not None:
+                next_at = wake if next_at is None else min(next_at, wake)
+            if queue.live == 0:
+                del self._queues[key]
+        return next_at
+
+    def _release_from(self, key: str, queue: _KeyQueue, now: float) -> float | None:
+        rates = self.rates_for(key)
+        while True:
+            ticket = queue.head(self.is_tight(key, now))
+            if ticket is None:
+                self._last_wait.pop(key, None)
+                return None
+            half_open = self.breaker.state(now) is BreakerState.HALF_OPEN
+            if half_open and self.breaker.probe_in_flight():
+                return None  # wait for the probe's answer; its finish() pumps again
+            decision = self.limiter.try_acquire(key, rates, ticket.tokens, now)
+            if not decision.granted:
+                ticket.wait_reason = decision.binding
+                self._last_wait[key] = decision.wait
+                return now + decision.wait
+            if half_open:
+                self.breaker.try_start_probe(now)
+                ticket.probe = True
+            ticket.reservation = decision.reservation
+            ticket.wait_reason = None
+            self._resolve(ticket, Outcome.RELEASED, now)
+
+    def _expire(self, now: float) -> None:
+        deadlines = self._deadlines
+        while deadlines and (deadlines[0][0] <= now or not deadlines[0][2].held):
+            _, _, ticket = heapq.heappop(deadlines)
+            if ticket.held:
+                self._resolve(ticket, Outcome.TIMEOUT, now, self.retry_hint(ticket.key))
+
+    def finish(self, ticket: Ticket, status: int, actual_tokens: int | None, now: float) -> None:
+        """Upstream answered a released request: settle its reservation and feed the breaker."""
+        if ticket.outcome is not Outcome.RELEASED or ticket.finished:
+            return
+        ticket.finished = True
+        if status == 429:
+            self.breaker.record_429(now)
+        else:
+            self.breaker.record_success(now)
+        if ticket.reservation is not None:
+            # Without a usage figure (errors, odd bodies) keep the estimate: upstream may have
+            # charged it, and over-counting only costs a little waiting.
+            settled = ticket.reservation.tokens if actual_tokens is None else actual_tokens
+            self.limiter.settle(ticket.reservation, settled, now)
+
+    def abort(self, ticket: Ticket, reached_upstream: bool, now: float) -> None:
+        """A released request failed without an answer from upstream."""
+        if ticket.outcome is not Outcome.RELEASED or ticket.finished:
+            return
+        ticket.finished = True
+        if ticket.probe:
+            self.breaker.probe_aborted()
+        if ticket.reservation is None:
+            return
+        if reached_upstream:
+            # Upstream may have admitted and charged it: keep the estimate.
+            self.limiter.settle(ticket.reservation, ticket.reservation.tokens, now)
+        else:
+            self.limiter.release(ticket.reservation, now)
+
+    def shutdown(self, now: float) -> list[Ticket]:
+        """Resolve every held request (the proxy is stopping)."""
+        tickets = list(self.held_tickets())
+        for ticket in tickets:
+            self._resolve(ticket, Outcome.SHUTDOWN, now, 5.0)
+        return tickets
+
+    def retry_hint(self, key: str) -> float:
+        return max(1.0, math.ceil(self._last_wait.get(key, 1.0)))

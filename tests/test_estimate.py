@@ -1,0 +1,164 @@
+import gzip
+import json
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cooldown.estimate import (
+    TOKENS_PER_MESSAGE,
+    TOKENS_PER_REPLY,
+    count_text_tokens,
+    estimate_request,
+)
+
+CHAT = "/v1/chat/completions"
+CONTEXT = 8192
+
+
+def chat(messages, **extra):
+    return json.dumps({"model": "llama3.1-8b", "messages": messages, **extra}).encode()
+
+
+def test_chat_input_counts_text_roles_and_template_overhead():
+    text = "The quick brown fox jumps over the lazy dog."
+    est = estimate_request(CHAT, chat([{"role": "user", "content": text}], max_tokens=50), CONTEXT)
+    expected = TOKENS_PER_REPLY + TOKENS_PER_MESSAGE + count_text_tokens("user") + count_text_tokens(text)
+    assert est.input_tokens == expected
+    assert est.output_tokens == 50
+    assert est.total == expected + 50
+    assert est.model == "llama3.1-8b"
+    assert est.understood
+
+
+def test_max_completion_tokens_wins_over_max_tokens():
+    body = chat([{"role": "user", "content": "hi"}], max_completion_tokens=7, max_tokens=900)
+    assert estimate_request(CHAT, body, CONTEXT).output_tokens == 7
+
+
+def test_without_output_limit_cerebras_reserves_context_minus_input():
+    est = estimate_request(CHAT, chat([{"role": "user", "content": "hi"}]), CONTEXT)
+    assert est.total == CONTEXT
+
+
+def test_input_larger_than_context_reserves_no_output():
+    big = "word " * 3000
+    est = estimate_request(CHAT, chat([{"role": "user", "content": big}]), 1000)
+    assert est.output_tokens == 0
+    assert est.input_tokens > 1000
+
+
+def test_text_parts_count_and_more_messages_cost_more():
+    one = estimate_request(CHAT, chat([{"role": "user", "content": "hello there"}], max_tokens=1), CONTEXT)
+    parts = estimate_request(
+        CHAT,
+        chat(
+            [{"role": "user", "content": [{"type": "text", "text": "hello there"}, {"type": "text", "text": "again"}]}],
+            max_tokens=1,
+        ),
+        CONTEXT,
+    )
+    assert parts.input_tokens == one.input_tokens + count_text_tokens("again")
+    two = estimate_request(
+        CHAT,
+        chat([{"role": "system", "content": "x"}, {"role": "user", "content": "hello there"}], max_tokens=1),
+        CONTEXT,
+    )
+    assert two.input_tokens >= one.input_tokens + TOKENS_PER_MESSAGE
+
+
+def test_tools_and_response_format_schemas_count():
+    messages = [{"role": "user", "content": "weather?"}]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Get the weather for a city, in degrees Celsius.",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ]
+    schema = {"type": "json_schema", "json_schema": {"name": "w", "schema": {"type": "object"}}}
+    plain = estimate_request(CHAT, chat(messages, max_tokens=1), CONTEXT).input_tokens
+    with_tools = estimate_request(CHAT, chat(messages, max_tokens=1, tools=tools), CONTEXT).input_tokens
+    with_schema = estimate_request(
+        CHAT, chat(messages, max_tokens=1, response_format=schema), CONTEXT
+    ).input_tokens
+    assert with_tools - plain >= count_text_tokens("Get the weather for a city, in degrees Celsius.")
+    assert with_schema > plain
+
+
+def test_assistant_tool_calls_are_counted():
+    call = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{"id": "1", "type": "function", "function": {"name": "lookup", "arguments": '{"q": "a long query string"}'}}],
+    }
+    base = estimate_request(CHAT, chat([{"role": "assistant", "content": None}], max_tokens=1), CONTEXT)
+    est = estimate_request(CHAT, chat([call], max_tokens=1), CONTEXT)
+    assert est.input_tokens >= base.input_tokens + count_text_tokens('{"q": "a long query string"}')
+
+
+def test_n_choices_multiply_the_output_reservation():
+    body = chat([{"role": "user", "content": "hi"}], max_tokens=100, n=3)
+    assert estimate_request(CHAT, body, CONTEXT).output_tokens == 300
+
+
+def test_legacy_completions_prompt():
+    body = json.dumps({"model": "m", "prompt": "Once upon a time", "max_tokens": 20}).encode()
+    est = estimate_request("/v1/completions", body, CONTEXT)
+    assert est.input_tokens == count_text_tokens("Once upon a time")
+    assert est.output_tokens == 20
+    tokens = json.dumps({"model": "m", "prompt": [1, 2, 3], "max_tokens": 1}).encode()
+    assert estimate_request("/v1/completions", tokens, CONTEXT).input_tokens == 3
+
+
+def test_unknown_shapes_get_the_conservative_fallback():
+    for body in [b"", b"not json", b"[1,2,3]", json.dumps({"messages": "nope"}).encode(), b"\xff\xfe\x00garbage"]:
+        est = estimate_request(CHAT, body, CONTEXT)
+        assert not est.understood
+        assert est.total >= CONTEXT
+        assert est.input_tokens == len(body)
+
+
+def test_compressed_body_that_was_not_decoded_is_still_estimated():
+    body = gzip.compress(chat([{"role": "user", "content": "hi"}], max_tokens=5))
+    est = estimate_request(CHAT, body, CONTEXT)
+    assert est.total >= CONTEXT
+
+
+def test_deeply_nested_json_does_not_raise():
+    nested = "[" * 100_000 + "]" * 100_000
+    est = estimate_request(CHAT, nested.encode(), CONTEXT)
+    assert est.total >= 1
+    deep_content = {"role": "user", "content": [{"text": [[["deep"]]]}]}
+    assert estimate_request(CHAT, chat([deep_content], max_tokens=1), CONTEXT).total >= 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2000), st.sampled_from([CHAT, "/v1/completions", "/v1/other"]))
+def test_any_bytes_give_a_positive_estimate(body, path):
+    est = estimate_request(path, body, CONTEXT)
+    assert isinstance(est.total, int)
+    assert est.total > 0
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["messages", "prompt", "max_tokens", "max_completion_tokens", "n", "tools", "model", "response_format"]),
+        json_values,
+    )
+)
+def test_any_json_shape_gives_a_positive_estimate(document):
+    for path in (CHAT, "/v1/completions"):
+        est = estimate_request(path, json.dumps(document).encode(), CONTEXT)
+        assert est.total > 0
+    assert est.input_tokens >= 0 and est.output_tokens >= 0

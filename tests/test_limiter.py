@@ -1,0 +1,101 @@
+import pytest
+
+from cooldown.limiter import MemoryLimiter, Rate, SlidingWindow
+
+RPM = Rate("rpm", "requests", 3)
+TPM = Rate("tpm", "tokens", 100)
+
+
+def test_window_counts_only_the_last_period():
+    window = SlidingWindow(60)
+    window.add(40, now=0)
+    window.add(30, now=30)
+    assert window.used(59.9) == 70
+    assert window.used(60) == 30  # the entry at 0 leaves exactly one period later
+    assert window.used(90) == 0
+
+
+def test_wait_time_is_when_enough_ages_out():
+    window = SlidingWindow(60)
+    window.add(40, now=0)
+    window.add(30, now=30)
+    assert window.wait_time(30, limit=100, now=31) == 0
+    assert window.wait_time(50, limit=100, now=31) == pytest.approx(29)  # needs the 40 at t=0 gone
+    assert window.wait_time(90, limit=100, now=31) == pytest.approx(59)  # needs both gone
+
+
+def test_acquire_takes_one_request_and_the_tokens():
+    limiter = MemoryLimiter()
+    decision = limiter.try_acquire("k", (RPM, TPM), 60, now=0)
+    assert decision.granted
+    assert limiter.used("k", RPM, 0) == 1
+    assert limiter.used("k", TPM, 0) == 60
+    assert limiter.open_reservations() == 1
+
+
+def test_refusal_names_the_binding_limit_and_the_wait():
+    limiter = MemoryLimiter()
+    limiter.try_acquire("k", (RPM, TPM), 60, now=0)
+    decision = limiter.try_acquire("k", (RPM, TPM), 60, now=10)
+    assert not decision.granted
+    assert decision.binding == "tpm"
+    assert decision.wait == pytest.approx(50)
+    assert decision.reservation is None
+    for t in (11, 12):
+        assert limiter.try_acquire("k", (RPM, TPM), 1, now=t).granted
+    decision = limiter.try_acquire("k", (RPM, TPM), 1, now=20)
+    assert (decision.granted, decision.binding) == (False, "rpm")
+    assert decision.wait == pytest.approx(40)
+
+
+def test_settle_refunds_unused_tokens_but_not_the_request():
+    limiter = MemoryLimiter()
+    reservation = limiter.try_acquire("k", (RPM, TPM), 90, now=0).reservation
+    limiter.settle(reservation, 25, now=1)
+    assert limiter.used("k", TPM, 1) == 25
+    assert limiter.used("k", RPM, 1) == 1
+    assert limiter.open_reservations() == 0
+    assert not reservation.open
+    limiter.settle(reservation, 99, now=2)  # settling twice changes nothing
+    assert limiter.used("k", TPM, 2) == 25
+
+
+def test_settle_above_the_estimate_charges_the_excess():
+    limiter = MemoryLimiter()
+    reservation = limiter.try_acquire("k", (RPM, TPM), 10, now=0).reservation
+    limiter.settle(reservation, 70, now=1)
+    assert limiter.used("k", TPM, 1) == 70
+    assert not limiter.try_acquire("k", (RPM, TPM), 40, now=2).granted
+
+
+def test_release_gives_everything_back():
+    limiter = MemoryLimiter()
+    reservation = limiter.try_acquire("k", (RPM, TPM), 90, now=0).reservation
+    limiter.release(reservation, now=1)
+    assert limiter.used("k", TPM, 1) == 0
+    assert limiter.used("k", RPM, 1) == 0
+    assert limiter.open_reservations() == 0
+
+
+def test_settle_after_the_entry_aged_out_does_not_go_negative():
+    limiter = MemoryLimiter()
+    reservation = limiter.try_acquire("k", (RPM, TPM), 90, now=0).reservation
+    limiter.settle(reservation, 10, now=61)
+    assert limiter.used("k", TPM, 61) == 0
+    assert limiter.open_reservations() == 0
+
+
+def test_a_request_larger_than_the_limit_is_charged_the_whole_limit_once_empty():
+    limiter = MemoryLimiter()
+    assert limiter.try_acquire("k", (RPM, TPM), 5000, now=0).granted
+    assert limiter.used("k", TPM, 0) == 100
+    decision = limiter.try_acquire("k", (RPM, TPM), 5000, now=1)
+    assert not decision.granted
+    assert decision.wait == pytest.approx(59)
+
+
+def test_keys_are_independent():
+    limiter = MemoryLimiter()
+    assert limiter.try_acquire("a", (RPM, TPM), 100, now=0).granted
+    assert limiter.try_acquire("b", (RPM, TPM), 100, now=0).granted
+    assert not limiter.try_acquire("a", (RPM, TPM), 1, now=0).granted

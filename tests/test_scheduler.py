@@ -1,0 +1,285 @@
+from dataclasses import replace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cooldown.breaker import CircuitBreaker
+from cooldown.config import BreakerConfig, CerebrasLimits
+from cooldown.limiter import MemoryLimiter, Rate
+from cooldown.scheduler import Outcome, Scheduler
+
+LIMITS = CerebrasLimits(
+    rpm_limit=10, tpm_limit=10_000, max_queue_depth=5, request_timeout=120, priority_threshold=0.5
+)
+
+
+def make(limits=LIMITS, breaker=None):
+    rates = (
+        Rate("rpm", "requests", limits.rpm_limit),
+        Rate("tpm", "tokens", limits.tpm_limit),
+    )
+    resolved = []
+    scheduler = Scheduler(
+        MemoryLimiter(),
+        limits,
+        breaker or CircuitBreaker(BreakerConfig(failure_threshold=3, open_duration=30)),
+        lambda key: rates,
+        on_resolved=resolved.append,
+    )
+    return scheduler, resolved
+
+
+def test_fitting_request_is_released_at_once():
+    scheduler, resolved = make()
+    ticket = scheduler.submit("k", 100, now=0)
+    assert scheduler.pump(0) == ticket.deadline  # nothing waits on limits; only deadlines remain
+    assert ticket.outcome is Outcome.RELEASED
+    assert ticket.reservation is not None
+    assert resolved == [ticket]
+    assert scheduler.depth == 0
+
+
+def test_waits_until_the_limit_frees_and_reports_why():
+    scheduler, _ = make()
+    first = scheduler.submit("k", 9_000, now=0)
+    scheduler.pump(0)
+    second = scheduler.submit("k", 2_000, now=1)
+    wake = scheduler.pump(1)
+    assert second.held
+    assert second.wait_reason == "tpm"
+    assert wake == pytest.approx(60)  # when the first one's tokens age out
+    scheduler.finish(first, 200, actual_tokens=1_000, now=5)  # settling frees capacity early
+    scheduler.pump(5)
+    assert second.outcome is Outcome.RELEASED
+    assert second.waited == 4
+
+
+def test_fifo_while_capacity_is_not_tight():
+    scheduler, resolved = make(replace(LIMITS, priority_threshold=1.0))
+    blocker = scheduler.submit("k", 10_000, now=0)
+    scheduler.pump(0)
+    tickets = [scheduler.submit("k", size, now=1 + i) for i, size in enumerate([6000, 100, 5000])]
+    scheduler.finish(blocker, 200, 0, now=10)
+    scheduler.pump(10)
+    assert resolved[1:] == tickets[:2]
+    assert tickets[2].held
+
+
+def test_small_requests_first_when_tight_and_fifo_among_equals():
+    scheduler, resolved = make()
+    blocker = scheduler.submit("k", 10_000, now=0)
+    scheduler.pump(0)
+    large = scheduler.submit("k", 6_000, now=1)
+    medium = scheduler.submit("k", 2_000, now=2)
+    small_a = scheduler.submit("k", 500, now=3)
+    small_b = scheduler.submit("k", 500, now=4)
+    scheduler.pump(4)
+    assert scheduler.depth == 4
+    # Free 4,000 tokens: usage stays above the threshold, so priority order applies.
+    scheduler.finish(blocker, 200, 6_000, now=5)
+    scheduler.pump(5)
+    released = resolved[1:]
+    assert released[:3] == [small_a, small_b, medium]
+    assert large.held  # 6,000 more would not fit the remaining budget
+    assert large.wait_reason == "tpm"
+
+
+def test_aging_lets_a_large_request_overtake_fresh_small_ones():
+    limits = replace(LIMITS, priority_aging=10, max_queue_depth=50)
+    scheduler, resolved = make(limits)
+    blocker = scheduler.submit("k", 10_000, now=0)
+    scheduler.pump(0)
+    large = scheduler.submit("k", 6_000, now=1)
+    small = scheduler.submit("k", 500, now=30)  # 29 s later: large has gained 2.9 priority
+    scheduler.finish(blocker, 200, 3_000, now=31)
+    scheduler.pump(31)
+    assert resolved.index(large) < resolved.index(small)
+
+
+def test_strict_head_of_line_a_waiting_head_is_not_overtaken():
+    scheduler, _ = make(replace(LIMITS, priority_threshold=1.0))
+    scheduler.submit("k", 9_500, now=0)
+    scheduler.pump(0)
+    big = scheduler.submit("k", 5_000, now=1)
+    tiny = scheduler.submit("k", 100, now=2)
+    scheduler.pump(2)
+    assert big.held and tiny.held  # tiny would fit, but it is behind big
+
+
+def test_queue_full_is_refused_at_once_with_retry_after():
+    scheduler, resolved = make()
+    scheduler.submit("k", 10_000, now=0)
+    scheduler.pump(0)
+    held = [scheduler.submit("k", 100, now=1) for _ in range(5)]
+    scheduler.pump(1)
+    refused = scheduler.submit("k", 100, now=1)
+    assert refused.outcome is Outcome.QUEUE_FULL
+    assert refused.retry_after >= 1
+    assert all(t.held for t in held)
+    assert scheduler.depth == 5
+
+
+def test_timeout_answers_and_frees_the_slot():
+    scheduler, _ = make()
+    scheduler.submit("k", 10_000, now=0)
+    scheduler.pump(0)
+    waiting = scheduler.submit("k", 100, now=1)
+    assert scheduler.pump(1) == pytest.approx(60)  # the limit frees before the deadline
+    scheduler.pump(121)
+    assert waiting.outcome is Outcome.TIMEOUT
+    assert scheduler.depth == 0
+
+
+def test_cancel_leaves_the_queue_and_takes_nothing():
+    scheduler, _ = make()
+    scheduler.submit("k", 10_000, now=0)
+    scheduler.pump(0)
+    waiting = scheduler.submit("k", 100, now=1)
+    assert scheduler.cancel(waiting, now=2)
+    assert waiting.outcome is Outcome.CANCELLED
+    assert waiting.reservation is None
+    assert scheduler.depth == 0
+    assert not scheduler.cancel(waiting, now=3)
+    assert scheduler.limiter.open_reservations() == 1
+
+
+def test_breaker_open_answers_held_and_new_requests_then_probes():
+    scheduler, _ = make()
+    sent = [scheduler.submit("k", 100, now=0) for _ in range(3)]
+    scheduler.pump(0)
+    held = scheduler.submit("k", 10_000, now=0)
+    scheduler.pump(0)
+    assert held.held
+    for ticket in sent:
+        scheduler.finish(ticket, 429, None, now=1)
+    scheduler.pump(1)
+    assert held.outcome is Outcome.BREAKER_OPEN
+    assert held.retry_after == pytest.approx(30)
+    refused = scheduler.submit("k", 100, now=2)
+    assert refused.outcome is Outcome.BREAKER_OPEN
+    # Half-open: exactly one probe goes; the others wait for its answer.
+    probe = scheduler.submit("k", 100, now=31)
+    other = scheduler.submit("k", 100, now=31)
+    scheduler.pump(31)
+    assert probe.outcome is Outcome.RELEASED and probe.probe
+    assert other.held
+    scheduler.finish(probe, 200, 50, now=32)
+    scheduler.pump(32)
+    assert other.outcome is Outcome.RELEASED
+    assert scheduler.breaker.consecutive_429s == 0
+
+
+def test_probe_answered_429_reopens_and_answers_the_held():
+    scheduler, _ = make()
+    for ticket in [scheduler.submit("k", 1, now=0) for _ in range(3)]:
+        scheduler.pump(0)
+        scheduler.finish(ticket, 429, None, now=0)
+    probe = scheduler.submit("k", 1, now=30)
+    other = scheduler.submit("k", 1, now=30)
+    scheduler.pump(30)
+    scheduler.finish(probe, 429, None, now=31)
+    scheduler.pump(31)
+    assert other.outcome is Outcome.BREAKER_OPEN
+
+
+def test_abort_before_upstream_releases_after_upstream_keeps_the_estimate():
+    scheduler, _ = make()
+    a = scheduler.submit("k", 1_000, now=0)
+    b = scheduler.submit("k", 2_000, now=0)
+    scheduler.pump(0)
+    scheduler.abort(a, reached_upstream=False, now=1)
+    scheduler.abort(b, reached_upstream=True, now=1)
+    tpm = Rate("tpm", "tokens", 10_000)
+    assert scheduler.limiter.used("k", tpm, 1) == 2_000
+    assert scheduler.limiter.open_reservations() == 0
+
+
+def test_shutdown_answers_everything_held():
+    scheduler, _ = make()
+    scheduler.submit("k", 10_000, now=0)
+    scheduler.pump(0)
+    held = [scheduler.submit("k", 100, now=1) for _ in range(3)]
+    assert scheduler.shutdown(now=2) == held
+    assert all(t.outcome is Outcome.SHUTDOWN for t in held)
+    assert scheduler.depth == 0
+
+
+# -- property: never over the limit, nothing leaked -----------------------------------------------
+
+arrivals = st.lists(
+    st.tuples(
+        st.floats(min_value=0, max_value=20),  # gap before this arrival
+        st.integers(min_value=1, max_value=3_000),  # estimated tokens
+        st.floats(min_value=0, max_value=1),  # actual / estimate
+        st.floats(min_value=0.1, max_value=30),  # upstream latency
+        st.sampled_from(["ok", "ok", "ok", "cancel", "abort"]),
+    ),
+    min_size=1,
+    max_size=60,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(arrivals)
+def test_no_window_of_60s_exceeds_the_limits_and_nothing_leaks(events):
+    limits = CerebrasLimits(
+        rpm_limit=7, tpm_limit=5_000, max_queue_depth=20, request_timeout=90, priority_threshold=0.5
+    )
+    scheduler, _ = make(limits)
+    now = 0.0
+    pending = []  # (time to finish, ticket, actual fraction, fate)
+    charged = []  # [release time, tokens charged (updated on settle)]
+    tickets = []
+
+    def track():
+        # Every released request gets its upstream answer `latency` seconds later.
+        for t, f, lat, fa in tickets:
+            if t.outcome is Outcome.RELEASED and not t.finished and not any(p[1] is t for p in pending):
+                pending.append((t.resolved_at + lat, t, f, fa))
+
+    def advance_to(target):
+        nonlocal now
+        while True:
+            wake = scheduler.pump(now)
+            track()
+            due = [p[0] for p in pending if p[0] <= target]
+            candidates = [t for t in [wake, *due] if t is not None and t <= target]
+            if not candidates:
+                break
+            now = max(now, min(candidates))
+            for item in [p for p in pending if p[0] <= now]:
+                pending.remove(item)
+                _, ticket, fraction, fate = item
+                if fate == "abort":
+                    scheduler.abort(ticket, reached_upstream=False, now=now)
+                else:
+                    scheduler.finish(ticket, 200, int(ticket.tokens * fraction), now)
+        now = target
+        scheduler.pump(now)
+        track()
+
+    for gap, tokens, fraction, latency, fate in events:
+        advance_to(now + gap)
+        ticket = scheduler.submit("k", tokens, now)
+        tickets.append((ticket, fraction, latency, fate))
+        if fate == "cancel":
+            scheduler.cancel(ticket, now)
+        scheduler.pump(now)
+        track()
+    advance_to(now + 1_000)
+
+    for ticket, fraction, _, fate in tickets:
+        if ticket.outcome is Outcome.RELEASED:
+            assert ticket.finished
+            if fate == "abort":
+                continue  # released before reaching upstream: charged nothing
+            charged.append((ticket.resolved_at, min(int(ticket.tokens * fraction), limits.tpm_limit)))
+    charged.sort()
+    for start, _ in charged:
+        window = [tokens for at, tokens in charged if start <= at < start + 60]
+        assert len(window) <= limits.rpm_limit
+        assert sum(window) <= limits.tpm_limit
+    assert scheduler.depth == 0
+    assert scheduler.limiter.open_reservations() == 0
+    assert all(not t.held for t, *_ in tickets)
