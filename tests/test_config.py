@@ -40,7 +40,15 @@ def test_seed_example_file_loads():
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("10m", 600), ("30s", 30), ("1h", 3600), ("1h30m", 5400), ("250ms", 0.25), (45, 45), ("2.5", 2.5)],
+    [
+        ("10m", 600),
+        ("30s", 30),
+        ("1h", 3600),
+        ("1h30m", 5400),
+        ("250ms", 0.25),
+        (45, 45),
+        ("2.5", 2.5),
+    ],
 )
 def test_durations(text, seconds):
     assert parse_duration(text) == seconds
@@ -55,12 +63,21 @@ def test_bad_durations(bad):
 @pytest.mark.parametrize(
     ("document", "expected_fragments"),
     [
-        ({"cerebras_limits": {"rpm_limit": -5}}, ["cerebras_limits.rpm_limit", "-5", "positive integer"]),
+        (
+            {"cerebras_limits": {"rpm_limit": -5}},
+            ["cerebras_limits.rpm_limit", "-5", "positive integer"],
+        ),
         ({"cerebras_limits": {"rpm_limit": True}}, ["cerebras_limits.rpm_limit", "True"]),
         ({"cerebras_limits": {"tpm_limit": "lots"}}, ["cerebras_limits.tpm_limit", "'lots'"]),
         ({"cerebras_limits": {"priority_threshold": 1.5}}, ["priority_threshold", "1.5", "0 to 1"]),
-        ({"cerebras_limits": {"request_timeout": "soon"}}, ["request_timeout", "'soon'", "duration"]),
-        ({"cerebras_limits": {"tpm_limt": 5}}, ["cerebras_limits.tpm_limt", "unknown key", "tpm_limit"]),
+        (
+            {"cerebras_limits": {"request_timeout": "soon"}},
+            ["request_timeout", "'soon'", "duration"],
+        ),
+        (
+            {"cerebras_limits": {"tpm_limt": 5}},
+            ["cerebras_limits.tpm_limt", "unknown key", "tpm_limit"],
+        ),
         ({"cerebras_limit": {}}, ["cerebras_limit", "unknown key"]),
         ({"cerebras_limits": [1, 2]}, ["cerebras_limits", "mapping"]),
         ({"cerebras_hosts": []}, ["cerebras_hosts", "non-empty list"]),
@@ -69,7 +86,10 @@ def test_bad_durations(bad):
         ({"cerebras_upstream": "http://127.0.0.1:8/v1"}, ["cerebras_upstream", "no path"]),
         ({"cerebras_upstream": "http://127.0.0.1:99999"}, ["cerebras_upstream", "valid port"]),
         ({"rate_limits": [{"domain": "x.com"}]}, ["rate_limits[0]", "missing requests_per_second"]),
-        ({"rate_limits": [{"domain": "x.com", "requests_per_second": 0}]}, ["requests_per_second", "0"]),
+        (
+            {"rate_limits": [{"domain": "x.com", "requests_per_second": 0}]},
+            ["requests_per_second", "0"],
+        ),
         ({"default_rate_limit": {"rps": 3}}, ["default_rate_limit.rps", "unknown key"]),
         ({"circuit_breaker": {"failure_threshold": 0}}, ["circuit_breaker.failure_threshold", "0"]),
         ([1, 2], ["(top level)", "mapping"]),

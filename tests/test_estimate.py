@@ -22,7 +22,9 @@ def chat(messages, **extra):
 def test_chat_input_counts_text_roles_and_template_overhead():
     text = "The quick brown fox jumps over the lazy dog."
     est = estimate_request(CHAT, chat([{"role": "user", "content": text}], max_tokens=50), CONTEXT)
-    expected = TOKENS_PER_REPLY + TOKENS_PER_MESSAGE + count_text_tokens("user") + count_text_tokens(text)
+    expected = (
+        TOKENS_PER_REPLY + TOKENS_PER_MESSAGE + count_text_tokens("user") + count_text_tokens(text)
+    )
     assert est.input_tokens == expected
     assert est.output_tokens == 50
     assert est.total == expected + 50
@@ -48,11 +50,21 @@ def test_input_larger_than_context_reserves_no_output():
 
 
 def test_text_parts_count_and_more_messages_cost_more():
-    one = estimate_request(CHAT, chat([{"role": "user", "content": "hello there"}], max_tokens=1), CONTEXT)
+    one = estimate_request(
+        CHAT, chat([{"role": "user", "content": "hello there"}], max_tokens=1), CONTEXT
+    )
     parts = estimate_request(
         CHAT,
         chat(
-            [{"role": "user", "content": [{"type": "text", "text": "hello there"}, {"type": "text", "text": "again"}]}],
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "hello there"},
+                        {"type": "text", "text": "again"},
+                    ],
+                }
+            ],
             max_tokens=1,
         ),
         CONTEXT,
@@ -60,7 +72,10 @@ def test_text_parts_count_and_more_messages_cost_more():
     assert parts.input_tokens == one.input_tokens + count_text_tokens("again")
     two = estimate_request(
         CHAT,
-        chat([{"role": "system", "content": "x"}, {"role": "user", "content": "hello there"}], max_tokens=1),
+        chat(
+            [{"role": "system", "content": "x"}, {"role": "user", "content": "hello there"}],
+            max_tokens=1,
+        ),
         CONTEXT,
     )
     assert two.input_tokens >= one.input_tokens + TOKENS_PER_MESSAGE
@@ -80,11 +95,15 @@ def test_tools_and_response_format_schemas_count():
     ]
     schema = {"type": "json_schema", "json_schema": {"name": "w", "schema": {"type": "object"}}}
     plain = estimate_request(CHAT, chat(messages, max_tokens=1), CONTEXT).input_tokens
-    with_tools = estimate_request(CHAT, chat(messages, max_tokens=1, tools=tools), CONTEXT).input_tokens
+    with_tools = estimate_request(
+        CHAT, chat(messages, max_tokens=1, tools=tools), CONTEXT
+    ).input_tokens
     with_schema = estimate_request(
         CHAT, chat(messages, max_tokens=1, response_format=schema), CONTEXT
     ).input_tokens
-    assert with_tools - plain >= count_text_tokens("Get the weather for a city, in degrees Celsius.")
+    assert with_tools - plain >= count_text_tokens(
+        "Get the weather for a city, in degrees Celsius."
+    )
     assert with_schema > plain
 
 
@@ -92,9 +111,17 @@ def test_assistant_tool_calls_are_counted():
     call = {
         "role": "assistant",
         "content": None,
-        "tool_calls": [{"id": "1", "type": "function", "function": {"name": "lookup", "arguments": '{"q": "a long query string"}'}}],
+        "tool_calls": [
+            {
+                "id": "1",
+                "type": "function",
+                "function": {"name": "lookup", "arguments": '{"q": "a long query string"}'},
+            }
+        ],
     }
-    base = estimate_request(CHAT, chat([{"role": "assistant", "content": None}], max_tokens=1), CONTEXT)
+    base = estimate_request(
+        CHAT, chat([{"role": "assistant", "content": None}], max_tokens=1), CONTEXT
+    )
     est = estimate_request(CHAT, chat([call], max_tokens=1), CONTEXT)
     assert est.input_tokens >= base.input_tokens + count_text_tokens('{"q": "a long query string"}')
 
@@ -114,7 +141,13 @@ def test_legacy_completions_prompt():
 
 
 def test_unknown_shapes_get_the_conservative_fallback():
-    for body in [b"", b"not json", b"[1,2,3]", json.dumps({"messages": "nope"}).encode(), b"\xff\xfe\x00garbage"]:
+    for body in [
+        b"",
+        b"not json",
+        b"[1,2,3]",
+        json.dumps({"messages": "nope"}).encode(),
+        b"\xff\xfe\x00garbage",
+    ]:
         est = estimate_request(CHAT, body, CONTEXT)
         assert not est.understood
         assert est.total >= CONTEXT
@@ -145,7 +178,9 @@ def test_any_bytes_give_a_positive_estimate(body, path):
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
     max_leaves=30,
 )
 
@@ -153,7 +188,18 @@ json_values = st.recursive(
 @settings(max_examples=300, deadline=None)
 @given(
     st.dictionaries(
-        st.sampled_from(["messages", "prompt", "max_tokens", "max_completion_tokens", "n", "tools", "model", "response_format"]),
+        st.sampled_from(
+            [
+                "messages",
+                "prompt",
+                "max_tokens",
+                "max_completion_tokens",
+                "n",
+                "tools",
+                "model",
+                "response_format",
+            ]
+        ),
         json_values,
     )
 )

@@ -108,7 +108,7 @@ def test_strict_head_of_line_a_waiting_head_is_not_overtaken():
 
 
 def test_queue_full_is_refused_at_once_with_retry_after():
-    scheduler, resolved = make()
+    scheduler, _resolved = make()
     scheduler.submit("k", 10_000, now=0)
     scheduler.pump(0)
     held = [scheduler.submit("k", 100, now=1) for _ in range(5)]
@@ -235,7 +235,11 @@ def test_no_window_of_60s_exceeds_the_limits_and_nothing_leaks(events):
     def track():
         # Every released request gets its upstream answer `latency` seconds later.
         for t, f, lat, fa in tickets:
-            if t.outcome is Outcome.RELEASED and not t.finished and not any(p[1] is t for p in pending):
+            if (
+                t.outcome is Outcome.RELEASED
+                and not t.finished
+                and not any(p[1] is t for p in pending)
+            ):
                 pending.append((t.resolved_at + lat, t, f, fa))
 
     def advance_to(target):
@@ -274,7 +278,9 @@ def test_no_window_of_60s_exceeds_the_limits_and_nothing_leaks(events):
             assert ticket.finished
             if fate == "abort":
                 continue  # released before reaching upstream: charged nothing
-            charged.append((ticket.resolved_at, min(int(ticket.tokens * fraction), limits.tpm_limit)))
+            charged.append(
+                (ticket.resolved_at, min(int(ticket.tokens * fraction), limits.tpm_limit))
+            )
     charged.sort()
     for start, _ in charged:
         window = [tokens for at, tokens in charged if start <= at < start + 60]

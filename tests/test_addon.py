@@ -1,0 +1,332 @@
+"""The mitmproxy shell, driven with mitmproxy's own test helpers (no sockets)."""
+
+import asyncio
+import json
+import logging
+
+import pytest
+from mitmproxy import connection, exceptions, flow
+from mitmproxy.test import taddons, tflow, tutils
+
+from cooldown.addon import Cooldown
+from cooldown.scheduler import Outcome
+
+SECRET = "sk-test-0123456789abcdefSECRET"
+
+
+def cerebras_flow(
+    body: dict | bytes | None = None, path="/v1/chat/completions", host="api.cerebras.ai"
+):
+    f = tflow.tflow()
+    f.request.host = host
+    f.request.port = 443
+    f.request.scheme = "https"
+    f.request.method = "POST"
+    f.request.path = path
+    f.request.headers["authorization"] = f"Bearer {SECRET}"
+    if body is None:
+        body = {
+            "model": "llama3.1-8b",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_completion_tokens": 10,
+        }
+    f.request.content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return f
+
+
+def ok_response(total_tokens: int | None = 12):
+    usage = (
+        {}
+        if total_tokens is None
+        else {"usage": {"prompt_tokens": 2, "completion_tokens": 10, "total_tokens": total_tokens}}
+    )
+    return tutils.tresp(
+        content=json.dumps({"choices": [], **usage}).encode(),
+        headers=[(b"content-type", b"application/json")],
+    )
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    def write(text: str):
+        path = tmp_path / "cooldown.yaml"
+        path.write_text(text)
+        return str(path)
+
+    return write
+
+
+@pytest.fixture
+def addon_ctx(config_file):
+    """A Cooldown addon in a mitmproxy test context with tiny limits."""
+    addon = Cooldown()
+    with taddons.context(addon) as tctx:
+        tctx.configure(
+            addon,
+            cerebras_config=config_file(
+                "cerebras_limits:\n  rpm_limit: 2\n  tpm_limit: 1000\n  max_queue_depth: 2\n"
+                "circuit_breaker:\n  failure_threshold: 3\n  open_duration: 30s\n"
+            ),
+        )
+        yield addon, tctx
+
+
+async def until(predicate, steps=100):
+    """Let other tasks run until `predicate()` holds (bounded; no wall-clock sleeps)."""
+    for _ in range(steps):
+        if predicate():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition not reached")
+
+
+async def test_other_hosts_pass_untouched(addon_ctx):
+    addon, _ = addon_ctx
+    f = cerebras_flow(host="api.openai.com")
+    await addon.request(f)
+    assert f.response is None
+    assert "cooldown_estimate" not in f.metadata
+    assert addon.status()["submitted"] == 0
+
+
+async def test_unmetered_cerebras_paths_are_not_held(addon_ctx):
+    addon, _ = addon_ctx
+    f = cerebras_flow(path="/v1/models")
+    f.request.method = "GET"
+    await addon.request(f)
+    assert f.response is None
+    assert addon.status()["submitted"] == 0
+
+
+async def test_request_under_the_limits_is_forwarded_and_settled(addon_ctx):
+    addon, _ = addon_ctx
+    f = cerebras_flow()
+    await addon.request(f)
+    assert f.response is None
+    assert f.metadata["cooldown_estimate"] > 10
+    assert addon.status()["in_flight_flows"] == 1
+    f.response = ok_response(total_tokens=12)
+    addon.response(f)
+    status = addon.status()
+    assert status["open_reservations"] == 0
+    assert status["usage"]["default"]["tpm"] == pytest.approx(12 / 1000)
+    assert f.metadata["cooldown_actual_tokens"] == 12
+
+
+async def test_held_flow_is_intercepted_with_a_comment_then_released(addon_ctx):
+    addon, _ = addon_ctx
+    first = cerebras_flow({"model": "m", "messages": [], "max_completion_tokens": 900})
+    await addon.request(first)
+    second = cerebras_flow({"model": "m", "messages": [], "max_completion_tokens": 500})
+    task = asyncio.ensure_future(addon.request(second))
+    await until(lambda: second.intercepted)
+    assert "held" in second.comment and "estimate" in second.comment
+    assert addon.status()["queue_depth"] == 1
+    first.response = ok_response(total_tokens=50)
+    addon.response(first)  # frees capacity: the held flow goes
+    await task
+    assert not second.intercepted
+    assert second.response is None
+    assert "waited" in second.comment
+    assert addon.status()["queue_depth"] == 0
+
+
+async def test_queue_full_gets_the_proxys_own_429(addon_ctx):
+    addon, _ = addon_ctx
+    await addon.request(cerebras_flow({"model": "m", "messages": [], "max_completion_tokens": 990}))
+    held = [cerebras_flow() for _ in range(2)]
+    tasks = [asyncio.ensure_future(addon.request(f)) for f in held]
+    await until(lambda: addon.status()["queue_depth"] == 2)
+    refused = cerebras_flow()
+    await addon.request(refused)
+    assert refused.response.status_code == 429
+    body = json.loads(refused.response.content)
+    assert body["error"]["code"] == "queue_full"
+    assert "Cooldown proxy, not by Cerebras" in body["error"]["message"]
+    assert int(refused.response.headers["retry-after"]) >= 1
+    assert refused.metadata["cooldown_refused"] == "queue_full"
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_client_disconnect_while_held_leaves_the_queue_and_takes_nothing(addon_ctx):
+    addon, _ = addon_ctx
+    first = cerebras_flow({"model": "m", "messages": [], "max_completion_tokens": 990})
+    await addon.request(first)
+    held = cerebras_flow()
+    task = asyncio.ensure_future(addon.request(held))
+    await until(lambda: addon.status()["queue_depth"] == 1)
+    held.client_conn.state = connection.ConnectionState.CLOSED
+    addon.client_disconnected(held.client_conn)
+    await task
+    assert held.response is None
+    status = addon.status()
+    assert status["queue_depth"] == 0
+    assert status["held_flows"] == 0
+    assert status["open_reservations"] == 1  # only the first flow's
+
+
+async def test_killed_while_held_leaves_the_queue(addon_ctx):
+    addon, tctx = addon_ctx
+    await addon.request(cerebras_flow({"model": "m", "messages": [], "max_completion_tokens": 990}))
+    held = cerebras_flow()
+    task = asyncio.ensure_future(addon.request(held))
+    await until(lambda: held.intercepted)
+    tctx.master.commands.call("flow.kill", [held])  # what mitmweb's kill button runs
+    await task
+    assert held.error.msg == flow.Error.KILLED_MESSAGE
+    assert addon.status()["queue_depth"] == 0
+    assert addon.status()["open_reservations"] == 1
+
+
+async def test_resumed_by_hand_stays_held(addon_ctx):
+    addon, tctx = addon_ctx
+    await addon.request(cerebras_flow({"model": "m", "messages": [], "max_completion_tokens": 990}))
+    held = cerebras_flow()
+    task = asyncio.ensure_future(addon.request(held))
+    await until(lambda: held.intercepted)
+    tctx.master.commands.call("flow.resume", [held])
+    assert held.intercepted  # re-paused: the limiter still decides
+    assert addon.status()["queue_depth"] == 1
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_breaker_opens_after_consecutive_upstream_429s(addon_ctx):
+    addon, _ = addon_ctx
+    for _ in range(3):
+        f = cerebras_flow({"model": "m", "messages": [], "max_completion_tokens": 1})
+        await addon.request(f)
+        assert f.response is None
+        f.response = tutils.tresp(
+            status_code=429, content=b'{"message":"Tokens per minute limit exceeded"}'
+        )
+        addon.response(f)
+        addon.gate.limiter = addon.gate.scheduler.limiter  # same object; limits reset below
+        addon.gate.scheduler.limiter._windows.clear()
+    refused = cerebras_flow()
+    await addon.request(refused)
+    assert refused.response.status_code == 503
+    body = json.loads(refused.response.content)
+    assert body["error"]["code"] == "circuit_open"
+    assert int(refused.response.headers["retry-after"]) == 30
+    assert addon.status()["breaker"] == "open"
+
+
+async def test_error_before_upstream_gives_the_reservation_back(addon_ctx):
+    addon, _ = addon_ctx
+    f = cerebras_flow()
+    await addon.request(f)
+    f.server_conn.timestamp_tcp_setup = None
+    f.error = flow.Error("Connect call failed")
+    addon.error(f)
+    status = addon.status()
+    assert status["open_reservations"] == 0
+    assert status["usage"]["default"] == {"rpm": 0.0, "tpm": 0.0}
+
+
+async def test_error_after_upstream_keeps_the_estimate(addon_ctx):
+    addon, _ = addon_ctx
+    f = cerebras_flow()
+    await addon.request(f)
+    f.server_conn.timestamp_tcp_setup = 1.0
+    f.error = flow.Error("server closed connection")
+    addon.error(f)
+    status = addon.status()
+    assert status["open_reservations"] == 0
+    assert status["usage"]["default"]["tpm"] == pytest.approx(
+        f.metadata["cooldown_estimate"] / 1000
+    )
+
+
+async def test_response_without_usage_keeps_the_estimate(addon_ctx):
+    addon, _ = addon_ctx
+    f = cerebras_flow()
+    await addon.request(f)
+    f.response = ok_response(total_tokens=None)
+    addon.response(f)
+    assert addon.status()["usage"]["default"]["tpm"] == pytest.approx(
+        f.metadata["cooldown_estimate"] / 1000
+    )
+
+
+async def test_unparseable_body_is_estimated_conservatively_not_refused(addon_ctx):
+    addon, _ = addon_ctx
+    f = cerebras_flow(b"\xff\x00 not json at all")
+    await addon.request(f)
+    assert f.response is None  # forwarded (the limit is 1000 tokens; the fallback is clamped)
+    assert f.metadata["cooldown_estimate"] >= 131072
+
+
+async def test_upstream_override_routes_metered_and_unmetered_requests(config_file):
+    addon = Cooldown()
+    with taddons.context(addon) as tctx:
+        tctx.configure(
+            addon, cerebras_config=config_file("cerebras_upstream: http://127.0.0.1:8765\n")
+        )
+        for path, method in (("/v1/chat/completions", "POST"), ("/v1/models", "GET")):
+            f = cerebras_flow(path=path)
+            f.request.method = method
+            await addon.request(f)
+            assert (f.request.scheme, f.request.host, f.request.port) == ("http", "127.0.0.1", 8765)
+
+
+def test_bad_config_at_start_up_is_one_clear_error(config_file):
+    addon = Cooldown()
+    with taddons.context(addon) as tctx, pytest.raises(exceptions.OptionsError) as err:
+        tctx.configure(addon, cerebras_config=config_file("cerebras_limits:\n  rpm_limit: lots\n"))
+    assert "cerebras_limits.rpm_limit: got 'lots'; expected a positive integer" in str(err.value)
+
+
+def test_bad_config_on_reload_keeps_the_running_config(config_file, tmp_path):
+    addon = Cooldown()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, cerebras_config=config_file("cerebras_limits:\n  rpm_limit: 7\n"))
+        addon._running = True
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("cerebras_limits: {rpm_limit: 0}\n")
+        with pytest.raises(exceptions.OptionsError, match="keeping the running config"):
+            tctx.configure(addon, cerebras_config=str(bad))
+        assert addon.config.cerebras_limits.rpm_limit == 7
+
+
+async def test_no_secret_or_prompt_in_debug_logs(addon_ctx, caplog):
+    addon, _ = addon_ctx
+    caplog.set_level(logging.DEBUG)
+    prompt = "my very private prompt text"
+
+    def private_flow(max_tokens):
+        messages = [{"role": "user", "content": prompt}]
+        return cerebras_flow(
+            {"model": "m", "messages": messages, "max_completion_tokens": max_tokens}
+        )
+
+    first = private_flow(980)
+    await addon.request(first)  # forwarded
+    held = [private_flow(5) for _ in range(2)]
+    tasks = [asyncio.ensure_future(addon.request(f)) for f in held]
+    await until(lambda: addon.status()["queue_depth"] == 2)
+    await addon.request(private_flow(5))  # refused: queue full
+    held[0].client_conn.state = connection.ConnectionState.CLOSED
+    addon.client_disconnected(held[0].client_conn)  # leaves the queue
+    first.response = ok_response()
+    addon.response(first)  # settles and releases the other held flow
+    await asyncio.gather(*tasks)
+    assert len(caplog.records) >= 4, "expected decision records to inspect"
+    for record in caplog.records:
+        text = record.getMessage()
+        assert SECRET not in text and "Bearer" not in text and prompt not in text
+
+
+async def test_shutdown_answers_held_flows_with_503(addon_ctx):
+    addon, _ = addon_ctx
+    await addon.request(cerebras_flow({"model": "m", "messages": [], "max_completion_tokens": 990}))
+    held = cerebras_flow()
+    task = asyncio.ensure_future(addon.request(held))
+    await until(lambda: addon.status()["queue_depth"] == 1)
+    addon.done()
+    await task
+    assert held.response.status_code == 503
+    assert json.loads(held.response.content)["error"]["code"] == "proxy_shutting_down"
+    assert held.metadata["cooldown_refused"] == Outcome.SHUTDOWN.value
