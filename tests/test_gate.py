@@ -38,7 +38,7 @@ async def test_held_waiter_wakes_when_capacity_frees():
 
 async def test_timer_is_armed_for_the_next_release():
     gate, clock = make()
-    gate.submit(1_000)
+    gate.confirm(gate.submit(1_000))
     held = gate.submit(10)
     assert gate._timer is not None
     assert gate._timer_at == clock.now + 60  # when the first reservation ages out

@@ -35,14 +35,14 @@ def test_acquire_takes_one_request_and_the_tokens():
 
 def test_refusal_names_the_binding_limit_and_the_wait():
     limiter = MemoryLimiter()
-    limiter.try_acquire("k", (RPM, TPM), 60, now=0)
+    limiter.confirm(limiter.try_acquire("k", (RPM, TPM), 60, now=0).reservation, now=0)
     decision = limiter.try_acquire("k", (RPM, TPM), 60, now=10)
     assert not decision.granted
     assert decision.binding == "tpm"
     assert decision.wait == pytest.approx(50)
     assert decision.reservation is None
     for t in (11, 12):
-        assert limiter.try_acquire("k", (RPM, TPM), 1, now=t).granted
+        limiter.confirm(limiter.try_acquire("k", (RPM, TPM), 1, now=t).reservation, now=t)
     decision = limiter.try_acquire("k", (RPM, TPM), 1, now=20)
     assert (decision.granted, decision.binding) == (False, "rpm")
     assert decision.wait == pytest.approx(40)
@@ -80,6 +80,7 @@ def test_release_gives_everything_back():
 def test_settle_after_the_entry_aged_out_does_not_go_negative():
     limiter = MemoryLimiter()
     reservation = limiter.try_acquire("k", (RPM, TPM), 90, now=0).reservation
+    limiter.confirm(reservation, now=0)
     limiter.settle(reservation, 10, now=61)
     assert limiter.used("k", TPM, 61) == 0
     assert limiter.open_reservations() == 0
@@ -87,7 +88,8 @@ def test_settle_after_the_entry_aged_out_does_not_go_negative():
 
 def test_a_request_larger_than_the_limit_is_charged_the_whole_limit_once_empty():
     limiter = MemoryLimiter()
-    assert limiter.try_acquire("k", (RPM, TPM), 5000, now=0).granted
+    reservation = limiter.try_acquire("k", (RPM, TPM), 5000, now=0).reservation
+    limiter.confirm(reservation, now=0)
     assert limiter.used("k", TPM, 0) == 100
     decision = limiter.try_acquire("k", (RPM, TPM), 5000, now=1)
     assert not decision.granted
@@ -99,3 +101,33 @@ def test_keys_are_independent():
     assert limiter.try_acquire("a", (RPM, TPM), 100, now=0).granted
     assert limiter.try_acquire("b", (RPM, TPM), 100, now=0).granted
     assert not limiter.try_acquire("a", (RPM, TPM), 1, now=0).granted
+
+
+def test_in_flight_counts_until_confirmed_then_ages_from_confirmation():
+    limiter = MemoryLimiter()
+    reservation = limiter.try_acquire("k", (RPM, TPM), 80, now=0).reservation
+    # Unconfirmed: still counted long after release (upstream may not have counted it yet).
+    assert limiter.used("k", TPM, 500) == 80
+    decision = limiter.try_acquire("k", (RPM, TPM), 30, now=500)
+    assert not decision.granted
+    assert decision.wait == 60  # unknown: it frees when the request is answered
+    limiter.confirm(reservation, now=510)
+    assert limiter.used("k", TPM, 569) == 80
+    assert limiter.used("k", TPM, 570) == 0
+    assert limiter.open_reservations() == 1  # confirmed is not settled
+
+
+def test_release_before_confirmation_gives_back_the_in_flight_amount():
+    limiter = MemoryLimiter()
+    reservation = limiter.try_acquire("k", (RPM, TPM), 80, now=0).reservation
+    limiter.release(reservation, now=1)
+    assert limiter.used("k", TPM, 1) == 0
+    assert limiter.used("k", RPM, 1) == 0
+
+
+def test_settle_confirms_at_settle_time():
+    limiter = MemoryLimiter()
+    reservation = limiter.try_acquire("k", (RPM, TPM), 80, now=0).reservation
+    limiter.settle(reservation, 20, now=5)
+    assert limiter.used("k", TPM, 64) == 20
+    assert limiter.used("k", TPM, 65) == 0

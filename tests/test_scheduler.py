@@ -44,6 +44,7 @@ def test_waits_until_the_limit_frees_and_reports_why():
     scheduler, _ = make()
     first = scheduler.submit("k", 9_000, now=0)
     scheduler.pump(0)
+    scheduler.confirm(first, now=0)  # upstream answered at once: it ages from t=0
     second = scheduler.submit("k", 2_000, now=1)
     wake = scheduler.pump(1)
     assert second.held
@@ -122,8 +123,9 @@ def test_queue_full_is_refused_at_once_with_retry_after():
 
 def test_timeout_answers_and_frees_the_slot():
     scheduler, _ = make()
-    scheduler.submit("k", 10_000, now=0)
+    blocker = scheduler.submit("k", 10_000, now=0)
     scheduler.pump(0)
+    scheduler.confirm(blocker, now=0)
     waiting = scheduler.submit("k", 100, now=1)
     assert scheduler.pump(1) == pytest.approx(60)  # the limit frees before the deadline
     scheduler.pump(121)
@@ -212,7 +214,9 @@ arrivals = st.lists(
         st.floats(min_value=0, max_value=20),  # gap before this arrival
         st.integers(min_value=1, max_value=3_000),  # estimated tokens
         st.floats(min_value=0, max_value=1),  # actual / estimate
-        st.floats(min_value=0.1, max_value=30),  # upstream latency
+        st.floats(min_value=0.1, max_value=30),  # time from release to the end of the answer
+        st.floats(min_value=0, max_value=1),  # when the headers come, as a part of that time
+        st.floats(min_value=0, max_value=1),  # when upstream counts it, as a part of that
         st.sampled_from(["ok", "ok", "ok", "cancel", "abort"]),
     ),
     min_size=1,
@@ -223,69 +227,78 @@ arrivals = st.lists(
 @settings(max_examples=150, deadline=None)
 @given(arrivals)
 def test_no_window_of_60s_exceeds_the_limits_and_nothing_leaks(events):
+    """Upstream counts each request at some moment between our release and its response
+    headers; whatever those moments are, no 60 s window of upstream's counting exceeds a limit.
+    """
     limits = CerebrasLimits(
         rpm_limit=7, tpm_limit=5_000, max_queue_depth=20, request_timeout=90, priority_threshold=0.5
     )
     scheduler, _ = make(limits)
     now = 0.0
-    pending = []  # (time to finish, ticket, actual fraction, fate)
-    charged = []  # [release time, tokens charged (updated on settle)]
+    plans = {}  # ticket id -> (event, ticket)
+    steps = []  # [time, kind, ticket] for confirm/finish still to happen
     tickets = []
 
     def track():
-        # Every released request gets its upstream answer `latency` seconds later.
-        for t, f, lat, fa in tickets:
-            if (
-                t.outcome is Outcome.RELEASED
-                and not t.finished
-                and not any(p[1] is t for p in pending)
-            ):
-                pending.append((t.resolved_at + lat, t, f, fa))
+        for ticket, event in tickets:
+            if ticket.outcome is Outcome.RELEASED and ticket.id not in plans:
+                _, _, _, latency, headers, _, _ = event
+                plans[ticket.id] = (event, ticket)
+                steps.append([ticket.resolved_at + headers * latency, "confirm", ticket])
+                steps.append([ticket.resolved_at + latency, "finish", ticket])
 
     def advance_to(target):
         nonlocal now
         while True:
             wake = scheduler.pump(now)
             track()
-            due = [p[0] for p in pending if p[0] <= target]
+            due = [step[0] for step in steps if step[0] <= target]
             candidates = [t for t in [wake, *due] if t is not None and t <= target]
             if not candidates:
                 break
             now = max(now, min(candidates))
-            for item in [p for p in pending if p[0] <= now]:
-                pending.remove(item)
-                _, ticket, fraction, fate = item
-                if fate == "abort":
-                    scheduler.abort(ticket, reached_upstream=False, now=now)
-                else:
-                    scheduler.finish(ticket, 200, int(ticket.tokens * fraction), now)
+            for step in sorted((st_ for st_ in steps if st_[0] <= now), key=lambda x: x[0]):
+                steps.remove(step)
+                _, kind, ticket = step
+                event = plans[ticket.id][0]
+                fraction, fate = event[2], event[6]
+                if kind == "confirm" and fate != "abort":
+                    scheduler.confirm(ticket, now)
+                elif kind == "finish":
+                    if fate == "abort":
+                        scheduler.abort(ticket, reached_upstream=False, now=now)
+                    else:
+                        scheduler.finish(ticket, 200, int(ticket.tokens * fraction), now)
         now = target
         scheduler.pump(now)
         track()
 
-    for gap, tokens, fraction, latency, fate in events:
+    for event in events:
+        gap, tokens, *_, fate = event
         advance_to(now + gap)
         ticket = scheduler.submit("k", tokens, now)
-        tickets.append((ticket, fraction, latency, fate))
+        tickets.append((ticket, event))
         if fate == "cancel":
             scheduler.cancel(ticket, now)
         scheduler.pump(now)
         track()
     advance_to(now + 1_000)
 
-    for ticket, fraction, _, fate in tickets:
-        if ticket.outcome is Outcome.RELEASED:
-            assert ticket.finished
-            if fate == "abort":
-                continue  # released before reaching upstream: charged nothing
-            charged.append(
-                (ticket.resolved_at, min(int(ticket.tokens * fraction), limits.tpm_limit))
-            )
-    charged.sort()
-    for start, _ in charged:
-        window = [tokens for at, tokens in charged if start <= at < start + 60]
+    counted = []  # (when upstream counted it, tokens it kept)
+    for ticket, event in tickets:
+        _, _, fraction, latency, headers, charge, fate = event
+        if ticket.outcome is not Outcome.RELEASED:
+            continue
+        assert ticket.finished
+        if fate == "abort":
+            continue  # never reached upstream
+        at = ticket.resolved_at + charge * headers * latency
+        counted.append((at, min(int(ticket.tokens * fraction), limits.tpm_limit)))
+    counted.sort()
+    for start, _ in counted:
+        window = [tokens for at, tokens in counted if start <= at < start + 60]
         assert len(window) <= limits.rpm_limit
         assert sum(window) <= limits.tpm_limit
     assert scheduler.depth == 0
     assert scheduler.limiter.open_reservations() == 0
-    assert all(not t.held for t, *_ in tickets)
+    assert all(not t.held for t, _ in tickets)

@@ -305,6 +305,12 @@ class Cooldown:
                 )
                 self._trigger_update(f)
 
+    def responseheaders(self, f: http.HTTPFlow) -> None:
+        # Upstream counts a request before it answers: from now on its reservation ages.
+        ticket = self._in_flight.get(f.id)
+        if ticket is not None:
+            self.gate.confirm(ticket)
+
     def response(self, f: http.HTTPFlow) -> None:
         ticket = self._in_flight.pop(f.id, None)
         if ticket is None or f.response is None:

@@ -108,6 +108,9 @@ class Gate:
             self.pump()
         return cancelled
 
+    def confirm(self, ticket: Ticket) -> None:
+        self.scheduler.confirm(ticket, self.clock())
+
     def finish(self, ticket: Ticket, status: int, actual_tokens: int | None) -> None:
         if status == 429 and ticket.outcome is Outcome.RELEASED and not ticket.finished:
             self.stats.upstream_429s += 1

@@ -1,14 +1,22 @@
-"""Request and token limits as sliding-window logs: reserve, then settle or release.
+"""Request and token limits as sliding-window logs: reserve, confirm, then settle or release.
 
 Why a sliding-window log and not a token bucket like upstream's? A bucket of capacity C that
 refills at C per minute lets up to 2C through in one minute (a full bucket plus a minute of
-refill). A log admits an amount only if everything admitted in the last `period` seconds plus
-that amount stays within the limit, so *no* window of that length ever holds more than the
+refill). A log admits an amount only if everything counted in the last `period` seconds plus
+that amount stays within the limit, so no window of that length ever holds more than the
 limit. That schedule is always acceptable to upstream's bucket of the same capacity and rate:
 over any interval of length L it admits at most ceil(L / period) * C <= C + C * L / period,
 which is exactly what the bucket allows. The price is only the bucket's initial burst; the
-steady state is the full limit. Expiry is exact (no fixed buckets), so capacity comes back
-continuously as old reservations age out, the way upstream's bucket refills.
+steady state is the full limit, and capacity comes back continuously as entries age out.
+
+When does upstream count a request? Somewhere between our release and the first byte of its
+answer, and that delay varies (connection set-up, upstream queueing). A window stamped at
+release time could let a later, faster request land less than `period` after a slower earlier
+one. So a reservation is *in flight* from release until upstream is known to have admitted it
+(`confirm`, at the response headers): in flight it counts against every window whatever the
+time; once confirmed it is logged at the confirmation time, which is never earlier than
+upstream's own. Every request upstream counts in a given `period` is therefore counted here at
+one common moment, and the sum counted here never exceeds the limit.
 
 The limiter's state lives behind `LimiterBackend` so that a shared (e.g. Redis) backend can
 replace `MemoryLimiter` without the scheduler noticing. Nothing here reads a clock: every call
@@ -42,14 +50,15 @@ class _Entry:
 
 
 class SlidingWindow:
-    """A log of admitted amounts; the sum over the last `period` seconds stays <= limit."""
+    """In-flight amounts plus a log of confirmed ones; their sum stays <= limit."""
 
-    __slots__ = ("_entries", "_used", "period")
+    __slots__ = ("_entries", "_used", "in_flight", "period")
 
     def __init__(self, period: float) -> None:
         self.period = period
         self._entries: deque[_Entry] = deque()
-        self._used = 0
+        self._used = 0  # confirmed amounts inside the window
+        self.in_flight = 0  # released, not yet confirmed: counts until confirmed
 
     def _expire(self, now: float) -> None:
         entries = self._entries
@@ -58,15 +67,16 @@ class SlidingWindow:
 
     def used(self, now: float) -> int:
         self._expire(now)
-        return self._used
+        return self._used + self.in_flight
 
     def wait_time(self, amount: int, limit: int, now: float) -> float:
         """Seconds until `amount` more fits under `limit` (0 if it fits now).
 
-        `amount` must be <= `limit`, or it never fits; callers clamp.
+        If only in-flight requests could make room, the moment is unknown (it comes when one
+        of them is answered, which pumps the scheduler anyway): say one period.
         """
         self._expire(now)
-        excess = self._used + amount - limit
+        excess = self._used + self.in_flight + amount - limit
         if excess <= 0:
             return 0.0
         freed = 0
@@ -74,7 +84,7 @@ class SlidingWindow:
             freed += entry.amount
             if freed >= excess:
                 return entry.at + self.period - now
-        return self.period  # only reachable if amount > limit
+        return self.period
 
     def add(self, amount: int, now: float) -> _Entry:
         entry = _Entry(now, amount)
@@ -95,13 +105,23 @@ class SlidingWindow:
 
 
 @dataclass(eq=False)
+class _Part:
+    """A reservation's share of one window: in flight until `entry` is set by confirm."""
+
+    window: SlidingWindow
+    unit: Unit
+    amount: int
+    entry: _Entry | None = None
+
+
+@dataclass(eq=False)
 class Reservation:
     """What one released request holds against the limits until it is settled or released."""
 
     key: str
     tokens: int  # the amount charged against token limits right now
-    _token_entries: list[tuple[SlidingWindow, _Entry]] = field(default_factory=list, repr=False)
-    _request_entries: list[tuple[SlidingWindow, _Entry]] = field(default_factory=list, repr=False)
+    _parts: list[_Part] = field(default_factory=list, repr=False)
+    confirmed: bool = False
     open: bool = True
 
 
@@ -119,6 +139,8 @@ class LimiterBackend(Protocol):
     """Where limit state lives. Implementations: `MemoryLimiter` (one process)."""
 
     def try_acquire(self, key: str, rates: Sequence[Rate], tokens: int, now: float) -> Decision: ...
+
+    def confirm(self, reservation: Reservation, now: float) -> None: ...
 
     def settle(self, reservation: Reservation, actual_tokens: int, now: float) -> None: ...
 
@@ -160,30 +182,42 @@ class MemoryLimiter:
         reservation = Reservation(key, tokens)
         for rate in rates:
             window = self._window(key, rate)
-            entry = window.add(self._amount(rate, tokens), now)
-            entries = (
-                reservation._request_entries
-                if rate.unit == "requests"
-                else reservation._token_entries
-            )
-            entries.append((window, entry))
+            amount = self._amount(rate, tokens)
+            window.in_flight += amount
+            reservation._parts.append(_Part(window, rate.unit, amount))
         self._open += 1
         return Decision(True, reservation=reservation)
 
+    def confirm(self, reservation: Reservation, now: float) -> None:
+        """Upstream has admitted the request by `now`: log it at this moment."""
+        if not reservation.open or reservation.confirmed:
+            return
+        for part in reservation._parts:
+            part.window.in_flight -= part.amount
+            part.entry = part.window.add(part.amount, now)
+        reservation.confirmed = True
+
     def settle(self, reservation: Reservation, actual_tokens: int, now: float) -> None:
+        """Upstream answered: correct the token count to what it reports it used."""
         if not reservation.open:
             return
+        self.confirm(reservation, now)
         actual = max(int(actual_tokens), 0)
-        for window, entry in reservation._token_entries:
-            window.adjust(entry, actual, now)
+        for part in reservation._parts:
+            if part.unit == "tokens" and part.entry is not None:
+                part.window.adjust(part.entry, actual, now)
         reservation.tokens = actual
         self._close(reservation)
 
     def release(self, reservation: Reservation, now: float) -> None:
+        """The request never reached upstream: give everything back."""
         if not reservation.open:
             return
-        for window, entry in reservation._token_entries + reservation._request_entries:
-            window.adjust(entry, 0, now)
+        for part in reservation._parts:
+            if part.entry is None:
+                part.window.in_flight -= part.amount
+            else:
+                part.window.adjust(part.entry, 0, now)
         reservation.tokens = 0
         self._close(reservation)
 

@@ -255,6 +255,11 @@ class Scheduler:
             if ticket.held:
                 self._resolve(ticket, Outcome.TIMEOUT, now, self.retry_hint(ticket.key))
 
+    def confirm(self, ticket: Ticket, now: float) -> None:
+        """Upstream has started answering, so it has counted the request by now."""
+        if ticket.reservation is not None and not ticket.finished:
+            self.limiter.confirm(ticket.reservation, now)
+
     def finish(self, ticket: Ticket, status: int, actual_tokens: int | None, now: float) -> None:
         """Upstream answered a released request: settle its reservation and feed the breaker."""
         if ticket.outcome is not Outcome.RELEASED or ticket.finished:
