@@ -150,11 +150,14 @@ class Cooldown:
             config = load_config(path)
         except ConfigError as e:
             if self._running:
-                # mitmproxy rolls the option back and logs this; the running config stays.
+                # mitmproxy rolls the option back and reports this; the running config stays.
                 raise exceptions.OptionsError(
                     f"cerebras_config not applied, keeping the running config: {e}"
                 ) from e
-            raise exceptions.OptionsError(f"cerebras_config: {e}") from e
+            # At start-up an exception here would print a script traceback; one ERROR line is
+            # clearer, and mitmdump exits with status 1 on any error logged during start-up.
+            log.error("Cooldown cannot start: cerebras_config: %s", e)
+            return
         self.config = config
         self.gate.reconfigure(config)
         limits = config.cerebras_limits
