@@ -42,6 +42,31 @@ class CerebrasLimits:
     # priority grows so that a large request cannot starve behind a stream of small ones.
     context_length: int = 131_072
     priority_aging: float = 30.0
+    # Hour and day limits (Cerebras has them too); None means not enforced locally.
+    rph_limit: int | None = None
+    rpd_limit: int | None = None
+    tph_limit: int | None = None
+    tpd_limit: int | None = None
+    # Output tokens to reserve when a request sets no max_completion_tokens/max_tokens; None
+    # is Cerebras's documented rule (context length minus input), the conservative choice.
+    output_reservation: int | None = None
+    # How often a request that upstream answered 429 is retried after the cooldown before the
+    # client sees the 429.
+    max_retries: int = 2
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """One model's own limits; a None falls back to `cerebras_limits`."""
+
+    rpm_limit: int | None = None
+    rph_limit: int | None = None
+    rpd_limit: int | None = None
+    tpm_limit: int | None = None
+    tph_limit: int | None = None
+    tpd_limit: int | None = None
+    context_length: int | None = None
+    output_reservation: int | None = None
 
 
 @dataclass(frozen=True)
@@ -67,7 +92,24 @@ class Config:
     # Accepted for compatibility with the seed's config; enforced in a later version.
     rate_limits: tuple[DomainRateLimit, ...] = ()
     default_rate_limit: float | None = 10.0
+    models: Mapping[str, ModelLimits] = field(default_factory=dict)
     source: str = "built-in defaults"
+
+    def model_limits(self, model: str) -> ModelLimits:
+        """The limits that apply to `model`: its own entry, else `cerebras_limits`."""
+        own = self.models.get(model, _NO_OVERRIDES)
+        defaults = self.cerebras_limits
+        return ModelLimits(
+            **{
+                name: value
+                if (value := getattr(own, name)) is not None
+                else getattr(defaults, name)
+                for name in ModelLimits.__dataclass_fields__
+            }
+        )
+
+
+_NO_OVERRIDES = ModelLimits()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,6 +123,16 @@ def _fail(key: str, value: Any, expected: str) -> ConfigError:
 def _positive_int(key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise _fail(key, value, "a positive integer")
+    return value
+
+
+def _optional_positive_int(key: str, value: Any) -> int | None:
+    return None if value is None else _positive_int(key, value)
+
+
+def _non_negative_int(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _fail(key, value, "a whole number, 0 or more")
     return value
 
 
@@ -188,6 +240,16 @@ _LIMIT_FIELDS: dict[str, Callable[[str, Any], Any]] = {
     "priority_threshold": _fraction,
     "context_length": _positive_int,
     "priority_aging": _duration,
+    "rph_limit": _optional_positive_int,
+    "rpd_limit": _optional_positive_int,
+    "tph_limit": _optional_positive_int,
+    "tpd_limit": _optional_positive_int,
+    "output_reservation": _optional_positive_int,
+    "max_retries": _non_negative_int,
+}
+
+_MODEL_FIELDS: dict[str, Callable[[str, Any], Any]] = {
+    name: _optional_positive_int for name in ModelLimits.__dataclass_fields__
 }
 
 _BREAKER_FIELDS: dict[str, Callable[[str, Any], Any]] = {
@@ -220,6 +282,15 @@ def _rate_limits(key: str, value: Any) -> tuple[DomainRateLimit, ...]:
     return tuple(entries)
 
 
+def _models(key: str, value: Any) -> dict[str, ModelLimits]:
+    models = {}
+    for name, entry in _mapping(key, value).items():
+        if not isinstance(name, str) or not name:
+            raise _fail(key, name, "model names as keys, e.g. llama3.1-8b")
+        models[name] = ModelLimits(**_section(f"{key}.{name}", entry, _MODEL_FIELDS))
+    return models
+
+
 def _server(key: str, value: Any) -> None:
     # The seed's Go plan had its own listener settings; mitmproxy's --listen-host and
     # --listen-port play that role here. Accept the section so old files keep loading.
@@ -238,6 +309,7 @@ def parse_config(data: Any, source: str = "config") -> Config:
         "rate_limits",
         "default_rate_limit",
         "server",
+        "models",
     }
     for name in top:
         if name not in known:
@@ -268,6 +340,7 @@ def parse_config(data: Any, source: str = "config") -> Config:
         cerebras_upstream=upstream,
         rate_limits=rate_limits,
         default_rate_limit=default_rps.get("requests_per_second", 10.0),
+        models=_models("models", top.get("models")),
         source=source,
     )
 

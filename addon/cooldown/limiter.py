@@ -18,6 +18,13 @@ time; once confirmed it is logged at the confirmation time, which is never earli
 upstream's own. Every request upstream counts in a given `period` is therefore counted here at
 one common moment, and the sum counted here never exceeds the limit.
 
+Upstream knows better about some things: other clients of the same organization, reservations
+it keeps after a short completion, limits that differ from the config. Its `x-ratelimit-*`
+headers are kept per window as an `UpstreamView` (a simulated token bucket, re-synced at every
+report) and a request must fit both views, and the lower of the two limits. Whichever view is
+more conservative wins, so trusting upstream can only make the proxy wait more, never send
+more than its own window allows.
+
 The limiter's state lives behind `LimiterBackend` so that a shared (e.g. Redis) backend can
 replace `MemoryLimiter` without the scheduler noticing. Nothing here reads a clock: every call
 takes `now`.
@@ -104,6 +111,33 @@ class SlidingWindow:
         return f"<SlidingWindow period={self.period} used={self._used} n={len(self._entries)}>"
 
 
+class UpstreamView:
+    """Upstream's count for one window as its headers last reported it, aged since.
+
+    Modelled as the deficit of a token bucket (Cerebras replenishes continuously): it shrinks
+    at `refill` units per second and grows with every request we release after the report.
+    """
+
+    __slots__ = ("at", "deficit", "limit", "refill")
+
+    def __init__(self, limit: int, deficit: float, refill: float, at: float) -> None:
+        self.limit = limit
+        self.deficit = deficit
+        self.refill = refill
+        self.at = at
+
+    def used(self, now: float) -> float:
+        return max(0.0, self.deficit - self.refill * max(now - self.at, 0.0))
+
+    def add(self, amount: float, now: float) -> None:
+        self.deficit = max(0.0, self.used(now) + amount)
+        self.at = now
+
+    def wait_time(self, amount: int, limit: int, now: float) -> float:
+        excess = self.used(now) + amount - limit
+        return 0.0 if excess <= 0 else excess / self.refill
+
+
 @dataclass(eq=False)
 class _Part:
     """A reservation's share of one window: in flight until `entry` is set by confirm."""
@@ -111,6 +145,7 @@ class _Part:
     window: SlidingWindow
     unit: Unit
     amount: int
+    view: UpstreamView | None = None
     entry: _Entry | None = None
 
 
@@ -146,7 +181,22 @@ class LimiterBackend(Protocol):
 
     def release(self, reservation: Reservation, now: float) -> None: ...
 
-    def used(self, key: str, rate: Rate, now: float) -> int: ...
+    def observe(
+        self,
+        key: str,
+        unit: Unit,
+        period: float,
+        limit: int,
+        remaining: int,
+        reset: float,
+        now: float,
+    ) -> None: ...
+
+    def used(self, key: str, rate: Rate, now: float) -> float: ...
+
+    def limit(self, key: str, rate: Rate) -> int: ...
+
+    def learned_limits(self, key: str) -> dict[tuple[Unit, float], int]: ...
 
     def open_reservations(self) -> int: ...
 
@@ -156,6 +206,7 @@ class MemoryLimiter:
 
     def __init__(self) -> None:
         self._windows: dict[tuple[str, Unit, float], SlidingWindow] = {}
+        self._views: dict[tuple[str, Unit, float], UpstreamView] = {}
         self._open = 0
 
     def _window(self, key: str, rate: Rate) -> SlidingWindow:
@@ -165,16 +216,25 @@ class MemoryLimiter:
             window = self._windows[slot] = SlidingWindow(rate.period)
         return window
 
-    @staticmethod
-    def _amount(rate: Rate, tokens: int) -> int:
+    def limit(self, key: str, rate: Rate) -> int:
+        """The configured limit, or upstream's if it reported a lower one."""
+        view = self._views.get((key, rate.unit, rate.period))
+        return rate.limit if view is None else min(rate.limit, view.limit)
+
+    def _amount(self, key: str, rate: Rate, tokens: int) -> int:
         # A request larger than a token limit could never fit; charging it the whole limit
         # lets it through once the window is empty instead of holding it forever.
-        return 1 if rate.unit == "requests" else min(tokens, rate.limit)
+        return 1 if rate.unit == "requests" else min(tokens, self.limit(key, rate))
 
     def try_acquire(self, key: str, rates: Sequence[Rate], tokens: int, now: float) -> Decision:
         worst_wait, binding = 0.0, None
         for rate in rates:
-            wait = self._window(key, rate).wait_time(self._amount(rate, tokens), rate.limit, now)
+            limit = self.limit(key, rate)
+            amount = self._amount(key, rate, tokens)
+            wait = self._window(key, rate).wait_time(amount, limit, now)
+            view = self._views.get((key, rate.unit, rate.period))
+            if view is not None:
+                wait = max(wait, view.wait_time(amount, limit, now))
             if wait > worst_wait:
                 worst_wait, binding = wait, rate.name
         if binding is not None:
@@ -182,11 +242,43 @@ class MemoryLimiter:
         reservation = Reservation(key, tokens)
         for rate in rates:
             window = self._window(key, rate)
-            amount = self._amount(rate, tokens)
+            amount = self._amount(key, rate, tokens)
             window.in_flight += amount
-            reservation._parts.append(_Part(window, rate.unit, amount))
+            view = self._views.get((key, rate.unit, rate.period))
+            if view is not None:
+                view.add(amount, now)
+            reservation._parts.append(_Part(window, rate.unit, amount, view))
         self._open += 1
         return Decision(True, reservation=reservation)
+
+    def observe(
+        self,
+        key: str,
+        unit: Unit,
+        period: float,
+        limit: int,
+        remaining: int,
+        reset: float,
+        now: float,
+    ) -> None:
+        """Re-sync the upstream view of one window from an `x-ratelimit-*` report."""
+        if limit <= 0:
+            return
+        reported = max(0, limit - max(remaining, 0))
+        refill = limit / period
+        if reported > 0 and reset > 0:
+            refill = min(refill, reported / reset)
+        # Requests still in flight may not be in the report yet: count them on top.
+        window = self._windows.get((key, unit, period))
+        deficit = reported + (window.in_flight if window is not None else 0)
+        self._views[(key, unit, period)] = UpstreamView(limit, deficit, refill, now)
+
+    def learned_limits(self, key: str) -> dict[tuple[Unit, float], int]:
+        return {
+            (unit, period): view.limit
+            for (view_key, unit, period), view in self._views.items()
+            if view_key == key
+        }
 
     def confirm(self, reservation: Reservation, now: float) -> None:
         """Upstream has admitted the request by `now`: log it at this moment."""
@@ -218,6 +310,8 @@ class MemoryLimiter:
                 part.window.in_flight -= part.amount
             else:
                 part.window.adjust(part.entry, 0, now)
+            if part.view is not None:
+                part.view.add(-part.amount, now)
         reservation.tokens = 0
         self._close(reservation)
 
@@ -225,8 +319,11 @@ class MemoryLimiter:
         reservation.open = False
         self._open -= 1
 
-    def used(self, key: str, rate: Rate, now: float) -> int:
-        return self._window(key, rate).used(now)
+    def used(self, key: str, rate: Rate, now: float) -> float:
+        """The larger of the local count and upstream's last report, aged."""
+        local = self._window(key, rate).used(now)
+        view = self._views.get((key, rate.unit, rate.period))
+        return local if view is None else max(local, view.used(now))
 
     def open_reservations(self) -> int:
         return self._open

@@ -146,7 +146,7 @@ class Scheduler:
     def usage(self, key: str, now: float) -> dict[str, float]:
         """Fraction of each limit in use for `key`, by rate name."""
         return {
-            rate.name: self.limiter.used(key, rate, now) / rate.limit
+            rate.name: self.limiter.used(key, rate, now) / self.limiter.limit(key, rate)
             for rate in self.rates_for(key)
         }
 

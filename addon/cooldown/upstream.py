@@ -1,0 +1,212 @@
+"""What upstream tells us: rate-limit headers, 429 kinds, retry-after, usage (JSON and SSE).
+
+Pure parsing, no mitmproxy: every function takes plain strings/bytes and never raises on bad
+input, because a proxy must not fail a response over a header it cannot read.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import logging
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .limiter import Unit
+
+log = logging.getLogger(__name__)
+
+PERIODS = {"minute": 60.0, "hour": 3600.0, "day": 86400.0}
+_RATE_HEADER = re.compile(
+    r"x-ratelimit-(limit|remaining|reset)-(requests|tokens)-(minute|hour|day)"
+)
+
+
+@dataclass(frozen=True)
+class RateReport:
+    """One `x-ratelimit-*-{unit}-{period}` triple as upstream reported it."""
+
+    unit: Unit
+    period: float
+    limit: int
+    remaining: int
+    reset: float  # seconds until the window/bucket is full again
+
+
+def _number(value: str) -> float | None:
+    try:
+        number = float(value.strip())
+    except (ValueError, AttributeError):
+        return None
+    return number if math.isfinite(number) and number >= 0 else None
+
+
+def parse_rate_headers(headers: Mapping[str, str] | Any) -> list[RateReport]:
+    """Every complete limit/remaining triple in the `x-ratelimit-*` family.
+
+    `headers` is any mapping-like object with case-insensitive `.items()` (mitmproxy's
+    Headers, a dict with lower-case keys, ...). A triple with a missing or unreadable limit
+    or remaining is skipped; a missing reset is taken as a full period (the safe side).
+    """
+    found: dict[tuple[str, str], dict[str, float]] = {}
+    for name, value in headers.items():
+        match = _RATE_HEADER.fullmatch(name.lower())
+        if match is None:
+            continue
+        number = _number(value)
+        if number is not None:
+            kind, unit, period = match.groups()
+            found.setdefault((unit, period), {})[kind] = number
+    reports = []
+    for (unit, period), values in sorted(found.items()):
+        if "limit" not in values or "remaining" not in values:
+            continue
+        seconds = PERIODS[period]
+        reports.append(
+            RateReport(
+                unit=unit,  # type: ignore[arg-type]
+                period=seconds,
+                limit=int(values["limit"]),
+                remaining=int(values["remaining"]),
+                reset=min(values.get("reset", seconds), seconds),
+            )
+        )
+    return reports
+
+
+def parse_retry_after(value: str | None, now_epoch: float) -> float | None:
+    """`Retry-After` as seconds from now: delta-seconds or an HTTP date; None if unreadable."""
+    if value is None:
+        return None
+    seconds = _number(value)
+    if seconds is not None:
+        return seconds
+    try:
+        when = email.utils.parsedate_to_datetime(value.strip())
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None or when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - now_epoch)
+
+
+Kind = Literal["quota", "capacity"]
+
+
+@dataclass(frozen=True)
+class Upstream429:
+    """Why upstream said 429: our picture of the quota was wrong, or upstream is busy."""
+
+    kind: Kind
+    unit: Unit | None  # which quota, when the body says
+
+
+def classify_429(body: bytes | None) -> Upstream429:
+    """Tell quota 429s (`param: quota`, `*_quota_exceeded`) from capacity ones (`queue_exceeded`).
+
+    Anything unrecognized counts as quota: correcting our picture and backing off is the
+    safe reaction to a 429 we do not understand.
+    """
+    try:
+        data = json.loads(body or b"")
+    except (ValueError, RecursionError):
+        data = None
+    if isinstance(data, dict) and isinstance(data.get("error"), dict):
+        data = data["error"]  # OpenAI-style wrapping, in case upstream ever uses it
+    if not isinstance(data, dict):
+        return Upstream429("quota", None)
+    code = str(data.get("code") or "")
+    error_type = str(data.get("type") or "")
+    message = str(data.get("message") or "").lower()
+    if code == "queue_exceeded" or "high traffic" in message:
+        return Upstream429("capacity", None)
+    unit: Unit | None = None
+    if code == "token_quota_exceeded" or "token" in error_type:
+        unit = "tokens"
+    elif code == "request_quota_exceeded" or "request" in error_type:
+        unit = "requests"
+    return Upstream429("quota", unit)
+
+
+def usage_from_json(content: bytes | None) -> dict[str, int] | None:
+    """The `usage` object of a completion response body, if it has a sane one."""
+    if not content:
+        return None
+    try:
+        data = json.loads(content)
+    except (ValueError, RecursionError):
+        return None
+    return _usage_of(data)
+
+
+def _usage_of(data: Any) -> dict[str, int] | None:
+    usage = data.get("usage") if isinstance(data, dict) else None
+    if not isinstance(usage, dict):
+        return None
+    clean = {
+        key: value
+        for key in ("prompt_tokens", "completion_tokens", "total_tokens")
+        if isinstance(value := usage.get(key), int) and not isinstance(value, bool) and value >= 0
+    }
+    if "total_tokens" not in clean and {"prompt_tokens", "completion_tokens"} <= clean.keys():
+        clean["total_tokens"] = clean["prompt_tokens"] + clean["completion_tokens"]
+    return clean if "total_tokens" in clean else None
+
+
+_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
+_MAX_PENDING_LINE = 1 << 20  # an SSE line longer than this is not one we need to read
+
+
+class SSEUsageTap:
+    """A `flow.response.stream` callable: passes every chunk through untouched, reads usage.
+
+    mitmproxy calls it synchronously for each piece of the body, and a final time with b"".
+    It only splits lines and JSON-decodes the rare event that carries a usage object, so it
+    costs almost nothing per chunk; it never raises (a raising stream callable silently drops
+    the chunk).
+    """
+
+    def __init__(self, on_usage: Callable[[dict[str, int]], None] | None = None) -> None:
+        self.usage: dict[str, int] | None = None
+        self.done = False  # saw `data: [DONE]`
+        self._pending = b""
+        self._on_usage = on_usage
+
+    def __call__(self, chunk: bytes) -> bytes:
+        try:
+            self._feed(chunk)
+        except Exception:
+            # Never break the stream over bookkeeping: usage just stays unknown, and the
+            # reservation is settled at its estimate.
+            log.debug("could not read usage from a stream chunk", exc_info=True)
+            self._pending = b""
+        return chunk
+
+    def _feed(self, chunk: bytes) -> None:
+        lines = (self._pending + chunk).split(b"\n")
+        # Keep the unfinished last line for the next piece; at the end (b"") read it too.
+        self._pending = lines.pop() if chunk else b""
+        if len(self._pending) > _MAX_PENDING_LINE:
+            self._pending = b""
+        for line in lines:
+            line = line.strip()
+            if not line.startswith(b"data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                self.done = True
+            elif _USAGE_OBJECT.search(payload):
+                self._read_usage(payload)
+
+    def _read_usage(self, payload: bytes) -> None:
+        try:
+            usage = _usage_of(json.loads(payload))
+        except (ValueError, RecursionError):
+            return
+        if usage is not None:
+            self.usage = usage
+            if self._on_usage is not None:
+                self._on_usage(usage)
