@@ -26,7 +26,7 @@ def cerebras_flow(
     f.request.headers["authorization"] = f"Bearer {SECRET}"
     if body is None:
         body = {
-            "model": "llama3.1-8b",
+            "model": "m",
             "messages": [{"role": "user", "content": "hi"}],
             "max_completion_tokens": 10,
         }
@@ -106,10 +106,10 @@ async def test_request_under_the_limits_is_forwarded_and_settled(addon_ctx):
     assert f.metadata["cooldown_estimate"] > 10
     assert addon.status()["in_flight_flows"] == 1
     f.response = ok_response(total_tokens=12)
-    addon.response(f)
+    await addon.response(f)
     status = addon.status()
     assert status["open_reservations"] == 0
-    assert status["usage"]["default"]["tpm"] == pytest.approx(12 / 1000)
+    assert status["usage"]["m"]["tpm"] == pytest.approx(12 / 1000)
     assert f.metadata["cooldown_actual_tokens"] == 12
 
 
@@ -123,7 +123,7 @@ async def test_held_flow_is_intercepted_with_a_comment_then_released(addon_ctx):
     assert "held" in second.comment and "estimate" in second.comment
     assert addon.status()["queue_depth"] == 1
     first.response = ok_response(total_tokens=50)
-    addon.response(first)  # frees capacity: the held flow goes
+    await addon.response(first)  # frees capacity: the held flow goes
     await task
     assert not second.intercepted
     assert second.response is None
@@ -202,7 +202,7 @@ async def test_breaker_opens_after_consecutive_upstream_429s(addon_ctx):
         f.response = tutils.tresp(
             status_code=429, content=b'{"message":"Tokens per minute limit exceeded"}'
         )
-        addon.response(f)
+        await addon.response(f)
         addon.gate.limiter = addon.gate.scheduler.limiter  # same object; limits reset below
         addon.gate.scheduler.limiter._windows.clear()
     refused = cerebras_flow()
@@ -223,7 +223,7 @@ async def test_error_before_upstream_gives_the_reservation_back(addon_ctx):
     addon.error(f)
     status = addon.status()
     assert status["open_reservations"] == 0
-    assert status["usage"]["default"] == {"rpm": 0.0, "tpm": 0.0}
+    assert status["usage"]["m"] == {"rpm": 0.0, "tpm": 0.0}
 
 
 async def test_error_after_upstream_keeps_the_estimate(addon_ctx):
@@ -235,7 +235,7 @@ async def test_error_after_upstream_keeps_the_estimate(addon_ctx):
     addon.error(f)
     status = addon.status()
     assert status["open_reservations"] == 0
-    assert status["usage"]["default"]["tpm"] == pytest.approx(
+    assert status["usage"]["m"]["tpm"] == pytest.approx(
         f.metadata["cooldown_estimate"] / 1000
     )
 
@@ -245,8 +245,8 @@ async def test_response_without_usage_keeps_the_estimate(addon_ctx):
     f = cerebras_flow()
     await addon.request(f)
     f.response = ok_response(total_tokens=None)
-    addon.response(f)
-    assert addon.status()["usage"]["default"]["tpm"] == pytest.approx(
+    await addon.response(f)
+    assert addon.status()["usage"]["m"]["tpm"] == pytest.approx(
         f.metadata["cooldown_estimate"] / 1000
     )
 
@@ -316,7 +316,7 @@ async def test_no_secret_or_prompt_in_debug_logs(addon_ctx, caplog):
     held[0].client_conn.state = connection.ConnectionState.CLOSED
     addon.client_disconnected(held[0].client_conn)  # leaves the queue
     first.response = ok_response()
-    addon.response(first)  # settles and releases the other held flow
+    await addon.response(first)  # settles and releases the other held flow
     await asyncio.gather(*tasks)
     assert len(caplog.records) >= 4, "expected decision records to inspect"
     for record in caplog.records:

@@ -15,17 +15,26 @@ import fnmatch
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 from mitmproxy import connection, ctx, exceptions, flow, hooks, http
 from mitmproxy.utils import asyncio_utils
 
 from .config import Config, ConfigError, load_config, resolve_config_path
-from .estimate import Estimate, estimate_request
+from .estimate import Estimate, InputCalibration, RequestShape, parse_request
 from .gate import DEFAULT_KEY, Gate
 from .scheduler import Outcome, Ticket
+from .upstream import (
+    SSEUsageTap,
+    classify_429,
+    parse_rate_headers,
+    parse_retry_after,
+    usage_from_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,19 +103,58 @@ def proxy_error_response(outcome: Outcome, retry_after: float) -> http.Response:
     return http.Response.make(refusal.status, json.dumps(body).encode(), headers)
 
 
-def usage_total_tokens(response: http.Response) -> int | None:
-    """`usage.total_tokens` from a JSON completion response, if present."""
-    content = response.get_content(strict=False)
-    if not content or "json" not in response.headers.get("content-type", "json"):
-        return None
+def prepare_request(path: str, body: bytes) -> tuple[RequestShape, bytes | None]:
+    """Tokenize once and, for a stream that does not ask for usage, ask for it.
+
+    Upstream reports `usage` in a stream only with `stream_options.include_usage`; without it
+    the reservation could only be settled at its estimate. Returns the new body, or None when
+    the body stays as it is. The client then sees `usage` in the stream's last data chunk
+    (the one with `finish_reason`), a field OpenAI-compatible clients ignore unless asked.
+    """
+    shape = parse_request(path, body)
+    if not (shape.understood and shape.stream):
+        return shape, None
     try:
-        usage = json.loads(content).get("usage")
-        total = usage.get("total_tokens") if isinstance(usage, dict) else None
-    except (ValueError, AttributeError, RecursionError):
-        return None
-    if isinstance(total, int) and not isinstance(total, bool) and total >= 0:
-        return total
-    return None
+        document = json.loads(body)
+        options = document.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage") is True:
+            return shape, None
+        document["stream_options"] = {
+            **(options if isinstance(options, dict) else {}),
+            "include_usage": True,
+        }
+        return shape, json.dumps(document, ensure_ascii=False).encode()
+    except (ValueError, TypeError, RecursionError):
+        return shape, None
+
+
+@dataclass(eq=False)
+class _FlowState:
+    """A metered flow from its release to its end (answer, error or retries exhausted)."""
+
+    key: str
+    shape: RequestShape
+    estimate: Estimate
+    ticket: Ticket
+    retries_left: int
+    tap: SSEUsageTap | None = None
+    attempts: int = 1
+
+
+# Headers that belong to one hop, not to the message, when re-sending a request ourselves.
+_HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+}
 
 
 class Cooldown:
@@ -119,9 +167,11 @@ class Cooldown:
         self.config = Config()
         self.gate = Gate(self.config)
         self._held: dict[str, tuple[http.HTTPFlow, Ticket]] = {}
-        self._in_flight: dict[str, Ticket] = {}
+        self._in_flight: dict[str, _FlowState] = {}
+        self.calibration = InputCalibration()
         self._running = False
         self._shutdown_task: asyncio.Task[None] | None = None
+        self._http: httpx.AsyncClient | None = None  # for retries after a 429, made on first use
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -223,23 +273,24 @@ class Cooldown:
         if not self._is_metered(f):
             self._route(f)
             return
-        estimate = await self._estimate(f)
-        ticket = self.gate.submit(estimate.total, key=DEFAULT_KEY, meta=f.id)
+        shape = await self._prepare(f)
+        key = shape.model or DEFAULT_KEY
+        estimate = self._estimate(key, shape)
+        ticket = self.gate.submit(estimate.total, key=key, meta=f.id)
         f.metadata["cooldown_estimate"] = estimate.total
-        if ticket.held:
-            outcome = await self._hold(f, ticket, estimate)
-        else:
-            outcome = ticket.outcome
+        outcome = await self._hold(f, ticket, estimate) if ticket.held else ticket.outcome
         f.metadata["cooldown_waited"] = round(ticket.waited, 3)
         if outcome is Outcome.RELEASED:
             if not f.live or f.error:
                 self.gate.abort(ticket, reached_upstream=False)
                 return
-            self._in_flight[f.id] = ticket
+            retries = self.config.cerebras_limits.max_retries
+            self._in_flight[f.id] = _FlowState(key, shape, estimate, ticket, retries)
             self._route(f)
             log.debug(
-                "flow %s released after %.3fs (estimate %d tokens)",
+                "flow %s (%s) released after %.3fs, estimate %d tokens",
                 f.id,
+                key,
                 ticket.waited,
                 estimate.total,
             )
@@ -247,18 +298,33 @@ class Cooldown:
         if outcome is Outcome.CANCELLED or outcome is None:
             log.debug("flow %s left the queue (client gone or killed)", f.id)
             return
+        self._refuse(f, outcome, ticket.retry_after)
+
+    def _refuse(self, f: http.HTTPFlow, outcome: Outcome, retry_after: float) -> None:
         f.metadata["cooldown_refused"] = outcome.value
         f.comment = f"Cooldown: refused ({outcome.value})"
-        f.response = proxy_error_response(outcome, ticket.retry_after)
+        f.response = proxy_error_response(outcome, retry_after)
         log.debug("flow %s refused: %s", f.id, outcome.value)
 
-    async def _estimate(self, f: http.HTTPFlow) -> Estimate:
+    async def _prepare(self, f: http.HTTPFlow) -> RequestShape:
         body = f.request.get_content(strict=False) or b""
         path = f.request.path
-        context_length = self.config.cerebras_limits.context_length
         if len(body) > OFFLOAD_BODY_BYTES:
-            return await asyncio.to_thread(estimate_request, path, body, context_length)
-        return estimate_request(path, body, context_length)
+            shape, new_body = await asyncio.to_thread(prepare_request, path, body)
+        else:
+            shape, new_body = prepare_request(path, body)
+        if new_body is not None:
+            f.request.content = new_body  # re-encoded as the request's content-encoding says
+            f.metadata["cooldown_added_include_usage"] = True
+        return shape
+
+    def _estimate(self, key: str, shape: RequestShape) -> Estimate:
+        limits = self.config.model_limits(key)
+        return shape.estimate(
+            limits.context_length or self.config.cerebras_limits.context_length,
+            limits.output_reservation,
+            self.calibration.factor(key),
+        )
 
     async def _hold(self, f: http.HTTPFlow, ticket: Ticket, estimate: Estimate) -> Outcome:
         self._held[f.id] = (f, ticket)
@@ -309,28 +375,148 @@ class Cooldown:
                 self._trigger_update(f)
 
     def responseheaders(self, f: http.HTTPFlow) -> None:
-        # Upstream counts a request before it answers: from now on its reservation ages.
-        ticket = self._in_flight.get(f.id)
-        if ticket is not None:
-            self.gate.confirm(ticket)
-
-    def response(self, f: http.HTTPFlow) -> None:
-        ticket = self._in_flight.pop(f.id, None)
-        if ticket is None or f.response is None:
+        state = self._in_flight.get(f.id)
+        if state is None or f.response is None:
             return
-        actual = usage_total_tokens(f.response) if f.response.raw_content is not None else None
-        self.gate.finish(ticket, f.response.status_code, actual)
-        if actual is not None:
-            f.metadata["cooldown_actual_tokens"] = actual
-            f.comment = f"{f.comment}, actual {actual} tokens"
-        if f.response.status_code == 429:
-            log.info("upstream answered 429 for flow %s", f.id)
+        # Upstream counts a request before it answers: from now on its reservation ages.
+        self.gate.confirm(state.ticket)
+        self.gate.observe(state.key, parse_rate_headers(f.response.headers))
+        if f.response.headers.get("content-type", "").startswith("text/event-stream"):
+            # Pass the stream through unbuffered, reading usage from it on the way.
+            state.tap = SSEUsageTap()
+            f.response.stream = state.tap
+
+    async def response(self, f: http.HTTPFlow) -> None:
+        state = self._in_flight.pop(f.id, None)
+        if state is None or f.response is None:
+            return
+        while f.response.status_code == 429 and state.retries_left > 0:
+            if not await self._retry_after_429(f, state):
+                return
+        self._account(f, state, f.response)
+
+    def _usage(self, state: _FlowState, response: http.Response) -> dict[str, int] | None:
+        if state.tap is not None:
+            return state.tap.usage
+        if response.raw_content is None:
+            return None
+        return usage_from_json(response.get_content(strict=False))
+
+    def _account(self, f: http.HTTPFlow, state: _FlowState, response: http.Response) -> None:
+        """Settle the last attempt's reservation, learn from it, and note it on the flow."""
+        usage = self._usage(state, response)
+        total = usage.get("total_tokens") if usage else None
+        self.gate.finish(state.ticket, response.status_code, total)
+        if usage and "prompt_tokens" in usage:
+            self.calibration.observe(state.key, state.shape.input_tokens, usage["prompt_tokens"])
+        if total is not None:
+            f.metadata["cooldown_actual_tokens"] = total
+            f.comment = f"{f.comment}, actual {total} tokens"
+        if response.status_code == 429:
+            log.info("upstream answered 429 for flow %s (%s); no retries left", f.id, state.key)
+
+    async def _retry_after_429(self, f: http.HTTPFlow, state: _FlowState) -> bool:
+        """Cool the model down, hold the request again and re-send it; False if it ended."""
+        response = f.response
+        assert response is not None
+        self.gate.confirm(state.ticket)
+        self.gate.observe(state.key, parse_rate_headers(response.headers))
+        self.gate.finish(state.ticket, 429, None)
+        verdict = classify_429(response.get_content(strict=False))
+        retry_after = parse_retry_after(response.headers.get("retry-after"), time.time())
+        # Without retry-after, a short pause; the upstream view just re-synced from the 429's
+        # own headers then holds releases until upstream's bucket has room.
+        cooldown = retry_after if retry_after is not None else 1.0
+        self.gate.pause(state.key, cooldown)
+        log.info(
+            "upstream 429 (%s%s) for %s: cooling down %.1fs, retrying flow %s",
+            verdict.kind,
+            f", {verdict.unit}" if verdict.unit else "",
+            state.key,
+            cooldown,
+            f.id,
+        )
+        state.retries_left -= 1
+        state.attempts += 1
+        state.estimate = self._estimate(state.key, state.shape)
+        ticket = self.gate.submit(state.estimate.total, key=state.key, meta=f.id, requeue=True)
+        outcome = await self._hold(f, ticket, state.estimate) if ticket.held else ticket.outcome
+        if outcome is not Outcome.RELEASED:
+            if outcome not in (Outcome.CANCELLED, None):
+                self._refuse(f, outcome, ticket.retry_after)
+            return False
+        state.ticket = ticket
+        state.tap = None
+        try:
+            f.response = await self._resend(f, state)
+        except httpx.HTTPError as e:
+            self.gate.abort(ticket, reached_upstream=True)
+            log.info("retry of flow %s failed: %s", f.id, type(e).__name__)
+            f.response = http.Response.make(
+                502,
+                json.dumps(
+                    {
+                        "error": {
+                            "message": f"Retry after upstream 429 failed: {type(e).__name__} "
+                            f"(answered by the {PROXY_NAME})",
+                            "type": "cooldown_retry_failed",
+                            "code": "retry_failed",
+                        }
+                    }
+                ).encode(),
+                {"Content-Type": "application/json", "X-Cooldown-Refused": "retry_failed"},
+            )
+            return False
+        f.metadata["cooldown_attempts"] = state.attempts
+        return True
+
+    async def _resend(self, f: http.HTTPFlow, state: _FlowState) -> http.Response:
+        """Send the request again ourselves; mitmproxy cannot re-send a flow it has answered."""
+        if self._http is None:
+            verify = not getattr(ctx.options, "ssl_insecure", False)
+            self._http = httpx.AsyncClient(
+                timeout=httpx.Timeout(600.0, connect=15.0), verify=verify, trust_env=False
+            )
+        headers = [
+            (name, value)
+            for name, value in f.request.headers.items(multi=True)
+            if name.lower() not in _HOP_BY_HOP
+        ]
+        async with self._http.stream(
+            f.request.method, f.request.url, headers=headers, content=f.request.raw_content
+        ) as upstream:
+            self.gate.confirm(state.ticket)
+            self.gate.observe(state.key, parse_rate_headers(upstream.headers))
+            if upstream.headers.get("content-type", "").startswith("text/event-stream"):
+                state.tap = SSEUsageTap()
+            raw = b""
+            async for chunk in upstream.aiter_raw():
+                raw += state.tap(chunk) if state.tap is not None else chunk
+            if state.tap is not None:
+                state.tap(b"")
+        response = http.Response.make(
+            upstream.status_code,
+            b"",
+            [
+                (k.encode(), v.encode())
+                for k, v in upstream.headers.multi_items()
+                if k.lower() not in _HOP_BY_HOP
+            ],
+        )
+        response.raw_content = raw
+        response.headers["content-length"] = str(len(raw))
+        return response
 
     def error(self, f: http.HTTPFlow) -> None:
-        ticket = self._in_flight.pop(f.id, None)
-        if ticket is not None:
+        state = self._in_flight.pop(f.id, None)
+        if state is not None:
+            usage = state.tap.usage if state.tap is not None else None
+            if usage is not None:
+                # The stream broke after upstream reported usage: that is what it charged.
+                self.gate.finish(state.ticket, 200, usage["total_tokens"])
+                return
             reached = f.server_conn is not None and f.server_conn.timestamp_tcp_setup is not None
-            self.gate.abort(ticket, reached_upstream=reached)
+            self.gate.abort(state.ticket, reached_upstream=reached)
             return
         held = self._held.get(f.id)
         if held is not None:

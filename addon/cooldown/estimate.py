@@ -14,6 +14,8 @@ estimate (every byte a token, and the whole context length reserved for output).
 from __future__ import annotations
 
 import json
+import math
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
@@ -138,37 +140,105 @@ def _choices(body: dict[str, Any]) -> int:
     return 1
 
 
-def estimate_request(path: str, body: bytes | str | None, context_length: int) -> Estimate:
-    """Token cost of one request as Cerebras would count it at admission."""
+@dataclass(frozen=True)
+class RequestShape:
+    """What a request body says about its cost, before any per-model rule is applied.
+
+    Parsing and tokenizing (the expensive part) happen once, here; the cheap per-model rule
+    (context length, output reservation, learned correction) is applied by `estimate`.
+    """
+
+    model: str | None
+    input_tokens: int  # an upper bound (bytes) when not understood
+    requested_output: int | None  # max_completion_tokens, else max_tokens
+    choices: int = 1
+    understood: bool = True
+    stream: bool = False
+
+    def estimate(
+        self,
+        context_length: int,
+        output_reservation: int | None = None,
+        input_factor: float = 1.0,
+    ) -> Estimate:
+        """Cerebras's admission cost: input + requested output, else the model's default."""
+        input_tokens = self.input_tokens
+        if self.understood and input_factor != 1.0:
+            input_tokens = max(1, math.ceil(input_tokens * input_factor))
+        if self.requested_output is not None:
+            output = self.requested_output
+        else:
+            output = max(context_length - input_tokens, 0)
+            if output_reservation is not None and self.understood:
+                output = min(output, output_reservation)
+        return Estimate(input_tokens, output * self.choices, self.model, self.understood)
+
+
+def parse_request(path: str, body: bytes | str | None) -> RequestShape:
+    """Tokenize a request body once. Never raises: unknown shapes get a byte-count bound."""
     raw = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else (body or b"")
-    parsed: Any = None
     try:
         parsed = json.loads(raw) if raw else None
     except (ValueError, RecursionError):
         parsed = None
-    if isinstance(parsed, dict):
-        model = parsed.get("model") if isinstance(parsed.get("model"), str) else None
-        route = path.split("?", 1)[0].rstrip("/")
-        input_tokens: int | None = None
-        try:
-            if route.endswith("/chat/completions"):
-                input_tokens = _chat_input_tokens(parsed)
-            elif route.endswith("/completions"):
-                input_tokens = _completion_input_tokens(parsed)
-        except RecursionError:
-            input_tokens = None
-        if input_tokens is not None:
-            requested = _requested_output(parsed)
-            output = max(context_length - input_tokens, 0) if requested is None else requested
-            return Estimate(input_tokens, output * _choices(parsed), model)
-    else:
-        model = None
-    return _fallback(raw, context_length, model)
+    if not isinstance(parsed, dict):
+        # A cl100k token is at least one byte of UTF-8, so the byte count bounds the input.
+        return RequestShape(None, len(raw), None, understood=False)
+    model = parsed.get("model") if isinstance(parsed.get("model"), str) else None
+    route = path.split("?", 1)[0].rstrip("/")
+    input_tokens: int | None = None
+    try:
+        if route.endswith("/chat/completions"):
+            input_tokens = _chat_input_tokens(parsed)
+        elif route.endswith("/completions"):
+            input_tokens = _completion_input_tokens(parsed)
+    except RecursionError:
+        input_tokens = None
+    if input_tokens is None:
+        return RequestShape(model, len(raw), None, understood=False)
+    return RequestShape(
+        model,
+        input_tokens,
+        _requested_output(parsed),
+        _choices(parsed),
+        stream=parsed.get("stream") is True,
+    )
 
 
-def _fallback(raw: bytes, context_length: int, model: str | None) -> Estimate:
-    # A cl100k token is at least one byte of UTF-8, so the byte count bounds the input from
-    # above; the model cannot produce more than its context length in total.
-    input_tokens = len(raw)
-    output = max(context_length - input_tokens, 0)
-    return Estimate(input_tokens, output, model, understood=False)
+def estimate_request(path: str, body: bytes | str | None, context_length: int) -> Estimate:
+    """Token cost of one request as Cerebras would count it at admission."""
+    return parse_request(path, body).estimate(context_length)
+
+
+class InputCalibration:
+    """Learns, per model, how upstream's `prompt_tokens` compare with our input count.
+
+    tiktoken's cl100k is not every model's tokenizer, and chat templates differ. After each
+    answer the ratio prompt_tokens / our input estimate is recorded; the factor applied to
+    later estimates is the *largest* of the recent ratios (erring high), bounded so one odd
+    answer cannot make the proxy absurdly strict or lax. Tiny prompts are skipped: their
+    ratio is dominated by template overhead and says little about the tokenizer.
+    """
+
+    def __init__(
+        self, window: int = 20, lowest: float = 0.8, highest: float = 2.0, min_tokens: int = 32
+    ) -> None:
+        self.window = window
+        self.lowest = lowest
+        self.highest = highest
+        self.min_tokens = min_tokens
+        self._ratios: dict[str, deque[float]] = {}
+
+    def observe(self, model: str, estimated_input: int, prompt_tokens: int) -> None:
+        if estimated_input < self.min_tokens or prompt_tokens <= 0:
+            return
+        ratios = self._ratios.get(model)
+        if ratios is None:
+            ratios = self._ratios[model] = deque(maxlen=self.window)
+        ratios.append(prompt_tokens / estimated_input)
+
+    def factor(self, model: str) -> float:
+        ratios = self._ratios.get(model)
+        if not ratios:
+            return 1.0
+        return min(max(max(ratios), self.lowest), self.highest)

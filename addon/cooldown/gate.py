@@ -18,12 +18,21 @@ from typing import Any
 
 from .breaker import CircuitBreaker
 from .config import Config
-from .limiter import LimiterBackend, MemoryLimiter, Rate
+from .limiter import LimiterBackend, MemoryLimiter, Rate, Unit
 from .scheduler import Outcome, Scheduler, Ticket
+from .upstream import RateReport
 
 log = logging.getLogger(__name__)
 
-DEFAULT_KEY = "default"
+DEFAULT_KEY = "default"  # requests that name no model
+RATE_NAMES: dict[str, tuple[Unit, float]] = {
+    "rpm": ("requests", 60.0),
+    "rph": ("requests", 3600.0),
+    "rpd": ("requests", 86400.0),
+    "tpm": ("tokens", 60.0),
+    "tph": ("tokens", 3600.0),
+    "tpd": ("tokens", 86400.0),
+}
 _MIN_TIMER_DELAY = 0.001
 
 
@@ -61,26 +70,66 @@ class Gate:
         self._waiters: dict[int, asyncio.Future[Outcome]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        self._rates: dict[str, tuple[Rate, ...]] = {}
+        self.keys: set[str] = set()  # every model seen, for status and metrics
 
     def rates_for(self, key: str) -> Sequence[Rate]:
-        limits = self.config.cerebras_limits
-        return (
-            Rate("rpm", "requests", limits.rpm_limit, 60.0),
-            Rate("tpm", "tokens", limits.tpm_limit, 60.0),
-        )
+        """The limits of one model: configured ones, plus any upstream reported on its own."""
+        rates = self._rates.get(key)
+        if rates is None:
+            limits = self.config.model_limits(key)
+            configured = {
+                (unit, period): getattr(limits, f"{name}_limit")
+                for name, (unit, period) in RATE_NAMES.items()
+            }
+            for slot, limit in self.limiter.learned_limits(key).items():
+                if configured.get(slot) is None:
+                    configured[slot] = limit  # enforced by the upstream view's lower limit
+            rates = tuple(
+                Rate(name, unit, limit, period)
+                for name, (unit, period) in RATE_NAMES.items()
+                if (limit := configured.get((unit, period))) is not None
+            )
+            self._rates[key] = rates
+            self.keys.add(key)
+        return rates
 
     def reconfigure(self, config: Config) -> None:
         """Apply new limits without dropping anything held or in flight."""
         self.config = config
         self.scheduler.limits = config.cerebras_limits
         self.breaker.config = config.circuit_breaker
+        self._rates.clear()
+        self.pump()
+
+    def observe(self, key: str, reports: Sequence[RateReport]) -> None:
+        """Correct the local picture with upstream's `x-ratelimit-*` report for `key`."""
+        if not reports:
+            return
+        now = self.clock()
+        known = self.limiter.learned_limits(key)
+        for report in reports:
+            self.limiter.observe(
+                key, report.unit, report.period, report.limit, report.remaining, report.reset, now
+            )
+            if known.get((report.unit, report.period)) != report.limit:
+                self._rates.pop(key, None)  # a limit appeared or changed: rebuild the rates
+        self.pump()
+
+    def pause(self, key: str, seconds: float) -> None:
+        """Release nothing more for `key` for `seconds` (upstream said 429)."""
+        self.scheduler.pause(key, self.clock() + seconds)
         self.pump()
 
     # -- the request's life ----------------------------------------------------------------------
 
-    def submit(self, tokens: int, key: str = DEFAULT_KEY, meta: Any = None) -> Ticket:
+    def submit(
+        self, tokens: int, key: str = DEFAULT_KEY, meta: Any = None, requeue: bool = False
+    ) -> Ticket:
+        """Queue a request; `requeue` is for one already admitted once (a retry after a 429),
+        which must not be turned away because the queue filled up meanwhile."""
         self.stats.submitted += 1
-        ticket = self.scheduler.submit(key, tokens, self.clock(), meta)
+        ticket = self.scheduler.submit(key, tokens, self.clock(), meta, requeue=requeue)
         if ticket.held:
             self.pump()
         return ticket
@@ -179,7 +228,7 @@ class Gate:
             "queue_depth": self.scheduler.depth,
             "open_reservations": self.limiter.open_reservations(),
             "breaker": self.breaker.state(now).value,
-            "usage": {key: self.scheduler.usage(key, now) for key in (DEFAULT_KEY,)},
+            "usage": {key: self.scheduler.usage(key, now) for key in sorted(self.keys)},
             "submitted": self.stats.submitted,
             "forwarded": self.stats.forwarded,
             "refused": dict(self.stats.refused),

@@ -135,6 +135,7 @@ class Scheduler:
         self._ids = itertools.count(1)
         self._depth = 0
         self._last_wait: dict[str, float] = {}
+        self._paused_until: dict[str, float] = {}
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -177,7 +178,9 @@ class Scheduler:
         ticket.retry_after = retry_after
         self.on_resolved(ticket)
 
-    def submit(self, key: str, tokens: int, now: float, meta: Any = None) -> Ticket:
+    def submit(
+        self, key: str, tokens: int, now: float, meta: Any = None, requeue: bool = False
+    ) -> Ticket:
         """Queue a request; it may be refused at once (queue full, breaker open)."""
         ticket = Ticket(
             id=next(self._ids),
@@ -190,7 +193,7 @@ class Scheduler:
         if self.breaker.state(now) is BreakerState.OPEN:
             self._finalize(ticket, Outcome.BREAKER_OPEN, now, self.breaker.retry_after(now))
             return ticket
-        if self._depth >= self.limits.max_queue_depth:
+        if self._depth >= self.limits.max_queue_depth and not requeue:
             self._finalize(ticket, Outcome.QUEUE_FULL, now, self.retry_hint(key))
             log.debug("queue full (%d held): refusing ticket %d", self._depth, ticket.id)
             return ticket
@@ -226,7 +229,21 @@ class Scheduler:
                 del self._queues[key]
         return next_at
 
+    def pause(self, key: str, until: float) -> None:
+        """Hold everything for `key` until `until` (a cooldown after an upstream 429)."""
+        self._paused_until[key] = max(until, self._paused_until.get(key, until))
+
+    def paused_until(self, key: str, now: float) -> float | None:
+        until = self._paused_until.get(key)
+        if until is not None and until <= now:
+            del self._paused_until[key]
+            return None
+        return until
+
     def _release_from(self, key: str, queue: _KeyQueue, now: float) -> float | None:
+        paused = self.paused_until(key, now)
+        if paused is not None:
+            return paused
         rates = self.rates_for(key)
         while True:
             ticket = queue.head(self.is_tight(key, now))
