@@ -208,3 +208,49 @@ def test_any_json_shape_gives_a_positive_estimate(document):
         est = estimate_request(path, json.dumps(document).encode(), CONTEXT)
         assert est.total > 0
     assert est.input_tokens >= 0 and est.output_tokens >= 0
+
+
+def test_output_reservation_replaces_the_context_rule_only_when_no_limit_is_set():
+    from cooldown.estimate import parse_request
+
+    unset = parse_request(CHAT, chat([{"role": "user", "content": "hi"}]))
+    assert unset.estimate(CONTEXT, output_reservation=500).output_tokens == 500
+    assert unset.estimate(CONTEXT).output_tokens == CONTEXT - unset.input_tokens
+    explicit = parse_request(CHAT, chat([{"role": "user", "content": "hi"}], max_tokens=9000))
+    assert explicit.estimate(CONTEXT, output_reservation=500).output_tokens == 9000
+
+
+def test_input_factor_scales_understood_input_only():
+    from cooldown.estimate import parse_request
+
+    shape = parse_request(CHAT, chat([{"role": "user", "content": "word " * 100}], max_tokens=1))
+    assert shape.estimate(CONTEXT, input_factor=1.15).input_tokens == -(
+        -shape.input_tokens * 115 // 100
+    )
+    garbage = parse_request(CHAT, b"nope")
+    assert garbage.estimate(CONTEXT, input_factor=2.0).input_tokens == 4
+
+
+def test_stream_flag_is_read():
+    from cooldown.estimate import parse_request
+
+    assert parse_request(CHAT, chat([], stream=True)).stream
+    assert not parse_request(CHAT, chat([])).stream
+
+
+def test_calibration_errs_high_is_bounded_and_ignores_tiny_prompts():
+    from cooldown.estimate import InputCalibration
+
+    cal = InputCalibration(window=3, lowest=0.8, highest=2.0, min_tokens=32)
+    assert cal.factor("m") == 1.0
+    cal.observe("m", 10, 100)  # tiny: template overhead dominates, ignored
+    assert cal.factor("m") == 1.0
+    cal.observe("m", 1000, 1150)
+    cal.observe("m", 1000, 1100)
+    assert cal.factor("m") == 1.15  # the largest recent ratio
+    cal.observe("m", 1000, 5000)
+    assert cal.factor("m") == 2.0  # bounded
+    for _ in range(3):
+        cal.observe("m", 1000, 500)
+    assert cal.factor("m") == 0.8  # old ratios age out; bounded below too
+    assert cal.factor("other") == 1.0

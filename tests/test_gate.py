@@ -1,9 +1,12 @@
 import asyncio
 from dataclasses import replace
 
+import pytest
+
 from cooldown.config import CerebrasLimits, Config
 from cooldown.gate import Gate
 from cooldown.scheduler import Outcome
+from cooldown.upstream import RateReport
 
 from .helpers import FakeClock
 
@@ -106,3 +109,109 @@ async def test_stats_count_forwarded_refused_and_upstream_429s():
     assert status["forwarded"] == 1
     assert status["refused"] == {"queue_full": 1}
     assert status["upstream_429s"] == 1
+
+
+# -- per model, hour/day, upstream reports, cooldowns -------------------------------------------
+
+
+def per_model_gate(text: str):
+    import yaml
+
+    from cooldown.config import parse_config
+
+    clock = FakeClock()
+    return Gate(parse_config(yaml.safe_load(text)), clock=clock), clock
+
+
+async def test_each_model_has_its_own_limits_and_windows():
+    gate, _ = per_model_gate(
+        "cerebras_limits: {rpm_limit: 100, tpm_limit: 1000}\n"
+        "models:\n  big: {tpm_limit: 5000, tpd_limit: 20000}\n"
+    )
+    assert [(r.name, r.limit) for r in gate.rates_for("big")] == [
+        ("rpm", 100),
+        ("tpm", 5000),
+        ("tpd", 20000),
+    ]
+    assert [(r.name, r.limit) for r in gate.rates_for("other")] == [("rpm", 100), ("tpm", 1000)]
+    assert gate.submit(1000, key="other").outcome is Outcome.RELEASED
+    assert gate.submit(4000, key="big").outcome is Outcome.RELEASED  # other's use is not big's
+    assert gate.submit(10, key="other").held
+
+
+async def test_fits_the_minute_but_not_the_day_waits_and_the_wait_is_reported():
+    gate, clock = per_model_gate("models:\n  m: {tpm_limit: 1000, tpd_limit: 1500}\n")
+    first = gate.submit(900, key="m")
+    gate.finish(first, 200, 900)
+    clock.advance(61)  # the minute window is empty again, the day window is not
+    second = gate.submit(900, key="m")
+    assert second.held
+    assert second.wait_reason == "tpd"
+    # Reported as the wait (and as Retry-After if it is refused): until the first request's
+    # tokens leave the day window, a day after it was answered.
+    assert gate.scheduler.retry_hint("m") == 86400 - 61
+    assert gate.status()["usage"]["m"]["tpd"] == pytest.approx(0.6)
+
+
+async def test_hour_limits_replenish_continuously():
+    gate, clock = per_model_gate(
+        "cerebras_limits: {request_timeout: 2h}\nmodels:\n  m: {rph_limit: 2}\n"
+    )
+    a = gate.submit(1, key="m")
+    gate.finish(a, 200, 1)
+    clock.advance(1800)
+    b = gate.submit(1, key="m")
+    gate.finish(b, 200, 1)
+    c = gate.submit(1, key="m")
+    assert c.held and c.wait_reason == "rph"
+    clock.advance(1800)  # a's slot ages out an hour after a was answered, not on the hour
+    gate.pump()
+    assert c.outcome is Outcome.RELEASED
+
+
+async def test_upstream_report_of_other_clients_usage_makes_the_proxy_wait():
+    gate, clock = per_model_gate("models:\n  m: {tpm_limit: 1000}\n")
+    # Upstream says 900 of 1000 are used (another client), full again in 54 s.
+    gate.observe("m", [RateReport("tokens", 60.0, 1000, 100, 54.0)])
+    held = gate.submit(500, key="m")
+    assert held.held and held.wait_reason == "tpm"
+    clock.advance(24)  # the bucket refills 900 / 54 s: 400 used by now, 500 more fit
+    gate.pump()
+    assert held.outcome is Outcome.RELEASED
+
+
+async def test_a_lower_limit_reported_by_upstream_wins_and_a_missing_one_is_added():
+    gate, _ = per_model_gate("models:\n  m: {tpm_limit: 100000}\n")
+    gate.observe(
+        "m",
+        [
+            RateReport("tokens", 60.0, 1000, 1000, 0.0),
+            RateReport("requests", 86400.0, 2, 2, 0.0),
+        ],
+    )
+    rates = {r.name: r for r in gate.rates_for("m")}
+    assert gate.limiter.limit("m", rates["tpm"]) == 1000
+    assert rates["rpd"].limit == 2
+    assert gate.submit(1000, key="m").outcome is Outcome.RELEASED
+    assert gate.submit(1, key="m").held
+
+
+async def test_pause_holds_a_model_until_the_cooldown_passes():
+    gate, clock = per_model_gate("{}")
+    gate.pause("m", 2.0)
+    held = gate.submit(1, key="m")
+    other = gate.submit(1, key="n")
+    assert held.held and other.outcome is Outcome.RELEASED
+    assert gate._timer_at == pytest.approx(clock.now + 2.0)
+    clock.advance(2.0)
+    gate.pump()
+    assert held.outcome is Outcome.RELEASED
+
+
+async def test_requeue_is_not_refused_by_a_full_queue():
+    gate, _ = make()
+    gate.submit(1_000)
+    for _ in range(3):
+        gate.submit(10)
+    assert gate.submit(10).outcome is Outcome.QUEUE_FULL
+    assert gate.submit(10, requeue=True).held
