@@ -235,9 +235,7 @@ async def test_error_after_upstream_keeps_the_estimate(addon_ctx):
     addon.error(f)
     status = addon.status()
     assert status["open_reservations"] == 0
-    assert status["usage"]["m"]["tpm"] == pytest.approx(
-        f.metadata["cooldown_estimate"] / 1000
-    )
+    assert status["usage"]["m"]["tpm"] == pytest.approx(f.metadata["cooldown_estimate"] / 1000)
 
 
 async def test_response_without_usage_keeps_the_estimate(addon_ctx):
@@ -335,3 +333,164 @@ async def test_shutdown_answers_held_flows_with_503(addon_ctx):
     assert held.response.status_code == 503
     assert json.loads(held.response.content)["error"]["code"] == "proxy_shutting_down"
     assert held.metadata["cooldown_refused"] == Outcome.SHUTDOWN.value
+
+
+# -- streaming, upstream headers, retries ------------------------------------------------------
+
+
+async def test_stream_request_gets_include_usage_and_the_response_is_tapped(addon_ctx):
+    addon, _ = addon_ctx
+    body = {
+        "model": "m",
+        "stream": True,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_completion_tokens": 10,
+    }
+    f = cerebras_flow(body)
+    await addon.request(f)
+    sent = json.loads(f.request.content)
+    assert sent["stream_options"] == {"include_usage": True}
+    assert f.metadata["cooldown_added_include_usage"]
+    f.response = tutils.tresp(content=None, headers=[(b"content-type", b"text/event-stream")])
+    addon.responseheaders(f)
+    tap = f.response.stream
+    assert callable(tap)
+    usage = b'"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}'
+    chunk = b'data: {"choices":[],' + usage + b"}\n\ndata: [DONE]\n\n"
+    assert tap(chunk) == chunk
+    tap(b"")
+    await addon.response(f)
+    assert f.metadata["cooldown_actual_tokens"] == 7
+    assert addon.status()["usage"]["m"]["tpm"] == pytest.approx(7 / 1000)
+
+
+async def test_client_asking_for_usage_keeps_its_body(addon_ctx):
+    addon, _ = addon_ctx
+    body = {"model": "m", "stream": True, "stream_options": {"include_usage": True}, "messages": []}
+    f = cerebras_flow(body)
+    raw = f.request.content
+    await addon.request(f)
+    assert f.request.content == raw
+    assert "cooldown_added_include_usage" not in f.metadata
+
+
+async def test_stream_broken_after_usage_settles_on_usage(addon_ctx):
+    addon, _ = addon_ctx
+    f = cerebras_flow({"model": "m", "stream": True, "messages": [], "max_completion_tokens": 500})
+    await addon.request(f)
+    f.response = tutils.tresp(content=None, headers=[(b"content-type", b"text/event-stream")])
+    addon.responseheaders(f)
+    f.response.stream(b'data: {"usage":{"total_tokens":42}}\n\n')
+    f.error = flow.Error("connection reset")
+    addon.error(f)
+    status = addon.status()
+    assert status["open_reservations"] == 0
+    assert status["usage"]["m"]["tpm"] == pytest.approx(42 / 1000)
+
+
+async def test_upstream_headers_correct_the_local_picture(addon_ctx):
+    addon, _ = addon_ctx
+    f = cerebras_flow()
+    await addon.request(f)
+    f.response = ok_response(total_tokens=12)
+    f.response.headers["x-ratelimit-limit-tokens-minute"] = "1000"
+    f.response.headers["x-ratelimit-remaining-tokens-minute"] = "100"  # another client used 900
+    f.response.headers["x-ratelimit-reset-tokens-minute"] = "54"
+    addon.responseheaders(f)
+    await addon.response(f)
+    assert addon.status()["usage"]["m"]["tpm"] == pytest.approx(0.9, abs=0.01)
+
+
+async def test_429_without_retries_left_reaches_the_client_and_is_counted(config_file):
+    addon = Cooldown()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, cerebras_config=config_file("cerebras_limits:\n  max_retries: 0\n"))
+        f = cerebras_flow()
+        await addon.request(f)
+        f.response = tutils.tresp(status_code=429, content=b'{"code":"token_quota_exceeded"}')
+        await addon.response(f)
+        assert f.response.status_code == 429
+        assert addon.status()["upstream_429s"] == 1
+        assert addon.status()["open_reservations"] == 0
+
+
+@pytest.fixture
+def mock_upstream(mock_cerebras_module):
+    with mock_cerebras_module.MockCerebras(
+        mock_cerebras_module.MockSettings(rpm=None, tpm=None)
+    ) as mock:
+        yield mock
+
+
+async def test_429_is_retried_transparently_after_the_cooldown(config_file, mock_upstream):
+    addon = Cooldown()
+    with taddons.context(addon) as tctx:
+        tctx.configure(
+            addon,
+            cerebras_config=config_file(
+                f"cerebras_upstream: {mock_upstream.url}\ncerebras_limits:\n  max_retries: 2\n"
+            ),
+        )
+        f = cerebras_flow()
+        await addon.request(f)
+        assert f.request.port == mock_upstream.port
+        f.response = tutils.tresp(
+            status_code=429,
+            content=b'{"message":"Tokens per minute limit exceeded","param":"quota",'
+            b'"code":"token_quota_exceeded"}',
+            headers=[(b"retry-after", b"0")],
+        )
+        addon.responseheaders(f)
+        await addon.response(f)  # holds again, then re-sends to the mock itself
+        assert f.response.status_code == 200
+        body = json.loads(f.response.content)
+        assert body["usage"]["total_tokens"] > 0
+        assert f.metadata["cooldown_attempts"] == 2
+        assert mock_upstream.stats()["ok"] == 1
+        status = addon.status()
+        assert status["upstream_429s"] == 1
+        assert status["open_reservations"] == 0
+        assert status["queue_depth"] == 0
+
+
+async def test_estimating_a_huge_body_does_not_stall_other_flows(addon_ctx):
+    """The loop keeps ticking while a ~100K-token body is estimated (a ratio, not a time)."""
+    import time
+
+    from cooldown.estimate import parse_request
+
+    addon, _ = addon_ctx
+    words = " ".join(f"token{i % 5000} means {i}" for i in range(25_000))
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": words}],
+        "max_completion_tokens": 1,
+    }
+    raw = json.dumps(body).encode()
+    started = time.perf_counter()
+    shape = parse_request("/v1/chat/completions", raw)
+    inline = time.perf_counter() - started  # how long the loop would stall without offloading
+    assert shape.input_tokens > 100_000
+
+    gaps: list[float] = []
+    done = False
+
+    async def ticker():
+        last = time.perf_counter()
+        while not done:
+            await asyncio.sleep(0)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    tick = asyncio.ensure_future(ticker())
+    await asyncio.sleep(0)
+    f = cerebras_flow(raw)
+    task = asyncio.ensure_future(addon.request(f))
+    await until(lambda: "cooldown_estimate" in f.metadata, steps=1_000_000)
+    done = True
+    await tick
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert len(gaps) > 10
+    assert max(gaps) < inline / 3, (max(gaps), inline)
