@@ -37,6 +37,9 @@ from .upstream import (
 )
 
 log = logging.getLogger(__name__)
+# The retry client's own debug lines would drown mitmproxy's log at termlog_verbosity=debug.
+logging.getLogger("httpcore").setLevel(logging.WARNING)
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 METERED_PATHS = ("/v1/chat/completions", "/v1/completions")
 # Tokenizing is fast but not free (roughly 1 ms per 4K tokens); above this many body bytes,
@@ -171,7 +174,6 @@ class Cooldown:
         self.calibration = InputCalibration()
         self._running = False
         self._shutdown_task: asyncio.Task[None] | None = None
-        self._http: httpx.AsyncClient | None = None  # for retries after a 429, made on first use
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -472,19 +474,20 @@ class Cooldown:
 
     async def _resend(self, f: http.HTTPFlow, state: _FlowState) -> http.Response:
         """Send the request again ourselves; mitmproxy cannot re-send a flow it has answered."""
-        if self._http is None:
-            verify = not getattr(ctx.options, "ssl_insecure", False)
-            self._http = httpx.AsyncClient(
-                timeout=httpx.Timeout(600.0, connect=15.0), verify=verify, trust_env=False
-            )
         headers = [
             (name, value)
             for name, value in f.request.headers.items(multi=True)
             if name.lower() not in _HOP_BY_HOP
         ]
-        async with self._http.stream(
-            f.request.method, f.request.url, headers=headers, content=f.request.raw_content
-        ) as upstream:
+        # A client per retry: retries are rare, and nothing is left open when the proxy stops.
+        verify = not getattr(ctx.options, "ssl_insecure", False)
+        timeout = httpx.Timeout(600.0, connect=15.0)
+        async with (
+            httpx.AsyncClient(timeout=timeout, verify=verify, trust_env=False) as client,
+            client.stream(
+                f.request.method, f.request.url, headers=headers, content=f.request.raw_content
+            ) as upstream,
+        ):
             self.gate.confirm(state.ticket)
             self.gate.observe(state.key, parse_rate_headers(upstream.headers))
             if upstream.headers.get("content-type", "").startswith("text/event-stream"):
