@@ -21,15 +21,18 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-from mitmproxy import connection, ctx, exceptions, flow, hooks, http
+from mitmproxy import command, connection, ctx, exceptions, flow, hooks, http
 from mitmproxy.utils import asyncio_utils
 
 from .config import Config, ConfigError, load_config, resolve_config_path
 from .estimate import Estimate, InputCalibration, RequestShape, parse_request
 from .gate import DEFAULT_KEY, Gate
-from .scheduler import Outcome, Ticket
+from .listener import MetricsListener
+from .metrics import PROMETHEUS_CONTENT_TYPE, Metrics
+from .scheduler import Outcome, Ticket, base_priority
 from .upstream import (
     SSEUsageTap,
+    Upstream429,
     classify_429,
     parse_rate_headers,
     parse_retry_after,
@@ -42,6 +45,9 @@ logging.getLogger("httpcore").setLevel(logging.WARNING)
 logging.getLogger("httpx").setLevel(logging.WARNING)
 
 METERED_PATHS = ("/v1/chat/completions", "/v1/completions")
+# A made-up host, answered by the addon itself: http://cooldown.local/metrics through the proxy.
+STATUS_HOST = "cooldown.local"
+_QUEUE_FULL_LOG_INTERVAL = 10.0
 # Tokenizing is fast but not free (roughly 1 ms per 4K tokens); above this many body bytes,
 # estimate in a worker thread so other flows keep moving.
 OFFLOAD_BODY_BYTES = 32 * 1024
@@ -84,6 +90,16 @@ _REFUSALS = {
         "proxy_shutting_down",
         "The Cooldown proxy is shutting down; retry shortly.",
     ),
+}
+
+
+_OUTCOME_LABELS = {
+    Outcome.RELEASED: "forwarded",
+    Outcome.QUEUE_FULL: "refused_queue_full",
+    Outcome.TIMEOUT: "refused_timeout",
+    Outcome.BREAKER_OPEN: "refused_breaker_open",
+    Outcome.SHUTDOWN: "refused_shutdown",
+    Outcome.CANCELLED: "cancelled",
 }
 
 
@@ -172,6 +188,9 @@ class Cooldown:
         self._held: dict[str, tuple[http.HTTPFlow, Ticket]] = {}
         self._in_flight: dict[str, _FlowState] = {}
         self.calibration = InputCalibration()
+        self.metrics = Metrics(self.gate)
+        self._listener: MetricsListener | None = None
+        self._queue_full_logged_at = -math.inf
         self._running = False
         self._shutdown_task: asyncio.Task[None] | None = None
 
@@ -212,6 +231,8 @@ class Cooldown:
             return
         self.config = config
         self.gate.reconfigure(config)
+        if self._running:
+            self._restart_listener()
         limits = config.cerebras_limits
         log.info(
             "Cooldown config from %s: rpm_limit=%d tpm_limit=%d max_queue_depth=%d "
@@ -230,12 +251,40 @@ class Cooldown:
         self._shutdown_task = asyncio_utils.create_task(
             self._answer_held_on_exit(), name="cooldown shutdown watcher", keep_ref=True
         )
+        self._restart_listener()
 
     def done(self) -> None:
         if self._shutdown_task is not None:
             self._shutdown_task.cancel()
             self._shutdown_task = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         self.gate.shutdown()
+
+    def _restart_listener(self) -> None:
+        """(Re)start the scrape listener when `metrics_listen` is set or changed."""
+        wanted = self.config.metrics_listen
+        current = (self._listener.host, self._listener.port) if self._listener else None
+        if wanted == current:
+            return
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        if wanted is not None:
+            self._listener = MetricsListener(wanted[0], wanted[1], self.render_status)
+            asyncio_utils.create_task(
+                self._start_listener(self._listener),
+                name="cooldown metrics listener",
+                keep_ref=True,
+            )
+
+    @staticmethod
+    async def _start_listener(listener: MetricsListener) -> None:
+        try:
+            await listener.start()
+        except OSError as e:
+            log.error("Cooldown metrics listener %s:%d: %s", listener.host, listener.port, e)
 
     async def _answer_held_on_exit(self) -> None:
         # Without this, held flows would wait for their timeout while the loop is torn down.
@@ -270,7 +319,12 @@ class Cooldown:
     # -- hooks -----------------------------------------------------------------------------------
 
     async def request(self, f: http.HTTPFlow) -> None:
-        if f.response or f.error or not f.live or not self._is_cerebras(f):
+        if f.response or f.error or not f.live:
+            return
+        if f.request.pretty_host.lower() == STATUS_HOST:
+            self._answer_status(f)
+            return
+        if not self._is_cerebras(f):
             return
         if not self._is_metered(f):
             self._route(f)
@@ -282,6 +336,8 @@ class Cooldown:
         f.metadata["cooldown_estimate"] = estimate.total
         outcome = await self._hold(f, ticket, estimate) if ticket.held else ticket.outcome
         f.metadata["cooldown_waited"] = round(ticket.waited, 3)
+        if outcome is not None:
+            self.metrics.request_outcome(key, _OUTCOME_LABELS[outcome], ticket.waited)
         if outcome is Outcome.RELEASED:
             if not f.live or f.error:
                 self.gate.abort(ticket, reached_upstream=False)
@@ -305,8 +361,41 @@ class Cooldown:
     def _refuse(self, f: http.HTTPFlow, outcome: Outcome, retry_after: float) -> None:
         f.metadata["cooldown_refused"] = outcome.value
         f.comment = f"Cooldown: refused ({outcome.value})"
+        f.marked = ":no_entry:"
         f.response = proxy_error_response(outcome, retry_after)
         log.debug("flow %s refused: %s", f.id, outcome.value)
+        if outcome is Outcome.QUEUE_FULL:
+            now = time.monotonic()
+            if now - self._queue_full_logged_at >= _QUEUE_FULL_LOG_INTERVAL:
+                self._queue_full_logged_at = now
+                log.info(
+                    "queue full (%d held): refusing new requests with 429",
+                    self.gate.scheduler.depth,
+                )
+
+    # -- status and metrics --------------------------------------------------------------------
+
+    def render_status(self, path: str) -> tuple[int, str, bytes]:
+        """The read-only status pages, by path: Prometheus text, or JSON."""
+        route = path.split("?", 1)[0].rstrip("/")
+        if route == "/metrics":
+            return 200, PROMETHEUS_CONTENT_TYPE, self.metrics.prometheus()
+        if route in ("/metrics.json", "/status"):
+            body = json.dumps(self.metrics.snapshot(), indent=2, sort_keys=False).encode()
+            return 200, "application/json", body + b"\n"
+        return 404, "text/plain", b"Cooldown: /metrics (Prometheus) or /metrics.json\n"
+
+    def _answer_status(self, f: http.HTTPFlow) -> None:
+        if f.request.method not in ("GET", "HEAD"):
+            status, ctype, body = 405, "text/plain", b"read-only: GET only\n"
+        else:
+            status, ctype, body = self.render_status(f.request.path)
+        f.response = http.Response.make(status, body, {"Content-Type": ctype})
+
+    @command.command("cooldown.status")
+    def status_command(self) -> str:
+        """Cooldown's limiter state: queue, usage of every limit, breaker, counts (JSON)."""
+        return json.dumps(self.metrics.snapshot(), indent=2)
 
     async def _prepare(self, f: http.HTTPFlow) -> RequestShape:
         body = f.request.get_content(strict=False) or b""
@@ -331,9 +420,20 @@ class Cooldown:
     async def _hold(self, f: http.HTTPFlow, ticket: Ticket, estimate: Estimate) -> Outcome:
         self._held[f.id] = (f, ticket)
         f.intercept()
+        waiting_for = {
+            None: "its turn",
+            "rpm": "requests per minute",
+            "rph": "requests per hour",
+            "rpd": "requests per day",
+            "tpm": "tokens per minute",
+            "tph": "tokens per hour",
+            "tpd": "tokens per day",
+        }.get(ticket.wait_reason, ticket.wait_reason)
         f.comment = (
-            f"Cooldown: held, estimate {estimate.total} tokens "
-            f"({estimate.input_tokens} in + {estimate.output_tokens} out)"
+            f"Cooldown: held for {ticket.key} (#{self.gate.scheduler.depth} in queue), "
+            f"waiting for {waiting_for}; estimate {estimate.total} tokens "
+            f"({estimate.input_tokens} in + {estimate.output_tokens} out), "
+            f"priority {base_priority(estimate.total):g}"
         )
         self._trigger_update(f)
         try:
@@ -383,19 +483,31 @@ class Cooldown:
         # Upstream counts a request before it answers: from now on its reservation ages.
         self.gate.confirm(state.ticket)
         self.gate.observe(state.key, parse_rate_headers(f.response.headers))
+        self._add_proxy_headers(f.response, state)
         if f.response.headers.get("content-type", "").startswith("text/event-stream"):
             # Pass the stream through unbuffered, reading usage from it on the way.
             state.tap = SSEUsageTap()
             f.response.stream = state.tap
 
+    def _add_proxy_headers(self, response: http.Response, state: _FlowState) -> None:
+        """The proxy's own view, beside upstream's x-ratelimit-* (which pass unchanged)."""
+        for name, rate in self.gate.rate_view(state.key).items():
+            response.headers[f"X-RateLimit-Limit-{name.upper()}"] = str(rate[0])
+            response.headers[f"X-RateLimit-Remaining-{name.upper()}"] = str(rate[1])
+        response.headers["X-Cooldown-Wait"] = f"{state.ticket.waited:.3f}"
+        response.headers["X-Cooldown-Estimated-Tokens"] = str(state.estimate.total)
+
     async def response(self, f: http.HTTPFlow) -> None:
         state = self._in_flight.pop(f.id, None)
         if state is None or f.response is None:
             return
-        while f.response.status_code == 429 and state.retries_left > 0:
-            if not await self._retry_after_429(f, state):
-                return
-        self._account(f, state, f.response)
+        while f.response.status_code == 429:
+            verdict = classify_429(f.response.get_content(strict=False))
+            self.metrics.upstream_429(state.key, verdict.kind)
+            if state.retries_left <= 0 or not await self._retry_after_429(f, state, verdict):
+                break
+        if f.response is not None and "cooldown_refused" not in f.metadata:
+            self._account(f, state, f.response)
 
     def _usage(self, state: _FlowState, response: http.Response) -> dict[str, int] | None:
         if state.tap is not None:
@@ -412,19 +524,22 @@ class Cooldown:
         if usage and "prompt_tokens" in usage:
             self.calibration.observe(state.key, state.shape.input_tokens, usage["prompt_tokens"])
         if total is not None:
+            self.metrics.estimate_vs_actual(state.key, state.estimate.total, total)
             f.metadata["cooldown_actual_tokens"] = total
             f.comment = f"{f.comment}, actual {total} tokens"
         if response.status_code == 429:
             log.info("upstream answered 429 for flow %s (%s); no retries left", f.id, state.key)
 
-    async def _retry_after_429(self, f: http.HTTPFlow, state: _FlowState) -> bool:
+    async def _retry_after_429(
+        self, f: http.HTTPFlow, state: _FlowState, verdict: Upstream429
+    ) -> bool:
         """Cool the model down, hold the request again and re-send it; False if it ended."""
         response = f.response
         assert response is not None
         self.gate.confirm(state.ticket)
         self.gate.observe(state.key, parse_rate_headers(response.headers))
         self.gate.finish(state.ticket, 429, None)
-        verdict = classify_429(response.get_content(strict=False))
+        self.metrics.retry(state.key)
         retry_after = parse_retry_after(response.headers.get("retry-after"), time.time())
         # Without retry-after, a short pause; the upstream view just re-synced from the 429's
         # own headers then holds releases until upstream's bucket has room.
@@ -454,6 +569,7 @@ class Cooldown:
         except httpx.HTTPError as e:
             self.gate.abort(ticket, reached_upstream=True)
             log.info("retry of flow %s failed: %s", f.id, type(e).__name__)
+            f.metadata["cooldown_refused"] = "retry_failed"
             f.response = http.Response.make(
                 502,
                 json.dumps(

@@ -93,6 +93,8 @@ class Config:
     rate_limits: tuple[DomainRateLimit, ...] = ()
     default_rate_limit: float | None = 10.0
     models: Mapping[str, ModelLimits] = field(default_factory=dict)
+    # Optional separate address for Prometheus scrapes, e.g. ("127.0.0.1", 9464).
+    metrics_listen: tuple[str, int] | None = None
     source: str = "built-in defaults"
 
     def model_limits(self, model: str) -> ModelLimits:
@@ -291,6 +293,15 @@ def _models(key: str, value: Any) -> dict[str, ModelLimits]:
     return models
 
 
+def _listen_address(key: str, value: Any) -> tuple[str, int] | None:
+    if value is None:
+        return None
+    host, sep, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise _fail(key, value, "host:port such as 127.0.0.1:9464, or null")
+    return host.strip("[]"), int(port)
+
+
 def _server(key: str, value: Any) -> None:
     # The seed's Go plan had its own listener settings; mitmproxy's --listen-host and
     # --listen-port play that role here. Accept the section so old files keep loading.
@@ -310,6 +321,7 @@ def parse_config(data: Any, source: str = "config") -> Config:
         "default_rate_limit",
         "server",
         "models",
+        "metrics_listen",
     }
     for name in top:
         if name not in known:
@@ -341,6 +353,7 @@ def parse_config(data: Any, source: str = "config") -> Config:
         rate_limits=rate_limits,
         default_rate_limit=default_rps.get("requests_per_second", 10.0),
         models=_models("models", top.get("models")),
+        metrics_listen=_listen_address("metrics_listen", top.get("metrics_listen")),
         source=source,
     )
 

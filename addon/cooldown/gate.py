@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -220,6 +221,17 @@ class Gate:
             self._timer.cancel()
         self._timer = None
         self._timer_at = None
+
+    def rate_view(self, key: str) -> dict[str, tuple[int, int]]:
+        """For each per-minute limit of `key`: (effective limit, remaining now)."""
+        now = self.clock()
+        view = {}
+        for rate in self.rates_for(key):
+            if rate.period == 60.0:
+                limit = self.limiter.limit(key, rate)
+                used = self.limiter.used(key, rate, now)
+                view[rate.name] = (limit, max(0, math.floor(limit - used)))
+        return view
 
     def status(self) -> dict[str, Any]:
         """A snapshot of the limiter's state for logs, commands and tests."""

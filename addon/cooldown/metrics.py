@@ -1,0 +1,176 @@
+"""Counters, gauges and distributions: one source, two views (JSON and Prometheus text).
+
+Events (a request forwarded, refused, waited so long, estimated vs actual) are recorded here as
+they happen; states (queue depth, usage of every limit, breaker) are read from the gate at the
+moment of a scrape, so they are never stale and never double-booked. Each addon instance has its
+own registry: mitmproxy's script reload creates a new instance, and a process-wide registry
+would then refuse the duplicate metric names.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import Counter, deque
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import Counter as PromCounter
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .gate import Gate
+
+WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+RATIO_BUCKETS = (0.5, 0.8, 0.9, 0.95, 1.0, 1.05, 1.1, 1.25, 1.5, 2, 4, 10)
+_SAMPLES = 2048  # recent waits / ratios kept per model for the JSON quantiles
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _quantiles(values: Iterable[float]) -> dict[str, float] | None:
+    data = sorted(values)
+    if not data:
+        return None
+
+    def pick(q: float) -> float:
+        return data[min(len(data) - 1, max(0, math.ceil(q * len(data)) - 1))]
+
+    return {
+        "p50": pick(0.5),
+        "p95": pick(0.95),
+        "p99": pick(0.99),
+        "max": data[-1],
+        "mean": statistics.fmean(data),
+        "count": len(data),
+    }
+
+
+class _GateCollector(Collector):
+    """Reads the gate's live state at scrape time."""
+
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        status = self.gate.status()
+        depth = GaugeMetricFamily("cooldown_queue_depth", "Requests held in the queue now.")
+        depth.add_metric([], status["queue_depth"])
+        reservations = GaugeMetricFamily(
+            "cooldown_open_reservations",
+            "Released requests whose reservation is not settled yet (in flight).",
+        )
+        reservations.add_metric([], status["open_reservations"])
+        breaker = GaugeMetricFamily(
+            "cooldown_circuit_breaker_open", "1 while the circuit breaker refuses requests."
+        )
+        breaker.add_metric([], 1.0 if status["breaker"] == "open" else 0.0)
+        usage = GaugeMetricFamily(
+            "cooldown_limit_usage_ratio",
+            "Share of each limit in use (the stricter of the local and upstream views).",
+            labels=["model", "limit"],
+        )
+        for model, limits in status["usage"].items():
+            for name, ratio in limits.items():
+                usage.add_metric([model, name], ratio)
+        yield from (depth, reservations, breaker, usage)
+
+
+class Metrics:
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(_GateCollector(gate))
+        self._requests = PromCounter(
+            "cooldown_requests",
+            "Metered requests by what became of them (forwarded, or refused and why).",
+            ["model", "outcome"],
+            registry=self.registry,
+        )
+        self._upstream_429 = PromCounter(
+            "cooldown_upstream_429",
+            "429 answers from upstream, by kind (quota or capacity).",
+            ["model", "kind"],
+            registry=self.registry,
+        )
+        self._retries = PromCounter(
+            "cooldown_retries",
+            "Requests re-sent after an upstream 429.",
+            ["model"],
+            registry=self.registry,
+        )
+        self._wait = Histogram(
+            "cooldown_queue_wait_seconds",
+            "Time a request was held before release or refusal.",
+            ["model"],
+            buckets=WAIT_BUCKETS,
+            registry=self.registry,
+        )
+        self._estimate_ratio = Histogram(
+            "cooldown_estimate_to_actual_ratio",
+            "Estimated tokens divided by the tokens upstream reported (above 1: conservative).",
+            ["model"],
+            buckets=RATIO_BUCKETS,
+            registry=self.registry,
+        )
+        self._counts: Counter[tuple[str, str]] = Counter()
+        self._429s: Counter[tuple[str, str]] = Counter()
+        self._waits: dict[str, deque[float]] = {}
+        self._ratios: dict[str, deque[float]] = {}
+
+    # -- events --------------------------------------------------------------------------------
+
+    def request_outcome(self, model: str, outcome: str, waited: float) -> None:
+        self._counts[(model, outcome)] += 1
+        self._requests.labels(model, outcome).inc()
+        if outcome != "cancelled":
+            self._wait.labels(model).observe(waited)
+            self._waits.setdefault(model, deque(maxlen=_SAMPLES)).append(waited)
+
+    def upstream_429(self, model: str, kind: str) -> None:
+        self._429s[(model, kind)] += 1
+        self._upstream_429.labels(model, kind).inc()
+
+    def retry(self, model: str) -> None:
+        self._retries.labels(model).inc()
+
+    def estimate_vs_actual(self, model: str, estimated: int, actual: int) -> None:
+        if actual <= 0:
+            return
+        ratio = estimated / actual
+        self._estimate_ratio.labels(model).observe(ratio)
+        self._ratios.setdefault(model, deque(maxlen=_SAMPLES)).append(ratio)
+
+    # -- views ---------------------------------------------------------------------------------
+
+    def prometheus(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The JSON view: the seed's fields first, then the detail."""
+        status = self.gate.status()
+        usage = status["usage"]
+
+        def highest(limit: str) -> float:
+            return max((limits.get(limit, 0.0) for limits in usage.values()), default=0.0)
+
+        outcomes: dict[str, dict[str, int]] = {}
+        for (model, outcome), count in sorted(self._counts.items()):
+            outcomes.setdefault(model, {})[outcome] = count
+        upstream_429s: dict[str, dict[str, int]] = {}
+        for (model, kind), count in sorted(self._429s.items()):
+            upstream_429s.setdefault(model, {})[kind] = count
+        return {
+            "cerebras_queue_depth": status["queue_depth"],
+            "cerebras_rpm_usage": highest("rpm"),
+            "cerebras_tpm_usage": highest("tpm"),
+            "cerebras_circuit_breaker_open": status["breaker"] == "open",
+            "breaker_state": status["breaker"],
+            "open_reservations": status["open_reservations"],
+            "usage": usage,
+            "requests": outcomes,
+            "upstream_429s": upstream_429s,
+            "queue_wait_seconds": {m: _quantiles(w) for m, w in sorted(self._waits.items())},
+            "estimate_to_actual_ratio": {m: _quantiles(r) for m, r in sorted(self._ratios.items())},
+        }

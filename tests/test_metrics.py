@@ -1,0 +1,160 @@
+"""Metrics: JSON and Prometheus views after a scripted sequence, and where they are served."""
+
+import asyncio
+import json
+
+import httpx
+import pytest
+from mitmproxy.test import taddons, tflow, tutils
+from prometheus_client.parser import text_string_to_metric_families
+
+from cooldown.addon import Cooldown
+
+from .test_addon import cerebras_flow, ok_response, until
+
+
+@pytest.fixture
+def addon_ctx(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "cerebras_limits:\n  rpm_limit: 10\n  tpm_limit: 1000\n  max_queue_depth: 1\n"
+        "  max_retries: 0\n"
+    )
+    addon = Cooldown()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, cerebras_config=str(path))
+        yield addon
+
+
+async def scripted_sequence(addon):
+    """One forwarded (settled at 40), one 429 from upstream, one held, one refused."""
+    ok = cerebras_flow({"model": "m", "messages": [], "max_completion_tokens": 37})
+    await addon.request(ok)  # estimate 3 + 37 = 40
+    ok.response = ok_response(total_tokens=20)
+    addon.responseheaders(ok)
+    await addon.response(ok)
+    limited = cerebras_flow({"model": "m", "messages": [], "max_completion_tokens": 900})
+    await addon.request(limited)
+    limited.response = tutils.tresp(
+        status_code=429, content=b'{"code":"token_quota_exceeded","param":"quota"}'
+    )
+    await addon.response(limited)  # kept at its estimate (903): 923 of 1000 used
+    held = cerebras_flow({"model": "m", "messages": [], "max_completion_tokens": 500})
+    task = asyncio.ensure_future(addon.request(held))
+    await until(lambda: addon.gate.scheduler.depth == 1)
+    refused = cerebras_flow({"model": "m", "messages": [], "max_completion_tokens": 1})
+    await addon.request(refused)
+    assert refused.response.status_code == 429
+    return task
+
+
+async def test_json_view_after_a_scripted_sequence(addon_ctx):
+    task = await scripted_sequence(addon_ctx)
+    snapshot = addon_ctx.metrics.snapshot()
+    assert snapshot["cerebras_queue_depth"] == 1
+    assert snapshot["cerebras_rpm_usage"] == pytest.approx(0.2)
+    assert snapshot["cerebras_tpm_usage"] == pytest.approx(0.923)
+    assert snapshot["cerebras_circuit_breaker_open"] is False
+    assert snapshot["usage"]["m"] == {"rpm": pytest.approx(0.2), "tpm": pytest.approx(0.923)}
+    assert snapshot["requests"]["m"] == {"forwarded": 2, "refused_queue_full": 1}
+    assert snapshot["upstream_429s"] == {"m": {"quota": 1}}
+    assert snapshot["estimate_to_actual_ratio"]["m"]["p50"] == pytest.approx(2.0)
+    assert snapshot["queue_wait_seconds"]["m"]["count"] == 3
+    assert snapshot["open_reservations"] == 0
+    json.dumps(snapshot)  # serializable as it is
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_prometheus_text_parses_and_carries_the_series(addon_ctx):
+    task = await scripted_sequence(addon_ctx)
+    families = {
+        f.name: f for f in text_string_to_metric_families(addon_ctx.metrics.prometheus().decode())
+    }
+    assert families["cooldown_requests"].type == "counter"
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in families.values()
+        for s in family.samples
+    }
+    assert samples[("cooldown_requests_total", (("model", "m"), ("outcome", "forwarded")))] == 2
+    assert (
+        samples[("cooldown_requests_total", (("model", "m"), ("outcome", "refused_queue_full")))]
+        == 1
+    )
+    assert samples[("cooldown_upstream_429_total", (("kind", "quota"), ("model", "m")))] == 1
+    assert samples[("cooldown_queue_depth", ())] == 1
+    assert samples[
+        ("cooldown_limit_usage_ratio", (("limit", "tpm"), ("model", "m")))
+    ] == pytest.approx(0.923)
+    assert samples[("cooldown_circuit_breaker_open", ())] == 0
+    assert families["cooldown_queue_wait_seconds"].type == "histogram"
+    assert samples[("cooldown_queue_wait_seconds_count", (("model", "m"),))] == 3
+    assert samples[("cooldown_estimate_to_actual_ratio_count", (("model", "m"),))] == 1
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_forwarded_responses_carry_the_proxys_rate_limit_headers(addon_ctx):
+    f = cerebras_flow({"model": "m", "messages": [], "max_completion_tokens": 97})
+    await addon_ctx.request(f)
+    f.response = ok_response(total_tokens=50)
+    f.response.headers["x-ratelimit-remaining-tokens-minute"] = "123456"  # upstream's, untouched
+    addon_ctx.responseheaders(f)
+    headers = f.response.headers
+    assert headers["X-RateLimit-Limit-RPM"] == "10"
+    assert headers["X-RateLimit-Limit-TPM"] == "1000"
+    assert headers["X-RateLimit-Remaining-RPM"] == "9"
+    assert headers["X-RateLimit-Remaining-TPM"] == "900"  # 100 reserved, in flight
+    assert headers["X-Cooldown-Estimated-Tokens"] == "100"
+    assert float(headers["X-Cooldown-Wait"]) >= 0
+    assert headers["x-ratelimit-remaining-tokens-minute"] == "123456"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "ctype"),
+    [
+        ("GET", "/metrics", 200, "text/plain; version=0.0.4"),
+        ("GET", "/metrics.json", 200, "application/json"),
+        ("GET", "/nope", 404, "text/plain"),
+        ("POST", "/metrics", 405, "text/plain"),
+    ],
+)
+async def test_reserved_host_answers_status_pages_read_only(addon_ctx, method, path, status, ctype):
+    f = tflow.tflow()
+    f.request.host = "cooldown.local"
+    f.request.scheme = "http"
+    f.request.port = 80
+    f.request.method = method
+    f.request.path = path
+    await addon_ctx.request(f)
+    assert f.response.status_code == status
+    assert f.response.headers["content-type"].startswith(ctype)
+
+
+async def test_separate_listener_serves_metrics(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("metrics_listen: 127.0.0.1:0\n")
+    addon = Cooldown()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, cerebras_config=str(path))
+        addon.running()
+        await until(
+            lambda: addon._listener is not None and addon._listener._server is not None,
+            steps=10_000,
+        )
+        port = addon._listener.port
+        async with httpx.AsyncClient(trust_env=False) as client:
+            metrics = await client.get(f"http://127.0.0.1:{port}/metrics")
+            as_json = await client.get(f"http://127.0.0.1:{port}/metrics.json")
+            post = await client.post(f"http://127.0.0.1:{port}/metrics")
+        assert metrics.status_code == 200 and b"cooldown_queue_depth" in metrics.content
+        assert as_json.json()["cerebras_queue_depth"] == 0
+        assert post.status_code == 405
+        addon.done()
+
+
+def test_status_command_prints_json(addon_ctx):
+    status = json.loads(addon_ctx.status_command())
+    assert status["cerebras_queue_depth"] == 0
+    assert status["breaker_state"] == "closed"
