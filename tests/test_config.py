@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,41 @@ def test_config_path_resolution(tmp_path):
     assert resolve_config_path(None, cwd=tmp_path) is None
     (tmp_path / "config.yaml").write_text("{}")
     assert resolve_config_path(None, cwd=tmp_path) == tmp_path / "config.yaml"
+
+
+def test_models_section_and_fallback_to_cerebras_limits():
+    config = parse_config(
+        {
+            "cerebras_limits": {"rpm_limit": 30, "rph_limit": 900, "output_reservation": 4096},
+            "models": {
+                "llama3.1-8b": {"tpm_limit": 60000, "tpd_limit": 1000000, "context_length": 8192}
+            },
+        }
+    )
+    own = config.model_limits("llama3.1-8b")
+    assert (own.rpm_limit, own.rph_limit, own.tpm_limit, own.tpd_limit) == (30, 900, 60000, 1000000)
+    assert (own.context_length, own.output_reservation) == (8192, 4096)
+    other = config.model_limits("qwen-3-32b")
+    assert (other.tpm_limit, other.tpd_limit, other.context_length) == (1_000_000, None, 131072)
+
+
+@pytest.mark.parametrize(
+    ("document", "fragment"),
+    [
+        ({"models": {"m": {"tpm_limt": 5}}}, "models.m.tpm_limt: unknown key"),
+        ({"models": {"m": {"rpd_limit": -1}}}, "models.m.rpd_limit: got -1"),
+        ({"models": ["m"]}, "models: got ['m']"),
+        ({"cerebras_limits": {"max_retries": -1}}, "cerebras_limits.max_retries: got -1"),
+        ({"metrics_listen": "9464"}, "metrics_listen: got '9464'; expected host:port"),
+        ({"metrics_listen": "127.0.0.1:70000"}, "metrics_listen: got '127.0.0.1:70000'"),
+    ],
+)
+def test_bad_new_keys(document, fragment):
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        parse_config(document)
+
+
+def test_metrics_listen():
+    assert parse_config({"metrics_listen": "127.0.0.1:9464"}).metrics_listen == ("127.0.0.1", 9464)
+    assert parse_config({"metrics_listen": "[::1]:9464"}).metrics_listen == ("::1", 9464)
+    assert parse_config({}).metrics_listen is None
