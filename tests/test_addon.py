@@ -494,3 +494,35 @@ async def test_estimating_a_huge_body_does_not_stall_other_flows(addon_ctx):
     await asyncio.gather(task, return_exceptions=True)
     assert len(gaps) > 10
     assert max(gaps) < inline / 3, (max(gaps), inline)
+
+
+async def test_config_file_changes_are_applied_and_bad_ones_kept_out(tmp_path, caplog):
+    import os
+
+    path = tmp_path / "live.yaml"
+    path.write_text("cerebras_limits:\n  rpm_limit: 2\n  tpm_limit: 1000\n")
+    addon = Cooldown()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, cerebras_config=str(path))
+        await addon.request(
+            cerebras_flow({"model": "m", "messages": [], "max_completion_tokens": 990})
+        )
+        held = cerebras_flow()
+        task = asyncio.ensure_future(addon.request(held))
+        await until(lambda: addon.status()["queue_depth"] == 1)
+        assert not addon.reload_if_changed()  # unchanged
+
+        path.write_text("cerebras_limits:\n  rpm_limit: [oops\n")
+        os.utime(path, (1, 1))
+        assert not addon.reload_if_changed()
+        assert addon.config.cerebras_limits.rpm_limit == 2
+        assert any("keeping the running config" in r.getMessage() for r in caplog.records)
+        assert addon.status()["queue_depth"] == 1  # still held, still served
+
+        path.write_text("cerebras_limits:\n  rpm_limit: 5\n  tpm_limit: 5000\n")
+        os.utime(path, (2, 2))
+        assert addon.reload_if_changed()
+        assert addon.config.cerebras_limits.tpm_limit == 5000
+        await task  # the new limit releases the held request; nothing was dropped
+        assert held.response is None
+        assert addon.status()["queue_depth"] == 0

@@ -17,6 +17,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -48,6 +49,20 @@ METERED_PATHS = ("/v1/chat/completions", "/v1/completions")
 # A made-up host, answered by the addon itself: http://cooldown.local/metrics through the proxy.
 STATUS_HOST = "cooldown.local"
 _QUEUE_FULL_LOG_INTERVAL = 10.0
+CONFIG_POLL_SECONDS = 1.0
+
+
+def _file_stamp(path: Path | None) -> tuple[float, int] | None:
+    """What identifies a version of the config file: its mtime and size (None: no file)."""
+    if path is None:
+        return None
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return (stat.st_mtime, stat.st_size)
+
+
 # Tokenizing is fast but not free (roughly 1 ms per 4K tokens); above this many body bytes,
 # estimate in a worker thread so other flows keep moving.
 OFFLOAD_BODY_BYTES = 32 * 1024
@@ -193,6 +208,8 @@ class Cooldown:
         self._queue_full_logged_at = -math.inf
         self._running = False
         self._shutdown_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self._config_stamp: tuple[float, int] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -217,6 +234,7 @@ class Cooldown:
 
     def _load_config(self) -> None:
         path = resolve_config_path(ctx.options.cerebras_config)
+        self._config_stamp = _file_stamp(path)
         try:
             config = load_config(path)
         except ConfigError as e:
@@ -229,6 +247,9 @@ class Cooldown:
             # clearer, and mitmdump exits with status 1 on any error logged during start-up.
             log.error("Cooldown cannot start: cerebras_config: %s", e)
             return
+        self._apply_config(config)
+
+    def _apply_config(self, config: Config) -> None:
         self.config = config
         self.gate.reconfigure(config)
         if self._running:
@@ -251,12 +272,38 @@ class Cooldown:
         self._shutdown_task = asyncio_utils.create_task(
             self._answer_held_on_exit(), name="cooldown shutdown watcher", keep_ref=True
         )
+        self._watch_task = asyncio_utils.create_task(
+            self._watch_config_file(), name="cooldown config watcher", keep_ref=True
+        )
         self._restart_listener()
 
+    async def _watch_config_file(self) -> None:
+        """Reload the config when its file changes, as mitmproxy reloads scripts."""
+        while True:
+            await asyncio.sleep(CONFIG_POLL_SECONDS)
+            self.reload_if_changed()
+
+    def reload_if_changed(self) -> bool:
+        """Apply the config file if it changed on disk; a bad file keeps the running config."""
+        path = resolve_config_path(ctx.options.cerebras_config)
+        stamp = _file_stamp(path)
+        if stamp == self._config_stamp:
+            return False
+        self._config_stamp = stamp
+        try:
+            config = load_config(path)
+        except ConfigError as e:
+            log.error("config change not applied, keeping the running config: %s", e)
+            return False
+        log.info("config file changed: reloading")
+        self._apply_config(config)
+        return True
+
     def done(self) -> None:
-        if self._shutdown_task is not None:
-            self._shutdown_task.cancel()
-            self._shutdown_task = None
+        for task in (self._shutdown_task, self._watch_task):
+            if task is not None:
+                task.cancel()
+        self._shutdown_task = self._watch_task = None
         if self._listener is not None:
             self._listener.close()
             self._listener = None
