@@ -164,6 +164,7 @@ async def test_client_disconnect_while_held_leaves_the_queue_and_takes_nothing(a
     status = addon.status()
     assert status["queue_depth"] == 0
     assert status["held_flows"] == 0
+    assert status["held_clients"] == 0
     assert status["open_reservations"] == 1  # only the first flow's
 
 

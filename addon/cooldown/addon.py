@@ -201,6 +201,8 @@ class Cooldown:
         self.config = Config()
         self.gate = Gate(self.config)
         self._held: dict[str, tuple[http.HTTPFlow, Ticket]] = {}
+        # Held flows by client connection: a disconnect finds its flows without a scan.
+        self._held_by_client: dict[str, set[str]] = {}
         self._in_flight: dict[str, _FlowState] = {}
         self.calibration = InputCalibration()
         self.metrics = Metrics(self.gate)
@@ -466,6 +468,7 @@ class Cooldown:
 
     async def _hold(self, f: http.HTTPFlow, ticket: Ticket, estimate: Estimate) -> Outcome:
         self._held[f.id] = (f, ticket)
+        self._held_by_client.setdefault(f.client_conn.id, set()).add(f.id)
         f.intercept()
         waiting_for = {
             None: "its turn",
@@ -489,6 +492,11 @@ class Cooldown:
             return await self.gate.wait(ticket)
         finally:
             del self._held[f.id]
+            siblings = self._held_by_client.get(f.client_conn.id)
+            if siblings is not None:
+                siblings.discard(f.id)
+                if not siblings:
+                    del self._held_by_client[f.client_conn.id]
             if f.intercepted:
                 f.resume()
             if ticket.outcome is Outcome.RELEASED:
@@ -503,9 +511,10 @@ class Cooldown:
         ctx.master.addons.trigger(hooks.UpdateHook([f]))
 
     def client_disconnected(self, client: connection.Client) -> None:
-        for f, ticket in list(self._held.values()):
-            if f.client_conn.id == client.id:
-                self.gate.cancel(ticket)
+        for flow_id in list(self._held_by_client.get(client.id, ())):
+            held = self._held.get(flow_id)
+            if held is not None:
+                self.gate.cancel(held[1])
 
     def update(self, flows: list[flow.Flow]) -> None:
         for f in flows:
@@ -691,6 +700,7 @@ class Cooldown:
     def status(self) -> dict[str, Any]:
         return {
             "held_flows": len(self._held),
+            "held_clients": len(self._held_by_client),
             "in_flight_flows": len(self._in_flight),
             **self.gate.status(),
         }
