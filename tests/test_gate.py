@@ -215,3 +215,9 @@ async def test_requeue_is_not_refused_by_a_full_queue():
         gate.submit(10)
     assert gate.submit(10).outcome is Outcome.QUEUE_FULL
     assert gate.submit(10, requeue=True).held
+
+
+async def test_burst_setting_paces_only_per_minute_limits():
+    gate, _ = per_model_gate("cerebras_limits: {burst: 0.25, tpd_limit: 100000}\n")
+    bursts = {rate.name: rate.burst for rate in gate.rates_for("m")}
+    assert bursts == {"rpm": 0.25, "tpm": 0.25, "tpd": 1.0}

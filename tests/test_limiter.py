@@ -131,3 +131,59 @@ def test_settle_confirms_at_settle_time():
     limiter.settle(reservation, 20, now=5)
     assert limiter.used("k", TPM, 64) == 20
     assert limiter.used("k", TPM, 65) == 0
+
+
+# -- pacing (burst < 1) ------------------------------------------------------------------------
+
+PACED_TPM = Rate("tpm", "tokens", 600, 60.0, burst=0.25)  # 150 at once, then 10 per second
+
+
+def test_pacing_allows_a_short_burst_then_the_limits_rate():
+    limiter = MemoryLimiter()
+    assert limiter.try_acquire("k", (PACED_TPM,), 150, now=0).granted
+    decision = limiter.try_acquire("k", (PACED_TPM,), 50, now=0)
+    assert not decision.granted
+    assert decision.wait == pytest.approx(5)  # 50 tokens at 10 per second
+    assert limiter.try_acquire("k", (PACED_TPM,), 50, now=5).granted
+
+
+def test_pacing_lets_a_request_larger_than_the_burst_go_once_the_bucket_is_full():
+    limiter = MemoryLimiter()
+    assert limiter.try_acquire("k", (PACED_TPM,), 400, now=0).granted  # bucket full: may go
+    decision = limiter.try_acquire("k", (PACED_TPM,), 10, now=1)
+    assert not decision.granted  # the bucket is 250 in debt, refilling at 10/s
+    assert decision.wait == pytest.approx(25)
+
+
+def test_settling_below_the_estimate_refunds_the_pace():
+    limiter = MemoryLimiter()
+    reservation = limiter.try_acquire("k", (PACED_TPM,), 150, now=0).reservation
+    limiter.settle(reservation, 30, now=0)
+    assert limiter.try_acquire("k", (PACED_TPM,), 120, now=0).granted
+
+
+def test_release_refunds_the_pace():
+    limiter = MemoryLimiter()
+    reservation = limiter.try_acquire("k", (PACED_TPM,), 150, now=0).reservation
+    limiter.release(reservation, now=0)
+    assert limiter.try_acquire("k", (PACED_TPM,), 150, now=0).granted
+
+
+def test_paced_releases_under_saturation_are_spread_not_one_burst_a_minute():
+    """Saturated for 3 minutes: with pacing, releases in minutes 2 and 3 are spread evenly."""
+    for burst, expect_spread in ((1.0, False), (0.25, True)):
+        rate = Rate("tpm", "tokens", 600, 60.0, burst=burst)
+        limiter = MemoryLimiter()
+        released = []
+        now = 0.0
+        while now < 180:
+            decision = limiter.try_acquire("k", (rate,), 10, now)
+            if decision.granted:
+                limiter.settle(decision.reservation, 10, now)
+                released.append(now)
+            else:
+                now += decision.wait
+        late = [t for t in released if t >= 60]
+        seconds_with_releases = {int(t) for t in late}
+        assert len(late) >= 115  # the full limit either way: 600 tokens a minute
+        assert (len(seconds_with_releases) > 60) is expect_spread  # vs ~2 bursts

@@ -53,6 +53,10 @@ class CerebrasLimits:
     # How often a request that upstream answered 429 is retried after the cooldown before the
     # client sees the 429.
     max_retries: int = 2
+    # Share of a per-minute limit that may be released at once; below 1 the rest is paced at
+    # the limit's rate, so under sustained saturation capacity is handed out as it returns
+    # instead of in one burst a minute (at the price of part of the first minute's allowance).
+    burst: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,12 @@ def _non_negative_int(key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise _fail(key, value, "a whole number, 0 or more")
     return value
+
+
+def _burst(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+        raise _fail(key, value, "a share of the limit, more than 0 and at most 1")
+    return float(value)
 
 
 def _fraction(key: str, value: Any) -> float:
@@ -248,6 +258,7 @@ _LIMIT_FIELDS: dict[str, Callable[[str, Any], Any]] = {
     "tpd_limit": _optional_positive_int,
     "output_reservation": _optional_positive_int,
     "max_retries": _non_negative_int,
+    "burst": _burst,
 }
 
 _MODEL_FIELDS: dict[str, Callable[[str, Any], Any]] = {

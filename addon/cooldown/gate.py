@@ -86,8 +86,11 @@ class Gate:
             for slot, limit in self.limiter.learned_limits(key).items():
                 if configured.get(slot) is None:
                     configured[slot] = limit  # enforced by the upstream view's lower limit
+            # Pacing only within a minute: spreading a day's quota over the day would throttle
+            # a user who wants to spend it now.
+            burst = self.config.cerebras_limits.burst
             rates = tuple(
-                Rate(name, unit, limit, period)
+                Rate(name, unit, limit, period, burst if period <= 60.0 else 1.0)
                 for name, (unit, period) in RATE_NAMES.items()
                 if (limit := configured.get((unit, period))) is not None
             )

@@ -42,12 +42,17 @@ Unit = Literal["requests", "tokens"]
 
 @dataclass(frozen=True)
 class Rate:
-    """At most `limit` units of `unit` in any `period` seconds."""
+    """At most `limit` units of `unit` in any `period` seconds.
+
+    `burst` < 1 also paces releases: at most `burst * limit` at once, then `limit / period`
+    per second (see `Pace`).
+    """
 
     name: str
     unit: Unit
     limit: int
     period: float = 60.0
+    burst: float = 1.0
 
 
 @dataclass(eq=False)
@@ -138,6 +143,39 @@ class UpstreamView:
         return 0.0 if excess <= 0 else excess / self.refill
 
 
+class Pace:
+    """A small token bucket that spreads releases over the period.
+
+    The window alone admits a whole period's limit at once; under saturation those entries
+    then age out together a period later, and releases come in one burst per period forever
+    (small requests wait ~a period for the next burst). A bucket of `burst * limit` refilled
+    at `limit / period` breaks that rhythm: after a short burst, capacity is handed out as it
+    comes back. A request larger than the bucket may go once the bucket is full (the level goes
+    negative and must refill), so nothing is too big to pass. Only pacing: the window still
+    provides the guarantee.
+    """
+
+    __slots__ = ("at", "level")
+
+    def __init__(self, capacity: float, now: float) -> None:
+        self.level = capacity
+        self.at = now
+
+    def _refill(self, capacity: float, rate: float, now: float) -> None:
+        if now > self.at:
+            self.level = min(capacity, self.level + rate * (now - self.at))
+            self.at = now
+
+    def wait_time(self, amount: int, capacity: float, rate: float, now: float) -> float:
+        self._refill(capacity, rate, now)
+        need = min(amount, capacity)
+        return 0.0 if self.level >= need else (need - self.level) / rate
+
+    def take(self, amount: float, capacity: float, rate: float, now: float) -> None:
+        self._refill(capacity, rate, now)
+        self.level = min(capacity, self.level - amount)
+
+
 @dataclass(eq=False)
 class _Part:
     """A reservation's share of one window: in flight until `entry` is set by confirm."""
@@ -146,7 +184,18 @@ class _Part:
     unit: Unit
     amount: int
     view: UpstreamView | None = None
+    pace: tuple[Pace, float, float] | None = None  # (bucket, capacity, refill rate)
     entry: _Entry | None = None
+
+    def give_back(self, amount: int, now: float) -> None:
+        """Return `amount` to the views that count in real time (upstream's, the pace)."""
+        if amount <= 0:
+            return
+        if self.view is not None:
+            self.view.add(-amount, now)
+        if self.pace is not None:
+            bucket, capacity, rate = self.pace
+            bucket.take(-amount, capacity, rate, now)
 
 
 @dataclass(eq=False)
@@ -207,6 +256,7 @@ class MemoryLimiter:
     def __init__(self) -> None:
         self._windows: dict[tuple[str, Unit, float], SlidingWindow] = {}
         self._views: dict[tuple[str, Unit, float], UpstreamView] = {}
+        self._paces: dict[tuple[str, Unit, float], Pace] = {}
         self._open = 0
 
     def _window(self, key: str, rate: Rate) -> SlidingWindow:
@@ -226,6 +276,14 @@ class MemoryLimiter:
         # lets it through once the window is empty instead of holding it forever.
         return 1 if rate.unit == "requests" else min(tokens, self.limit(key, rate))
 
+    def _pace(self, key: str, rate: Rate, limit: int, now: float) -> tuple[Pace, float, float]:
+        capacity = max(rate.burst * limit, 1.0)
+        slot = (key, rate.unit, rate.period)
+        pace = self._paces.get(slot)
+        if pace is None:
+            pace = self._paces[slot] = Pace(capacity, now)
+        return pace, capacity, limit / rate.period
+
     def try_acquire(self, key: str, rates: Sequence[Rate], tokens: int, now: float) -> Decision:
         worst_wait, binding = 0.0, None
         for rate in rates:
@@ -235,6 +293,9 @@ class MemoryLimiter:
             view = self._views.get((key, rate.unit, rate.period))
             if view is not None:
                 wait = max(wait, view.wait_time(amount, limit, now))
+            if rate.burst < 1.0:
+                pace, capacity, refill = self._pace(key, rate, limit, now)
+                wait = max(wait, pace.wait_time(amount, capacity, refill, now))
             if wait > worst_wait:
                 worst_wait, binding = wait, rate.name
         if binding is not None:
@@ -247,7 +308,11 @@ class MemoryLimiter:
             view = self._views.get((key, rate.unit, rate.period))
             if view is not None:
                 view.add(amount, now)
-            reservation._parts.append(_Part(window, rate.unit, amount, view))
+            pace = None
+            if rate.burst < 1.0:
+                pace = self._pace(key, rate, self.limit(key, rate), now)
+                pace[0].take(amount, pace[1], pace[2], now)
+            reservation._parts.append(_Part(window, rate.unit, amount, view, pace))
         self._open += 1
         return Decision(True, reservation=reservation)
 
@@ -298,6 +363,9 @@ class MemoryLimiter:
         for part in reservation._parts:
             if part.unit == "tokens" and part.entry is not None:
                 part.window.adjust(part.entry, actual, now)
+                if part.pace is not None:
+                    bucket, capacity, rate = part.pace
+                    bucket.take(actual - part.amount, capacity, rate, now)
         reservation.tokens = actual
         self._close(reservation)
 
@@ -310,8 +378,7 @@ class MemoryLimiter:
                 part.window.in_flight -= part.amount
             else:
                 part.window.adjust(part.entry, 0, now)
-            if part.view is not None:
-                part.view.add(-part.amount, now)
+            part.give_back(part.amount, now)
         reservation.tokens = 0
         self._close(reservation)
 
