@@ -11,6 +11,13 @@ where it matters to a rate limiter, without the network and without spending quo
 * ``usage`` in every answer and the ``x-ratelimit-*`` headers on every completion response;
 * Server-Sent Events streaming, with ``usage`` only when ``stream_options.include_usage`` is set.
 
+Switches make it harder than the real thing for a limiter: ``input_token_factor`` counts more
+input tokens than tiktoken does (a model with a different tokenizer), ``refund_unused=False``
+keeps the whole reservation after a short completion, ``consume`` takes budget as another client
+of the same organization would, and ``force_status``/``force_count`` answer the next N requests
+with an error. ``history`` records every completion request (status, cost, budget left), so a
+test can see when upstream refused and how close to the limit it ran.
+
 It is importable (``MockCerebras(...).start()`` serves in a daemon thread on 127.0.0.1) and
 runnable as a script (``python scripts/mock_cerebras.py --port 8765 --rpm 30 --tpm 60000``).
 Serving uses only the standard library; tiktoken counts tokens.
@@ -30,6 +37,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -48,6 +56,7 @@ TOKENS_PER_REPLY = 3  # priming of the assistant's reply
 MAX_BODY_BYTES = 64 * 1024 * 1024
 MAX_STREAM_CONTENT_EVENTS = 20  # keeps a stream's duration bounded whatever its length
 SERVE_POLL_INTERVAL = 0.05  # how quickly stop() is noticed by serve_forever
+HISTORY_LIMIT = 100_000  # completion requests remembered by history(), newest kept
 MODEL_IDS = ("llama3.1-8b", "llama-3.3-70b", "qwen-3-32b", "gpt-oss-120b")
 FILLER_TEXT = (
     "the quick brown fox jumps over a lazy dog while cool breezes drift past quiet rivers "
@@ -117,6 +126,12 @@ class MockSettings:
     stream_interval: float = 0.05
     force_status: int | None = None
     retry_after: str | None = None
+    # Input tokens are counted as ceil(tiktoken count x factor): a model whose tokenizer (and
+    # chat template) yields more tokens than cl100k, e.g. 1.15. Admission and usage both use it.
+    input_token_factor: float = 1.0
+    # With force_status: only the next N completion requests get it, then normal service
+    # resumes (None = every request). Setting force_status or force_count restarts the count.
+    force_count: int | None = None
 
 
 def _is_int(value: Any) -> bool:
@@ -150,6 +165,22 @@ def _seconds(name: str, value: Any) -> float:
     if not math.isfinite(value) or value < 0:
         raise SettingsError(f"{name} must be a finite, non-negative number of seconds")
     return float(value)
+
+
+def _factor(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise SettingsError(f"{name} must be a number")
+    if not math.isfinite(value) or value <= 0:
+        raise SettingsError(f"{name} must be a finite, positive number")
+    return float(value)
+
+
+def _optional_count(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if not _is_int(value) or value < 0:
+        raise SettingsError(f"{name} must be a non-negative integer or null")
+    return value
 
 
 def _flag(name: str, value: Any) -> bool:
@@ -189,6 +220,8 @@ _VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
     "stream_interval": _seconds,
     "force_status": _forced_status,
     "retry_after": _retry_after,
+    "input_token_factor": _factor,
+    "force_count": _optional_count,
 }
 assert set(_VALIDATORS) == {f.name for f in dataclasses.fields(MockSettings)}
 
@@ -281,6 +314,15 @@ class TokenBucket:
         return max(0.0, (self.capacity - self.level) / self.rate)
 
 
+@dataclass(frozen=True)
+class Admission:
+    """One admission decision: the limit that refused (None = admitted), when, budget left."""
+
+    refused: LimitKind | None
+    at: float
+    tokens_left: int | None
+
+
 class Limiter:
     """All of the account's buckets behind one lock, so admission is all-or-nothing."""
 
@@ -308,14 +350,38 @@ class Limiter:
 
     def admit(self, tokens: int) -> LimitKind | None:
         """Take one request and ``tokens`` from every bucket, or return the limit that refuses."""
+        return self.admit_and_report(tokens).refused
+
+    def admit_and_report(self, tokens: int) -> Admission:
+        """``admit``, plus when it was decided and the tokens-per-minute budget left after it,
+        read under the same lock so that concurrent requests are reported in admission order."""
         with self._lock:
+            now = self._clock()
             self._refill_all()
+            refused: LimitKind | None = None
             for kind, bucket in self._buckets.items():
                 if not bucket.fits(self._amount(kind, tokens)):
-                    return kind
+                    refused = kind
+                    break
+            else:
+                for kind, bucket in self._buckets.items():
+                    bucket.take(self._amount(kind, tokens))
+            tpm = self._buckets.get(TPM_KIND)
+            return Admission(refused, now, None if tpm is None else tpm.remaining())
+
+    def consume(self, tokens: int, requests: int) -> dict[str, int]:
+        """Take budget as another client of the organization would; a bucket stops at 0.
+
+        Returns what is left in every bucket, keyed like the headers (``tokens-minute``).
+        """
+        with self._lock:
+            self._refill_all()
+            left: dict[str, int] = {}
             for kind, bucket in self._buckets.items():
-                bucket.take(self._amount(kind, tokens))
-            return None
+                amount = requests if kind.resource == "requests" else tokens
+                bucket.level = max(0.0, bucket.level - amount)
+                left[f"{kind.resource}-{kind.window}"] = bucket.remaining()
+            return left
 
     def refund(self, tokens: int) -> None:
         """Give back the part of a reservation the completion did not use."""
@@ -471,16 +537,26 @@ def _stream_flags(body: Json) -> tuple[bool, bool]:
     return stream, options.get("include_usage") is True
 
 
-def parse_completion_request(raw: bytes, *, chat: bool, context_length: int) -> CompletionRequest:
+def scaled_input_tokens(counted: int, factor: float) -> int:
+    """``ceil(counted x factor)``; the epsilon keeps 100 x 1.1 at 110, not 111."""
+    if factor == 1.0:
+        return counted
+    return math.ceil(counted * factor - 1e-9)
+
+
+def parse_completion_request(
+    raw: bytes, *, chat: bool, context_length: int, input_token_factor: float = 1.0
+) -> CompletionRequest:
     """Validate a completion body and price it by Cerebras's admission rule."""
     body = _parse_json_object(raw)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "'model' must be a non-empty string", param="model")
     if chat:
-        input_tokens = count_chat_tokens(body.get("messages"))
+        counted = count_chat_tokens(body.get("messages"))
     else:
-        input_tokens = count_prompt_tokens(body.get("prompt"))
+        counted = count_prompt_tokens(body.get("prompt"))
+    input_tokens = scaled_input_tokens(counted, input_token_factor)
     stream, include_usage = _stream_flags(body)
     return CompletionRequest(
         chat=chat,
@@ -606,6 +682,24 @@ class MockStats:
     max_concurrent: int = 0
 
 
+@dataclass(frozen=True)
+class HistoryEntry:
+    """One completion request as the mock decided it, in arrival order.
+
+    ``cost`` is what admission asked of the buckets (input + reservation), ``kept`` what the
+    buckets keep once the answer is done (the cost, less any refunded unused reservation),
+    ``tokens_left`` the tokens-per-minute budget just after the decision. ``cost`` and
+    ``kept`` are None when the body was never priced (forced status, bad body); ``kept`` is
+    None for a refusal too.
+    """
+
+    at: float  # the mock's clock (time.monotonic unless a test injected one)
+    status: int
+    cost: int | None = None
+    kept: int | None = None
+    tokens_left: int | None = None
+
+
 class MockState:
     """Settings, buckets and counters shared by all handler threads."""
 
@@ -615,6 +709,9 @@ class MockState:
         self._settings = updated_settings(MockSettings(), dataclasses.asdict(settings))
         self._stats = MockStats()
         self._in_flight = 0
+        self._forced_left = self._settings.force_count
+        self._history: deque[HistoryEntry] = deque(maxlen=HISTORY_LIMIT)
+        self._clock = clock
         self.limiter = Limiter(self._settings, clock)
 
     @property
@@ -627,13 +724,17 @@ class MockState:
         """Apply validated updates; buckets whose limit changed start full."""
         with self._lock:
             self._settings = updated_settings(self._settings, updates)
+            if "force_status" in updates or "force_count" in updates:
+                self._forced_left = self._settings.force_count
             self.limiter.apply(self._settings)
             return self._settings
 
     def reset(self) -> None:
-        """Zero the counters and refill every bucket; settings stay."""
+        """Zero the counters and history, refill every bucket, restart force_count."""
         with self._lock:
             self._stats = MockStats(max_concurrent=self._in_flight)
+            self._forced_left = self._settings.force_count
+            self._history.clear()
             self.limiter.apply(self._settings, refill=True)
 
     def stats(self) -> Json:
@@ -645,11 +746,31 @@ class MockState:
             for name, amount in increments.items():
                 setattr(self._stats, name, getattr(self._stats, name) + amount)
 
-    def begin_request(self) -> None:
+    def begin_request(self) -> tuple[MockSettings, bool]:
+        """Count a completion request; returns the settings it sees and whether it gets the
+        forced status (deciding under the lock, so N concurrent requests use up exactly N)."""
         with self._lock:
             self._stats.requests += 1
             self._in_flight += 1
             self._stats.max_concurrent = max(self._stats.max_concurrent, self._in_flight)
+            settings = self._settings
+            forced = settings.force_status is not None
+            if forced and self._forced_left is not None:
+                forced = self._forced_left > 0
+                if forced:
+                    self._forced_left -= 1
+            return settings, forced
+
+    def record(self, status: int, at: float | None = None, **fields: int | None) -> None:
+        entry = HistoryEntry(self._clock() if at is None else at, status, **fields)
+        with self._lock:
+            self._history.append(entry)
+
+    def history(self) -> list[Json]:
+        """Completion requests in the order they were decided (threads may append late)."""
+        with self._lock:
+            entries = list(self._history)
+        return [dataclasses.asdict(entry) for entry in sorted(entries, key=lambda e: e.at)]
 
     def end_request(self) -> None:
         with self._lock:
@@ -702,6 +823,8 @@ ROUTES: dict[str, dict[str, str]] = {
     "/_mock/stats": {"GET": "_mock_stats"},
     "/_mock/reset": {"POST": "_mock_reset"},
     "/_mock/config": {"GET": "_mock_get_config", "POST": "_mock_config"},
+    "/_mock/consume": {"POST": "_mock_consume"},
+    "/_mock/history": {"GET": "_mock_history"},
 }
 
 
@@ -867,29 +990,39 @@ class MockHandler(BaseHTTPRequestHandler):
 
     def _completion(self, body: bytes, *, chat: bool) -> None:
         state = self.server.state
-        state.begin_request()
+        settings, forced = state.begin_request()
         try:
-            self._serve_completion(body, chat, state.settings)
+            if forced:
+                self._send_forced(settings)
+            else:
+                self._serve_completion(body, chat, settings)
         finally:
             state.end_request()
 
     def _serve_completion(self, raw: bytes, chat: bool, settings: MockSettings) -> None:
         state = self.server.state
-        if settings.force_status is not None:
-            self._send_forced(settings)
-            return
         try:
             request = parse_completion_request(
-                raw, chat=chat, context_length=settings.context_length
+                raw,
+                chat=chat,
+                context_length=settings.context_length,
+                input_token_factor=settings.input_token_factor,
             )
-        except ApiError:
+        except ApiError as exc:
             state.count(errors=1)
+            state.record(exc.status)
             raise
-        refused = state.limiter.admit(request.cost)
-        if refused is not None:
+        admission = state.limiter.admit_and_report(request.cost)
+        if admission.refused is not None:
             state.count(rate_limited=1)
-            self._send_json(429, refused.quota_body(), state.limiter.headers())
+            state.record(429, admission.at, cost=request.cost, tokens_left=admission.tokens_left)
+            self._send_json(429, admission.refused.quota_body(), state.limiter.headers())
             return
+        completion_tokens = min(request.reservation, settings.completion_tokens)
+        kept = request.input_tokens + completion_tokens if settings.refund_unused else request.cost
+        state.record(
+            200, admission.at, cost=request.cost, kept=kept, tokens_left=admission.tokens_left
+        )
         self._answer(request, settings)
 
     def _send_forced(self, settings: MockSettings) -> None:
@@ -898,6 +1031,7 @@ class MockHandler(BaseHTTPRequestHandler):
         headers = state.limiter.headers()
         status = settings.force_status
         assert status is not None
+        state.record(status)
         if status == 429:
             state.count(rate_limited=1, forced_429=1)
             if settings.retry_after is not None:
@@ -972,6 +1106,24 @@ class MockHandler(BaseHTTPRequestHandler):
         except SettingsError as exc:
             raise ApiError(400, str(exc), param="config") from None
         self._send_json(200, dataclasses.asdict(settings))
+
+    def _mock_consume(self, body: bytes) -> None:
+        request = _parse_json_object(body)
+        unknown = sorted(set(request) - {"tokens", "requests"})
+        if unknown:
+            raise ApiError(400, f"unknown field(s): {', '.join(unknown)}; known: tokens, requests")
+        try:
+            tokens = _non_negative_int("tokens", request.get("tokens", 0))
+            requests = _non_negative_int("requests", request.get("requests", 0))
+        except SettingsError as exc:
+            raise ApiError(400, str(exc), param="consume") from None
+        remaining = self.server.state.limiter.consume(tokens, requests)
+        self._send_json(
+            200, {"consumed": {"tokens": tokens, "requests": requests}, "remaining": remaining}
+        )
+
+    def _mock_history(self, _body: bytes) -> None:
+        self._send_json(200, {"history": self.server.state.history()})
 
 
 # --------------------------------------------------------------------------------------------
@@ -1051,6 +1203,20 @@ class MockCerebras:
     def reset(self) -> None:
         self._state.reset()
 
+    def consume(self, tokens: int = 0, requests: int = 0) -> dict[str, int]:
+        """Use budget as another client of the same organization would (never below 0).
+
+        Takes from the minute buckets and the hour/day ones that are set; nothing is counted
+        in ``stats``. Returns what is left, keyed like the headers: ``{"tokens-minute": ...}``.
+        """
+        tokens = _non_negative_int("tokens", tokens)
+        requests = _non_negative_int("requests", requests)
+        return self._state.limiter.consume(tokens, requests)
+
+    def history(self) -> list[Json]:
+        """Every completion request so far (since ``reset``), as dicts of ``HistoryEntry``."""
+        return self._state.history()
+
     def __enter__(self) -> Self:
         return self.start()
 
@@ -1114,6 +1280,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="answer every completion request with this status",
     )
     parser.add_argument("--retry-after", default=None, help="retry-after on forced 429s")
+    parser.add_argument(
+        "--force-count",
+        type=int,
+        default=None,
+        help="with --force-status: only the first N completion requests get it",
+    )
+    parser.add_argument(
+        "--input-token-factor",
+        type=float,
+        default=defaults.input_token_factor,
+        help="count input tokens as ceil(tiktoken count x this), e.g. 1.15",
+    )
     parser.add_argument("--verbose", action="store_true", help="log request lines to stderr")
     return parser
 

@@ -104,9 +104,9 @@ async def test_stats_count_forwarded_refused_and_upstream_429s():
         gate.submit(10)
     refused = gate.submit(10)
     assert refused.outcome is Outcome.QUEUE_FULL
-    gate.finish(a, 429, None)
+    gate.finish(a, 429, None)  # refused upstream: its request and tokens come back
     status = gate.status()
-    assert status["forwarded"] == 1
+    assert status["forwarded"] == 3  # a, then two of the held (rpm_limit 2)
     assert status["refused"] == {"queue_full": 1}
     assert status["upstream_429s"] == 1
 

@@ -27,7 +27,8 @@ def addon_ctx(tmp_path):
 
 
 async def scripted_sequence(addon):
-    """One forwarded (settled at 40), one 429 from upstream, one held, one refused."""
+    """Forwarded and settled (40 -> 20), a 429 from upstream (given back), one forwarded and
+    still in flight (953), one held, one refused."""
     ok = cerebras_flow({"model": "m", "messages": [], "max_completion_tokens": 37})
     await addon.request(ok)  # estimate 3 + 37 = 40
     ok.response = ok_response(total_tokens=20)
@@ -38,7 +39,9 @@ async def scripted_sequence(addon):
     limited.response = tutils.tresp(
         status_code=429, content=b'{"code":"token_quota_exceeded","param":"quota"}'
     )
-    await addon.response(limited)  # kept at its estimate (903): 923 of 1000 used
+    await addon.response(limited)  # refused upstream: given back
+    big = cerebras_flow({"model": "m", "messages": [], "max_completion_tokens": 950})
+    await addon.request(big)  # in flight: 20 + 953 of 1000 used
     held = cerebras_flow({"model": "m", "messages": [], "max_completion_tokens": 500})
     task = asyncio.ensure_future(addon.request(held))
     await until(lambda: addon.gate.scheduler.depth == 1)
@@ -52,15 +55,15 @@ async def test_json_view_after_a_scripted_sequence(addon_ctx):
     task = await scripted_sequence(addon_ctx)
     snapshot = addon_ctx.metrics.snapshot()
     assert snapshot["cerebras_queue_depth"] == 1
-    assert snapshot["cerebras_rpm_usage"] == pytest.approx(0.2)
-    assert snapshot["cerebras_tpm_usage"] == pytest.approx(0.923)
+    assert snapshot["cerebras_rpm_usage"] == pytest.approx(0.2)  # the 429 is not counted
+    assert snapshot["cerebras_tpm_usage"] == pytest.approx(0.973)
     assert snapshot["cerebras_circuit_breaker_open"] is False
-    assert snapshot["usage"]["m"] == {"rpm": pytest.approx(0.2), "tpm": pytest.approx(0.923)}
-    assert snapshot["requests"]["m"] == {"forwarded": 2, "refused_queue_full": 1}
+    assert snapshot["usage"]["m"] == {"rpm": pytest.approx(0.2), "tpm": pytest.approx(0.973)}
+    assert snapshot["requests"]["m"] == {"forwarded": 3, "refused_queue_full": 1}
     assert snapshot["upstream_429s"] == {"m": {"quota": 1}}
     assert snapshot["estimate_to_actual_ratio"]["m"]["p50"] == pytest.approx(2.0)
-    assert snapshot["queue_wait_seconds"]["m"]["count"] == 3
-    assert snapshot["open_reservations"] == 0
+    assert snapshot["queue_wait_seconds"]["m"]["count"] == 4
+    assert snapshot["open_reservations"] == 1
     json.dumps(snapshot)  # serializable as it is
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
@@ -77,7 +80,7 @@ async def test_prometheus_text_parses_and_carries_the_series(addon_ctx):
         for family in families.values()
         for s in family.samples
     }
-    assert samples[("cooldown_requests_total", (("model", "m"), ("outcome", "forwarded")))] == 2
+    assert samples[("cooldown_requests_total", (("model", "m"), ("outcome", "forwarded")))] == 3
     assert (
         samples[("cooldown_requests_total", (("model", "m"), ("outcome", "refused_queue_full")))]
         == 1
@@ -86,10 +89,10 @@ async def test_prometheus_text_parses_and_carries_the_series(addon_ctx):
     assert samples[("cooldown_queue_depth", ())] == 1
     assert samples[
         ("cooldown_limit_usage_ratio", (("limit", "tpm"), ("model", "m")))
-    ] == pytest.approx(0.923)
+    ] == pytest.approx(0.973)
     assert samples[("cooldown_circuit_breaker_open", ())] == 0
     assert families["cooldown_queue_wait_seconds"].type == "histogram"
-    assert samples[("cooldown_queue_wait_seconds_count", (("model", "m"),))] == 3
+    assert samples[("cooldown_queue_wait_seconds_count", (("model", "m"),))] == 4
     assert samples[("cooldown_estimate_to_actual_ratio_count", (("model", "m"),))] == 1
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)

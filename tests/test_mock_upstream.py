@@ -8,6 +8,7 @@ a refill; only the concurrency test uses real (0.2 s) latency.
 from __future__ import annotations
 
 import json
+import math
 import re
 import signal
 import socket
@@ -15,6 +16,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from fractions import Fraction
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -297,6 +299,227 @@ def test_forced_429_has_retry_after_and_leaves_buckets_alone(
     assert mock.stats()["errors"] == 1
 
 
+# ---- switches that make upstream harder than the proxy's picture of it
+
+LONG_TEXT = " ".join(["rate limits apply per model and per organization"] * 20)
+LONG_MESSAGES = [{"role": "user", "content": LONG_TEXT}]
+LONG_PROMPT_TOKENS = tokens(LONG_TEXT) + 4 + 3
+
+
+def scaled(count: int, factor: str) -> int:
+    """ceil(count x factor) in exact arithmetic, independently of the mock's float version."""
+    return math.ceil(Fraction(count) * Fraction(factor))
+
+
+@pytest.mark.parametrize("factor", ["1", "1.15", "2"])
+def test_input_token_factor_scales_prompt_tokens_and_the_charge(
+    mock: Any, client: httpx.Client, factor: str
+) -> None:
+    mock.configure(input_token_factor=float(factor))
+
+    response = chat(client, LONG_MESSAGES, max_completion_tokens=50)
+
+    prompt = scaled(LONG_PROMPT_TOKENS, factor)
+    assert response.status_code == 200
+    assert response.json()["usage"] == {
+        "prompt_tokens": prompt,
+        "completion_tokens": 20,
+        "total_tokens": prompt + 20,
+    }
+    assert header_int(response, "x-ratelimit-remaining-tokens-minute") == 60_000 - prompt - 20
+
+
+def test_input_token_factor_applies_at_admission_and_to_the_context(
+    mock: Any, client: httpx.Client
+) -> None:
+    # Unscaled, input + reservation would fit exactly; scaled by 1.15 it does not.
+    mock.configure(tpm=LONG_PROMPT_TOKENS + 10, input_token_factor=1.15)
+    assert chat(client, LONG_MESSAGES, max_completion_tokens=10).status_code == 429
+    mock.configure(input_token_factor=1.0)
+    assert chat(client, LONG_MESSAGES, max_completion_tokens=10).status_code == 200
+
+    mock.configure(tpm=60_000, context_length=LONG_PROMPT_TOKENS + 5, input_token_factor=1.15)
+    too_long = chat(client, LONG_MESSAGES, max_completion_tokens=1)
+    assert too_long.status_code == 400
+    assert too_long.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_force_count_answers_only_the_next_n_then_serves_normally(
+    mock: Any, client: httpx.Client
+) -> None:
+    configured = client.post(
+        "/_mock/config", json={"force_status": 429, "force_count": 2, "retry_after": "1"}
+    )
+    assert configured.status_code == 200
+    assert configured.json()["force_count"] == 2
+
+    first = [chat(client, max_completion_tokens=5) for _ in range(4)]
+
+    assert [r.status_code for r in first] == [429, 429, 200, 200]
+    assert first[0].headers["retry-after"] == "1"
+    stats = mock.stats()
+    assert (stats["requests"], stats["forced_429"], stats["rate_limited"], stats["ok"]) == (
+        4,
+        2,
+        2,
+        2,
+    )
+
+    def statuses(count: int) -> list[int]:
+        return [chat(client, max_completion_tokens=5).status_code for _ in range(count)]
+
+    mock.configure(force_count=1)  # setting the count restarts it; force_status is still 429
+    assert statuses(2) == [429, 200]
+    mock.configure(force_status=503)  # a new forced status restarts it too
+    assert statuses(2) == [503, 200]
+    mock.reset()  # so does a reset
+    assert statuses(2) == [503, 200]
+    mock.configure(force_count=None)  # None: every request, as without the switch
+    assert statuses(2) == [503, 503]
+    mock.configure(force_count=0)
+    assert statuses(1) == [200]
+
+
+def test_force_count_is_exact_under_concurrency(mock: Any) -> None:
+    mock.configure(force_status=429, force_count=3)
+
+    def one(_: int) -> int:
+        with httpx.Client(base_url=mock.url, timeout=5) as own:
+            return chat(own, max_completion_tokens=5).status_code
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        statuses = list(pool.map(one, range(12)))
+
+    assert sorted(statuses) == [200] * 9 + [429] * 3
+    assert mock.stats()["forced_429"] == 3
+
+
+def test_consume_takes_budget_as_another_client_would(
+    mock: Any, client: httpx.Client, clock: FakeClock
+) -> None:
+    assert mock.consume(tokens=42_000, requests=20) == {
+        "requests-minute": 10,
+        "tokens-minute": 18_000,
+    }
+
+    response = chat(client, max_completion_tokens=20)
+
+    assert response.status_code == 200
+    assert header_int(response, "x-ratelimit-remaining-requests-minute") == 9
+    assert header_int(response, "x-ratelimit-remaining-tokens-minute") == (
+        18_000 - USER_PROMPT_TOKENS - 20
+    )
+    assert mock.stats()["requests"] == 1  # the other client's use is not ours
+    assert chat(client, max_completion_tokens=18_000).status_code == 429  # does not fit
+
+    # Over HTTP; a bucket stops at 0 and then refills continuously as usual.
+    emptied = client.post("/_mock/consume", json={"tokens": 10**9})
+    assert emptied.status_code == 200
+    assert emptied.json() == {
+        "consumed": {"tokens": 10**9, "requests": 0},
+        "remaining": {"requests-minute": 9, "tokens-minute": 0},
+    }
+    clock.advance(6)
+    after = client.get("/v1/models")
+    assert header_int(after, "x-ratelimit-remaining-tokens-minute") == 6_000
+    assert header_int(after, "x-ratelimit-remaining-requests-minute") == 12
+
+
+def test_consume_reaches_hour_and_day_buckets_too(mock: Any) -> None:
+    mock.configure(tph=100_000, rpd=50)
+
+    assert mock.consume(tokens=70_000, requests=5) == {
+        "requests-minute": 25,
+        "tokens-minute": 0,
+        "tokens-hour": 30_000,
+        "requests-day": 45,
+    }
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [{"tokens": -1}, {"tokens": True}, {"requests": 1.5}, {"tokenz": 5}, [], "lots"],
+)
+def test_consume_rejects_bad_input(mock: Any, client: httpx.Client, payload: Any) -> None:
+    response = client.post("/_mock/consume", json=payload)
+
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    assert header_int(client.get("/v1/models"), "x-ratelimit-remaining-tokens-minute") == 60_000
+
+
+def test_consume_in_python_validates_too(mock: Any, mock_cerebras_module: ModuleType) -> None:
+    with pytest.raises(mock_cerebras_module.SettingsError):
+        mock.consume(tokens=-5)
+    with pytest.raises(ValueError):
+        mock.consume(requests="2")
+
+
+@pytest.mark.parametrize(
+    "update",
+    [
+        {"input_token_factor": 0},
+        {"input_token_factor": -1.0},
+        {"input_token_factor": "1.15"},
+        {"input_token_factor": True},
+        {"force_count": -1},
+        {"force_count": 1.5},
+        {"force_count": True},
+    ],
+)
+def test_new_switches_reject_bad_values(
+    mock: Any, client: httpx.Client, mock_cerebras_module: ModuleType, update: dict[str, Any]
+) -> None:
+    assert client.post("/_mock/config", json=update).status_code == 400
+    with pytest.raises(mock_cerebras_module.SettingsError):
+        mock.configure(**update)
+    assert mock.settings.input_token_factor == 1.0
+    assert mock.settings.force_count is None
+
+
+def test_input_token_factor_rejects_infinity(mock: Any, mock_cerebras_module: ModuleType) -> None:
+    with pytest.raises(mock_cerebras_module.SettingsError):
+        mock.configure(input_token_factor=float("inf"))
+
+
+def test_history_records_every_decision_in_order(
+    mock: Any, client: httpx.Client, clock: FakeClock
+) -> None:
+    mock.configure(rpm=2, refund_unused=False)
+    cost = USER_PROMPT_TOKENS + 100
+
+    assert chat(client, max_completion_tokens=100).status_code == 200  # keeps all 100
+    clock.advance(1)  # refills 1,000 tokens: full again
+    mock.configure(refund_unused=True)
+    assert chat(client, max_completion_tokens=100).status_code == 200  # keeps 20 of 100
+    clock.advance(1)
+    assert chat(client, max_completion_tokens=100).status_code == 429  # rpm
+    mock.configure(force_status=500, force_count=1)
+    assert chat(client, max_completion_tokens=100).status_code == 500
+    bad = client.post(
+        "/v1/chat/completions", content=b"{", headers={"content-type": "application/json"}
+    )
+    assert bad.status_code == 400
+
+    expected = [
+        {"at": 1000.0, "status": 200, "cost": cost, "kept": cost, "tokens_left": 60_000 - cost},
+        {
+            "at": 1001.0,
+            "status": 200,
+            "cost": cost,
+            "kept": USER_PROMPT_TOKENS + 20,
+            "tokens_left": 60_000 - cost,
+        },
+        {"at": 1002.0, "status": 429, "cost": cost, "kept": None, "tokens_left": 60_000},
+        {"at": 1002.0, "status": 500, "cost": None, "kept": None, "tokens_left": None},
+        {"at": 1002.0, "status": 400, "cost": None, "kept": None, "tokens_left": None},
+    ]
+    assert mock.history() == expected
+    assert client.get("/_mock/history").json() == {"history": expected}
+    mock.reset()
+    assert mock.history() == []
+
+
 # ---- streaming
 
 
@@ -464,3 +687,28 @@ def test_cli_prints_url_serves_and_exits_zero_on_sigterm() -> None:
         finally:
             if process.poll() is None:
                 process.kill()
+
+
+def test_cli_flags_set_the_new_switches(mock_cerebras_module: ModuleType) -> None:
+    parser = mock_cerebras_module.build_parser()
+    args = parser.parse_args(
+        [
+            "--input-token-factor",
+            "1.15",
+            "--force-status",
+            "429",
+            "--force-count",
+            "1",
+            "--no-refund-unused",
+        ]
+    )
+
+    settings = mock_cerebras_module.settings_from_args(args)
+
+    assert settings.input_token_factor == 1.15
+    assert (settings.force_status, settings.force_count) == (429, 1)
+    assert settings.refund_unused is False
+    defaults = mock_cerebras_module.settings_from_args(parser.parse_args([]))
+    assert (defaults.input_token_factor, defaults.force_count) == (1.0, None)
+    with pytest.raises(mock_cerebras_module.SettingsError):
+        mock_cerebras_module.settings_from_args(parser.parse_args(["--input-token-factor", "0"]))

@@ -302,3 +302,14 @@ def test_no_window_of_60s_exceeds_the_limits_and_nothing_leaks(events):
     assert scheduler.depth == 0
     assert scheduler.limiter.open_reservations() == 0
     assert all(not t.held for t, _ in tickets)
+
+
+def test_an_upstream_429_gives_the_reservation_back():
+    scheduler, _ = make()
+    ticket = scheduler.submit("k", 4_000, now=0)
+    scheduler.pump(0)
+    scheduler.finish(ticket, 429, None, now=1)
+    tpm = Rate("tpm", "tokens", 10_000)
+    assert scheduler.limiter.used("k", tpm, 1) == 0
+    assert scheduler.limiter.open_reservations() == 0
+    assert scheduler.breaker.consecutive_429s == 1

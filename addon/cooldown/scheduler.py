@@ -286,11 +286,17 @@ class Scheduler:
             self.breaker.record_429(now)
         else:
             self.breaker.record_success(now)
-        if ticket.reservation is not None:
-            # Without a usage figure (errors, odd bodies) keep the estimate: upstream may have
-            # charged it, and over-counting only costs a little waiting.
-            settled = ticket.reservation.tokens if actual_tokens is None else actual_tokens
-            self.limiter.settle(ticket.reservation, settled, now)
+        if ticket.reservation is None:
+            return
+        if status == 429:
+            # Refused before any work: upstream charged nothing. Its picture of the limits is
+            # re-synced from the 429's own headers, so holding the estimate would count twice.
+            self.limiter.release(ticket.reservation, now)
+            return
+        # Without a usage figure (errors, odd bodies) keep the estimate: upstream may have
+        # charged it, and over-counting only costs a little waiting.
+        settled = ticket.reservation.tokens if actual_tokens is None else actual_tokens
+        self.limiter.settle(ticket.reservation, settled, now)
 
     def abort(self, ticket: Ticket, reached_upstream: bool, now: float) -> None:
         """A released request failed without an answer from upstream."""
