@@ -203,6 +203,9 @@ class Cooldown:
         self._held: dict[str, tuple[http.HTTPFlow, Ticket]] = {}
         # Held flows by client connection: a disconnect finds its flows without a scan.
         self._held_by_client: dict[str, set[str]] = {}
+        self._held_shapes: dict[str, RequestShape] = {}
+        # Re-sends in progress (after an upstream 429), by client connection.
+        self._retrying: dict[str, set[asyncio.Future[http.Response]]] = {}
         self._in_flight: dict[str, _FlowState] = {}
         self.calibration = InputCalibration()
         self.metrics = Metrics(self.gate)
@@ -383,7 +386,10 @@ class Cooldown:
         estimate = self._estimate(key, shape)
         ticket = self.gate.submit(estimate.total, key=key, meta=f.id)
         f.metadata["cooldown_estimate"] = estimate.total
-        outcome = await self._hold(f, ticket, estimate) if ticket.held else ticket.outcome
+        if ticket.held:
+            outcome = await self._hold(f, ticket, estimate, shape)
+        else:
+            outcome = ticket.outcome
         f.metadata["cooldown_waited"] = round(ticket.waited, 3)
         if outcome is not None:
             self.metrics.request_outcome(key, _OUTCOME_LABELS[outcome], ticket.waited)
@@ -440,6 +446,10 @@ class Cooldown:
         else:
             status, ctype, body = self.render_status(f.request.path)
         f.response = http.Response.make(status, body, {"Content-Type": ctype})
+        if f.request.method == "HEAD":
+            # A HEAD answer carries the GET's length but no content (RFC 9110, 9.3.2).
+            f.response.raw_content = b""
+            f.response.headers["content-length"] = str(len(body))
 
     @command.command("cooldown.status")
     def status_command(self) -> str:
@@ -466,8 +476,11 @@ class Cooldown:
             self.calibration.factor(key),
         )
 
-    async def _hold(self, f: http.HTTPFlow, ticket: Ticket, estimate: Estimate) -> Outcome:
+    async def _hold(
+        self, f: http.HTTPFlow, ticket: Ticket, estimate: Estimate, shape: RequestShape
+    ) -> Outcome:
         self._held[f.id] = (f, ticket)
+        self._held_shapes[f.id] = shape
         self._held_by_client.setdefault(f.client_conn.id, set()).add(f.id)
         f.intercept()
         waiting_for = {
@@ -492,6 +505,7 @@ class Cooldown:
             return await self.gate.wait(ticket)
         finally:
             del self._held[f.id]
+            del self._held_shapes[f.id]
             siblings = self._held_by_client.get(f.client_conn.id)
             if siblings is not None:
                 siblings.discard(f.id)
@@ -511,6 +525,8 @@ class Cooldown:
         ctx.master.addons.trigger(hooks.UpdateHook([f]))
 
     def client_disconnected(self, client: connection.Client) -> None:
+        for retry in list(self._retrying.get(client.id, ())):
+            retry.cancel()
         for flow_id in list(self._held_by_client.get(client.id, ())):
             held = self._held.get(flow_id)
             if held is not None:
@@ -572,13 +588,25 @@ class Cooldown:
             return None
         return usage_from_json(response.get_content(strict=False))
 
+    def _re_estimate_held(self, key: str) -> None:
+        """Apply what calibration just learnt to the requests still waiting for `key`."""
+        for flow_id, (f, ticket) in self._held.items():
+            if ticket.key == key and ticket.held:
+                estimate = self._estimate(key, self._held_shapes[flow_id])
+                ticket.tokens = max(estimate.total, 1)
+                f.metadata["cooldown_estimate"] = estimate.total
+        self.gate.pump()
+
     def _account(self, f: http.HTTPFlow, state: _FlowState, response: http.Response) -> None:
         """Settle the last attempt's reservation, learn from it, and note it on the flow."""
         usage = self._usage(state, response)
         total = usage.get("total_tokens") if usage else None
         self.gate.finish(state.ticket, response.status_code, total)
         if usage and "prompt_tokens" in usage:
+            before = self.calibration.factor(state.key)
             self.calibration.observe(state.key, state.shape.input_tokens, usage["prompt_tokens"])
+            if self.calibration.factor(state.key) != before:
+                self._re_estimate_held(state.key)
         if total is not None:
             self.metrics.estimate_vs_actual(state.key, state.estimate.total, total)
             f.metadata["cooldown_actual_tokens"] = total
@@ -613,15 +641,30 @@ class Cooldown:
         state.attempts += 1
         state.estimate = self._estimate(state.key, state.shape)
         ticket = self.gate.submit(state.estimate.total, key=state.key, meta=f.id, requeue=True)
-        outcome = await self._hold(f, ticket, state.estimate) if ticket.held else ticket.outcome
+        if ticket.held:
+            outcome = await self._hold(f, ticket, state.estimate, state.shape)
+        else:
+            outcome = ticket.outcome
         if outcome is not Outcome.RELEASED:
             if outcome not in (Outcome.CANCELLED, None):
                 self._refuse(f, outcome, ticket.retry_after)
             return False
         state.ticket = ticket
         state.tap = None
+        # The proxy re-sends on its own client, which mitmproxy does not tie to the flow: if
+        # the client leaves meanwhile, stop the retry rather than wait for upstream's answer.
+        resend = asyncio.ensure_future(self._resend(f, state))
+        self._retrying.setdefault(f.client_conn.id, set()).add(resend)
         try:
-            f.response = await self._resend(f, state)
+            f.response = await resend
+        except asyncio.CancelledError:
+            self.gate.abort(ticket, reached_upstream=True)  # upstream may have counted it
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # the hook itself is being cancelled, not just the retry
+            log.debug("client of flow %s left during a retry; retry stopped", f.id)
+            f.metadata["cooldown_refused"] = "client_gone"
+            return False
         except httpx.HTTPError as e:
             self.gate.abort(ticket, reached_upstream=True)
             log.info("retry of flow %s failed: %s", f.id, type(e).__name__)
@@ -641,6 +684,12 @@ class Cooldown:
                 {"Content-Type": "application/json", "X-Cooldown-Refused": "retry_failed"},
             )
             return False
+        finally:
+            retries = self._retrying.get(f.client_conn.id)
+            if retries is not None:
+                retries.discard(resend)
+                if not retries:
+                    del self._retrying[f.client_conn.id]
         f.metadata["cooldown_attempts"] = state.attempts
         return True
 
