@@ -254,3 +254,10 @@ def test_calibration_errs_high_is_bounded_and_ignores_tiny_prompts():
         cal.observe("m", 1000, 500)
     assert cal.factor("m") == 0.8  # old ratios age out; bounded below too
     assert cal.factor("other") == 1.0
+
+
+def test_text_beyond_any_context_is_bounded_by_its_bytes_without_tokenizing():
+    from cooldown.estimate import _EXACT_COUNT_MAX_CHARS
+
+    text = "é" * (_EXACT_COUNT_MAX_CHARS + 1)
+    assert count_text_tokens(text) == 2 * len(text)  # its UTF-8 bytes: an upper bound

@@ -120,7 +120,7 @@ async def test_forwarded_responses_carry_the_proxys_rate_limit_headers(addon_ctx
         ("GET", "/metrics", 200, "text/plain; version=0.0.4"),
         ("GET", "/metrics.json", 200, "application/json"),
         ("GET", "/nope", 404, "text/plain"),
-        ("POST", "/metrics", 405, "text/plain"),
+        ("POST", "/metrics", 405, "text/plain"),  # with Allow: GET, HEAD
     ],
 )
 async def test_reserved_host_answers_status_pages_read_only(addon_ctx, method, path, status, ctype):
@@ -133,6 +133,8 @@ async def test_reserved_host_answers_status_pages_read_only(addon_ctx, method, p
     await addon_ctx.request(f)
     assert f.response.status_code == status
     assert f.response.headers["content-type"].startswith(ctype)
+    if status == 405:
+        assert f.response.headers["allow"] == "GET, HEAD"
 
 
 async def test_separate_listener_serves_metrics(tmp_path):

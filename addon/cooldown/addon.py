@@ -446,6 +446,8 @@ class Cooldown:
         else:
             status, ctype, body = self.render_status(f.request.path)
         f.response = http.Response.make(status, body, {"Content-Type": ctype})
+        if status == 405:
+            f.response.headers["Allow"] = "GET, HEAD"
         if f.request.method == "HEAD":
             # A HEAD answer carries the GET's length but no content (RFC 9110, 9.3.2).
             f.response.raw_content = b""
@@ -645,6 +647,8 @@ class Cooldown:
             outcome = await self._hold(f, ticket, state.estimate, state.shape)
         else:
             outcome = ticket.outcome
+        if outcome is not None:
+            self.metrics.request_outcome(state.key, _OUTCOME_LABELS[outcome], ticket.waited)
         if outcome is not Outcome.RELEASED:
             if outcome not in (Outcome.CANCELLED, None):
                 self._refuse(f, outcome, ticket.retry_after)

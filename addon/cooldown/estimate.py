@@ -40,10 +40,21 @@ def _encoding() -> tiktoken.Encoding:
     return tiktoken.get_encoding(ENCODING_NAME)
 
 
+# Beyond any model's context: counting exactly would only cost memory (a list of millions of
+# token ids) for a request upstream will refuse anyway.
+_EXACT_COUNT_MAX_CHARS = 2_000_000
+
+
 def count_text_tokens(text: str) -> int:
-    """Tokens in plain text; special-token markers in user text are counted as text."""
+    """Tokens in plain text; special-token markers in user text are counted as text.
+
+    Texts longer than any context are counted as their UTF-8 byte length, an upper bound
+    (a cl100k token is at least one byte), without tokenizing.
+    """
     if not text:
         return 0
+    if len(text) > _EXACT_COUNT_MAX_CHARS:
+        return len(text.encode("utf-8", "surrogatepass"))
     return len(_encoding().encode_ordinary(text))
 
 

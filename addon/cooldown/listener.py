@@ -51,9 +51,10 @@ class MetricsListener:
                 status, ctype, body = self.render(parts[1])
                 if parts[0] == "HEAD":
                     body = b""
+            allow = "Allow: GET, HEAD\r\n" if status == 405 else ""
             writer.write(
                 f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}\r\n"
-                f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n{allow}"
                 "Connection: close\r\n\r\n".encode()
                 + body
             )
