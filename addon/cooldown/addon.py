@@ -211,6 +211,7 @@ class Cooldown:
         self.metrics = Metrics(self.gate)
         self._listener: MetricsListener | None = None
         self._queue_full_logged_at = -math.inf
+        self._debug = True  # per-request debug logging; off unless termlog shows debug
         self._running = False
         self._shutdown_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
@@ -228,6 +229,10 @@ class Cooldown:
         )
 
     def configure(self, updated: set[str]) -> None:
+        if "termlog_verbosity" in updated:
+            # mitmproxy formats and dispatches every record its root logger sees, shown or
+            # not; per-request debug lines are only worth that when someone will read them.
+            self._debug = ctx.options.termlog_verbosity == "debug"
         if "cerebras_config" in updated:
             self._load_config()
         if "connection_strategy" in updated and ctx.options.connection_strategy == "eager":
@@ -400,16 +405,18 @@ class Cooldown:
             retries = self.config.cerebras_limits.max_retries
             self._in_flight[f.id] = _FlowState(key, shape, estimate, ticket, retries)
             self._route(f)
-            log.debug(
-                "flow %s (%s) released after %.3fs, estimate %d tokens",
-                f.id,
-                key,
-                ticket.waited,
-                estimate.total,
-            )
+            if self._debug:
+                log.debug(
+                    "flow %s (%s) released after %.3fs, estimate %d tokens",
+                    f.id,
+                    key,
+                    ticket.waited,
+                    estimate.total,
+                )
             return
         if outcome is Outcome.CANCELLED or outcome is None:
-            log.debug("flow %s left the queue (client gone or killed)", f.id)
+            if self._debug:
+                log.debug("flow %s left the queue (client gone or killed)", f.id)
             return
         self._refuse(f, outcome, ticket.retry_after)
 
@@ -418,7 +425,8 @@ class Cooldown:
         f.comment = f"Cooldown: refused ({outcome.value})"
         f.marked = ":no_entry:"
         f.response = proxy_error_response(outcome, retry_after)
-        log.debug("flow %s refused: %s", f.id, outcome.value)
+        if self._debug:
+            log.debug("flow %s refused: %s", f.id, outcome.value)
         if outcome is Outcome.QUEUE_FULL:
             now = time.monotonic()
             if now - self._queue_full_logged_at >= _QUEUE_FULL_LOG_INTERVAL:
@@ -565,11 +573,20 @@ class Cooldown:
 
     def _add_proxy_headers(self, response: http.Response, state: _FlowState) -> None:
         """The proxy's own view, beside upstream's x-ratelimit-* (which pass unchanged)."""
-        for name, rate in self.gate.rate_view(state.key).items():
-            response.headers[f"X-RateLimit-Limit-{name.upper()}"] = str(rate[0])
-            response.headers[f"X-RateLimit-Remaining-{name.upper()}"] = str(rate[1])
-        response.headers["X-Cooldown-Wait"] = f"{state.ticket.waited:.3f}"
-        response.headers["X-Cooldown-Estimated-Tokens"] = str(state.estimate.total)
+        added: list[tuple[bytes, bytes]] = []
+        for name, (limit, remaining) in self.gate.rate_view(state.key).items():
+            added.append((f"X-RateLimit-Limit-{name.upper()}".encode(), str(limit).encode()))
+            added.append(
+                (f"X-RateLimit-Remaining-{name.upper()}".encode(), str(remaining).encode())
+            )
+        added.append((b"X-Cooldown-Wait", f"{state.ticket.waited:.3f}".encode()))
+        added.append((b"X-Cooldown-Estimated-Tokens", str(state.estimate.total).encode()))
+        # One rebuild of the header tuple instead of a scan-and-rebuild per header.
+        names = {name.lower() for name, _ in added}
+        response.headers.fields = (
+            *(field for field in response.headers.fields if field[0].lower() not in names),
+            *added,
+        )
 
     async def response(self, f: http.HTTPFlow) -> None:
         state = self._in_flight.pop(f.id, None)

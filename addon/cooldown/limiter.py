@@ -271,11 +271,6 @@ class MemoryLimiter:
         view = self._views.get((key, rate.unit, rate.period))
         return rate.limit if view is None else min(rate.limit, view.limit)
 
-    def _amount(self, key: str, rate: Rate, tokens: int) -> int:
-        # A request larger than a token limit could never fit; charging it the whole limit
-        # lets it through once the window is empty instead of holding it forever.
-        return 1 if rate.unit == "requests" else min(tokens, self.limit(key, rate))
-
     def _pace(self, key: str, rate: Rate, limit: int, now: float) -> tuple[Pace, float, float]:
         capacity = max(rate.burst * limit, 1.0)
         slot = (key, rate.unit, rate.period)
@@ -285,32 +280,37 @@ class MemoryLimiter:
         return pace, capacity, limit / rate.period
 
     def try_acquire(self, key: str, rates: Sequence[Rate], tokens: int, now: float) -> Decision:
+        # Look every structure up once per rate: this runs for every release decision.
+        plan = []
         worst_wait, binding = 0.0, None
         for rate in rates:
-            limit = self.limit(key, rate)
-            amount = self._amount(key, rate, tokens)
-            wait = self._window(key, rate).wait_time(amount, limit, now)
-            view = self._views.get((key, rate.unit, rate.period))
+            slot = (key, rate.unit, rate.period)
+            window = self._windows.get(slot)
+            if window is None:
+                window = self._windows[slot] = SlidingWindow(rate.period)
+            view = self._views.get(slot)
+            limit = rate.limit if view is None else min(rate.limit, view.limit)
+            # A request larger than a token limit could never fit; charging it the whole
+            # limit lets it through once the window is empty instead of holding it forever.
+            amount = 1 if rate.unit == "requests" else min(tokens, limit)
+            wait = window.wait_time(amount, limit, now)
             if view is not None:
                 wait = max(wait, view.wait_time(amount, limit, now))
+            pace = None
             if rate.burst < 1.0:
-                pace, capacity, refill = self._pace(key, rate, limit, now)
-                wait = max(wait, pace.wait_time(amount, capacity, refill, now))
+                pace = self._pace(key, rate, limit, now)
+                wait = max(wait, pace[0].wait_time(amount, pace[1], pace[2], now))
             if wait > worst_wait:
                 worst_wait, binding = wait, rate.name
+            plan.append((rate, window, view, pace, amount))
         if binding is not None:
             return Decision(False, wait=worst_wait, binding=binding)
         reservation = Reservation(key, tokens)
-        for rate in rates:
-            window = self._window(key, rate)
-            amount = self._amount(key, rate, tokens)
+        for rate, window, view, pace, amount in plan:
             window.in_flight += amount
-            view = self._views.get((key, rate.unit, rate.period))
             if view is not None:
                 view.add(amount, now)
-            pace = None
-            if rate.burst < 1.0:
-                pace = self._pace(key, rate, self.limit(key, rate), now)
+            if pace is not None:
                 pace[0].take(amount, pace[1], pace[2], now)
             reservation._parts.append(_Part(window, rate.unit, amount, view, pace))
         self._open += 1

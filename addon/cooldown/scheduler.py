@@ -152,7 +152,12 @@ class Scheduler:
         }
 
     def is_tight(self, key: str, now: float) -> bool:
-        return max(self.usage(key, now).values(), default=0.0) > self.limits.priority_threshold
+        threshold = self.limits.priority_threshold
+        limiter = self.limiter
+        return any(
+            limiter.used(key, rate, now) > threshold * limiter.limit(key, rate)
+            for rate in self.rates_for(key)
+        )
 
     def held_tickets(self) -> Iterator[Ticket]:
         for queue in self._queues.values():
@@ -245,8 +250,13 @@ class Scheduler:
         if paused is not None:
             return paused
         rates = self.rates_for(key)
+        # Usage only rises while releasing, so once tight, tight for the rest of this pump; and
+        # with one request waiting, the order does not matter.
+        tight = False
         while True:
-            ticket = queue.head(self.is_tight(key, now))
+            if not tight and queue.live > 1:
+                tight = self.is_tight(key, now)
+            ticket = queue.head(tight)
             if ticket is None:
                 self._last_wait.pop(key, None)
                 return None

@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -44,6 +44,20 @@ def _number(value: str) -> float | None:
     return number if math.isfinite(number) and number >= 0 else None
 
 
+def _header_pairs(headers: Any) -> Iterator[tuple[str, str]]:
+    """(name, value) once per header line, cheaply for mitmproxy's Headers.
+
+    mitmproxy's `Headers.items()` looks every name up again (a scan per name); its raw
+    `fields` are read once.
+    """
+    fields = getattr(headers, "fields", None)
+    if fields is not None:
+        for name, value in fields:
+            yield name.decode("latin-1"), value.decode("latin-1")
+    else:
+        yield from headers.items()
+
+
 def parse_rate_headers(headers: Mapping[str, str] | Any) -> list[RateReport]:
     """Every complete limit/remaining triple in the `x-ratelimit-*` family.
 
@@ -52,7 +66,9 @@ def parse_rate_headers(headers: Mapping[str, str] | Any) -> list[RateReport]:
     or remaining is skipped; a missing reset is taken as a full period (the safe side).
     """
     found: dict[tuple[str, str], dict[str, float]] = {}
-    for name, value in headers.items():
+    for name, value in _header_pairs(headers):
+        if not name[:12].lower().startswith("x-ratelimit-"):
+            continue
         match = _RATE_HEADER.fullmatch(name.lower())
         if match is None:
             continue
