@@ -614,6 +614,7 @@ class Cooldown:
                 estimate = self._estimate(key, self._held_shapes[flow_id])
                 ticket.tokens = max(estimate.total, 1)
                 f.metadata["cooldown_estimate"] = estimate.total
+        self.gate.scheduler.generation += 1  # a smaller estimate may fit now
         self.gate.pump()
 
     def _account(self, f: http.HTTPFlow, state: _FlowState, response: http.Response) -> None:

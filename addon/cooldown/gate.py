@@ -102,6 +102,7 @@ class Gate:
         """Apply new limits without dropping anything held or in flight."""
         self.config = config
         self.scheduler.limits = config.cerebras_limits
+        self.scheduler.generation += 1
         self.breaker.config = config.circuit_breaker
         self._rates.clear()
         self.pump()
@@ -110,6 +111,7 @@ class Gate:
         """Correct the local picture with upstream's `x-ratelimit-*` report for `key`."""
         if not reports:
             return
+        self.scheduler.generation += 1
         now = self.clock()
         known = self.limiter.learned_limits(key)
         for report in reports:

@@ -92,6 +92,10 @@ class _KeyQueue:
         self.fifo: deque[Ticket] = deque()
         self.by_priority: list[tuple[float, int, Ticket]] = []
         self.live = 0
+        # The last refusal of the head: (ticket id, limiter generation, until when). While the
+        # same head waits, nothing freed capacity and that moment has not come, asking the
+        # limiter again can only say no again.
+        self.refused: tuple[int, int, float] | None = None
 
     def push(self, ticket: Ticket, aging: float) -> None:
         self.fifo.append(ticket)
@@ -136,6 +140,8 @@ class Scheduler:
         self._depth = 0
         self._last_wait: dict[str, float] = {}
         self._paused_until: dict[str, float] = {}
+        # Bumped whenever capacity may have come back or limits changed (see _KeyQueue.refused).
+        self.generation = 0
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -263,10 +269,19 @@ class Scheduler:
             half_open = self.breaker.state(now) is BreakerState.HALF_OPEN
             if half_open and self.breaker.probe_in_flight():
                 return None  # wait for the probe's answer; its finish() pumps again
+            refused = queue.refused
+            if (
+                refused is not None
+                and refused[0] == ticket.id
+                and refused[1] == self.generation
+                and now < refused[2]
+            ):
+                return refused[2]
             decision = self.limiter.try_acquire(key, rates, ticket.tokens, now)
             if not decision.granted:
                 ticket.wait_reason = decision.binding
                 self._last_wait[key] = decision.wait
+                queue.refused = (ticket.id, self.generation, now + decision.wait)
                 return now + decision.wait
             if half_open:
                 self.breaker.try_start_probe(now)
@@ -286,12 +301,14 @@ class Scheduler:
         """Upstream has started answering, so it has counted the request by now."""
         if ticket.reservation is not None and not ticket.finished:
             self.limiter.confirm(ticket.reservation, now)
+            self.generation += 1
 
     def finish(self, ticket: Ticket, status: int, actual_tokens: int | None, now: float) -> None:
         """Upstream answered a released request: settle its reservation and feed the breaker."""
         if ticket.outcome is not Outcome.RELEASED or ticket.finished:
             return
         ticket.finished = True
+        self.generation += 1
         if status == 429:
             self.breaker.record_429(now)
         else:
@@ -313,6 +330,7 @@ class Scheduler:
         if ticket.outcome is not Outcome.RELEASED or ticket.finished:
             return
         ticket.finished = True
+        self.generation += 1
         if ticket.probe:
             self.breaker.probe_aborted()
         if ticket.reservation is None:
