@@ -65,6 +65,7 @@ def addon_ctx(config_file):
             addon,
             cerebras_config=config_file(
                 "cerebras_limits:\n  rpm_limit: 2\n  tpm_limit: 1000\n  max_queue_depth: 2\n"
+                "  max_retries: 0\n"
                 "circuit_breaker:\n  failure_threshold: 3\n  open_duration: 30s\n"
             ),
         )
@@ -195,7 +196,10 @@ async def test_resumed_by_hand_stays_held(addon_ctx):
 
 
 async def test_breaker_opens_after_consecutive_upstream_429s(addon_ctx):
+    from .helpers import FakeClock
+
     addon, _ = addon_ctx
+    clock = addon.gate.clock = FakeClock()
     for _ in range(3):
         f = cerebras_flow({"model": "m", "messages": [], "max_completion_tokens": 1})
         await addon.request(f)
@@ -203,15 +207,14 @@ async def test_breaker_opens_after_consecutive_upstream_429s(addon_ctx):
         f.response = tutils.tresp(
             status_code=429, content=b'{"message":"Tokens per minute limit exceeded"}'
         )
-        await addon.response(f)
-        addon.gate.limiter = addon.gate.scheduler.limiter  # same object; limits reset below
-        addon.gate.scheduler.limiter._windows.clear()
+        await addon.response(f)  # the reservation is given back; the model cools down 1 s
+        clock.advance(1.0)
     refused = cerebras_flow()
     await addon.request(refused)
     assert refused.response.status_code == 503
     body = json.loads(refused.response.content)
     assert body["error"]["code"] == "circuit_open"
-    assert int(refused.response.headers["retry-after"]) == 30
+    assert int(refused.response.headers["retry-after"]) == 29  # opened 1 s ago, for 30 s
     assert addon.status()["breaker"] == "open"
 
 
@@ -527,3 +530,50 @@ async def test_config_file_changes_are_applied_and_bad_ones_kept_out(tmp_path, c
         await task  # the new limit releases the held request; nothing was dropped
         assert held.response is None
         assert addon.status()["queue_depth"] == 0
+
+
+async def test_after_shutdown_new_requests_are_answered_at_once(addon_ctx):
+    addon, _ = addon_ctx
+    addon._stopping = True  # what the shutdown watcher sets when mitmproxy is exiting
+    f = cerebras_flow()
+    await addon.request(f)
+    assert f.response.status_code == 503
+    assert json.loads(f.response.content)["error"]["code"] == "proxy_shutting_down"
+    assert addon.status()["submitted"] == 0
+
+
+async def test_invented_model_names_share_one_key_past_the_cap(config_file, monkeypatch):
+    import cooldown.addon as addon_module
+
+    monkeypatch.setattr(addon_module, "MAX_MODELS", 3)
+    addon = Cooldown()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, cerebras_config=config_file("cerebras_limits:\n  rpm_limit: 100\n"))
+        for i in range(6):
+            body = {"model": f"made-up-{i}", "messages": [], "max_completion_tokens": 1}
+            await addon.request(cerebras_flow(body))
+        assert sorted(addon.gate.keys) == [
+            "(other models)",
+            "made-up-0",
+            "made-up-1",
+            "made-up-2",
+        ]
+
+
+async def test_a_huge_retry_after_is_capped_at_the_request_timeout(config_file):
+    addon = Cooldown()
+    with taddons.context(addon) as tctx:
+        tctx.configure(
+            addon,
+            cerebras_config=config_file(
+                "cerebras_limits:\n  max_retries: 0\n  request_timeout: 30s\n"
+            ),
+        )
+        f = cerebras_flow()
+        await addon.request(f)
+        f.response = tutils.tresp(
+            status_code=429, content=b"{}", headers=[(b"retry-after", b"86400")]
+        )
+        await addon.response(f)
+        now = addon.gate.clock()
+        assert addon.gate.scheduler.paused_until("m", now) == pytest.approx(now + 30, abs=1)

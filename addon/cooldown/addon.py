@@ -50,6 +50,8 @@ METERED_PATHS = ("/v1/chat/completions", "/v1/completions")
 STATUS_HOST = "cooldown.local"
 _QUEUE_FULL_LOG_INTERVAL = 10.0
 CONFIG_POLL_SECONDS = 1.0
+MAX_MODELS = 64
+OTHER_MODELS_KEY = "(other models)"
 
 
 def _file_stamp(path: Path | None) -> tuple[float, int] | None:
@@ -210,8 +212,10 @@ class Cooldown:
         self.calibration = InputCalibration()
         self.metrics = Metrics(self.gate)
         self._listener: MetricsListener | None = None
+        self._listener_wanted: tuple[str, int] | None = None
         self._queue_full_logged_at = -math.inf
         self._debug = True  # per-request debug logging; off unless termlog shows debug
+        self._stopping = False
         self._running = False
         self._shutdown_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
@@ -322,9 +326,9 @@ class Cooldown:
     def _restart_listener(self) -> None:
         """(Re)start the scrape listener when `metrics_listen` is set or changed."""
         wanted = self.config.metrics_listen
-        current = (self._listener.host, self._listener.port) if self._listener else None
-        if wanted == current:
+        if wanted == self._listener_wanted and (wanted is None or self._listener is not None):
             return
+        self._listener_wanted = wanted
         if self._listener is not None:
             self._listener.close()
             self._listener = None
@@ -346,6 +350,7 @@ class Cooldown:
     async def _answer_held_on_exit(self) -> None:
         # Without this, held flows would wait for their timeout while the loop is torn down.
         await ctx.master.should_exit.wait()
+        self._stopping = True  # from now on new requests are answered at once, not held
         held = self.gate.shutdown()
         if held:
             log.info("shutting down: answered %d held request(s) with 503", held)
@@ -387,7 +392,10 @@ class Cooldown:
             self._route(f)
             return
         shape = await self._prepare(f)
-        key = shape.model or DEFAULT_KEY
+        if self._stopping:
+            self._refuse(f, Outcome.SHUTDOWN, 5.0)
+            return
+        key = self._key_for(shape.model)
         estimate = self._estimate(key, shape)
         ticket = self.gate.submit(estimate.total, key=key, meta=f.id)
         f.metadata["cooldown_estimate"] = estimate.total
@@ -419,6 +427,19 @@ class Cooldown:
                 log.debug("flow %s left the queue (client gone or killed)", f.id)
             return
         self._refuse(f, outcome, ticket.retry_after)
+
+    def _key_for(self, model: str | None) -> str:
+        """The limiter key for a model name, which comes from the client.
+
+        Every key has its own windows, queue and metric series; past MAX_MODELS distinct names
+        not in the config, further ones share one key, so a client inventing names cannot
+        grow the proxy without bound.
+        """
+        if model is None:
+            return DEFAULT_KEY
+        if model in self.gate.keys or model in self.config.models:
+            return model
+        return model if len(self.gate.keys) < MAX_MODELS else OTHER_MODELS_KEY
 
     def _refuse(self, f: http.HTTPFlow, outcome: Outcome, retry_after: float) -> None:
         f.metadata["cooldown_refused"] = outcome.value
@@ -595,7 +616,8 @@ class Cooldown:
         while f.response.status_code == 429:
             verdict = classify_429(f.response.get_content(strict=False))
             self.metrics.upstream_429(state.key, verdict.kind)
-            if state.retries_left <= 0 or not await self._retry_after_429(f, state, verdict):
+            cooldown = self._cool_down(state, f.response, verdict)
+            if state.retries_left <= 0 or not await self._retry_after_429(f, state, cooldown):
                 break
         if f.response is not None and "cooldown_refused" not in f.metadata:
             self._account(f, state, f.response)
@@ -622,7 +644,7 @@ class Cooldown:
         usage = self._usage(state, response)
         total = usage.get("total_tokens") if usage else None
         self.gate.finish(state.ticket, response.status_code, total)
-        if usage and "prompt_tokens" in usage:
+        if usage and "prompt_tokens" in usage and state.shape.understood:
             before = self.calibration.factor(state.key)
             self.calibration.observe(state.key, state.shape.input_tokens, usage["prompt_tokens"])
             if self.calibration.factor(state.key) != before:
@@ -634,9 +656,25 @@ class Cooldown:
         if response.status_code == 429:
             log.info("upstream answered 429 for flow %s (%s); no retries left", f.id, state.key)
 
-    async def _retry_after_429(
-        self, f: http.HTTPFlow, state: _FlowState, verdict: Upstream429
-    ) -> bool:
+    def _cool_down(self, state: _FlowState, response: http.Response, verdict: Upstream429) -> float:
+        """Pause the model after a 429: for `retry-after` if upstream sent a sane one."""
+        retry_after = parse_retry_after(response.headers.get("retry-after"), time.time())
+        # Without retry-after, a short pause; the upstream view, re-synced from the 429's own
+        # headers, then holds releases until upstream's bucket has room. A retry-after longer
+        # than anyone may wait in the queue is capped there.
+        cooldown = retry_after if retry_after is not None else 1.0
+        cooldown = min(cooldown, self.config.cerebras_limits.request_timeout)
+        self.gate.pause(state.key, cooldown)
+        log.info(
+            "upstream 429 (%s%s) for %s: cooling down %.1fs",
+            verdict.kind,
+            f", {verdict.unit}" if verdict.unit else "",
+            state.key,
+            cooldown,
+        )
+        return cooldown
+
+    async def _retry_after_429(self, f: http.HTTPFlow, state: _FlowState, cooldown: float) -> bool:
         """Cool the model down, hold the request again and re-send it; False if it ended."""
         response = f.response
         assert response is not None
@@ -644,19 +682,7 @@ class Cooldown:
         self.gate.observe(state.key, parse_rate_headers(response.headers))
         self.gate.finish(state.ticket, 429, None)
         self.metrics.retry(state.key)
-        retry_after = parse_retry_after(response.headers.get("retry-after"), time.time())
-        # Without retry-after, a short pause; the upstream view just re-synced from the 429's
-        # own headers then holds releases until upstream's bucket has room.
-        cooldown = retry_after if retry_after is not None else 1.0
-        self.gate.pause(state.key, cooldown)
-        log.info(
-            "upstream 429 (%s%s) for %s: cooling down %.1fs, retrying flow %s",
-            verdict.kind,
-            f", {verdict.unit}" if verdict.unit else "",
-            state.key,
-            cooldown,
-            f.id,
-        )
+        log.info("retrying flow %s after %.1fs", f.id, cooldown)
         state.retries_left -= 1
         state.attempts += 1
         state.estimate = self._estimate(state.key, state.shape)
@@ -665,7 +691,8 @@ class Cooldown:
             outcome = await self._hold(f, ticket, state.estimate, state.shape)
         else:
             outcome = ticket.outcome
-        if outcome is not None:
+        if outcome is not None and outcome is not Outcome.RELEASED:
+            # A retry that goes out is counted by cooldown_retries_total, not as a new request.
             self.metrics.request_outcome(state.key, _OUTCOME_LABELS[outcome], ticket.waited)
         if outcome is not Outcome.RELEASED:
             if outcome not in (Outcome.CANCELLED, None):
@@ -679,6 +706,7 @@ class Cooldown:
         self._retrying.setdefault(f.client_conn.id, set()).add(resend)
         try:
             f.response = await resend
+            self._add_proxy_headers(f.response, state)
         except asyncio.CancelledError:
             self.gate.abort(ticket, reached_upstream=True)  # upstream may have counted it
             current = asyncio.current_task()

@@ -55,7 +55,7 @@ class Rate:
     burst: float = 1.0
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Entry:
     at: float
     amount: int

@@ -43,6 +43,27 @@ CEREBRAS_CHAT = "https://api.cerebras.ai/v1/chat/completions"
 CEREBRAS_MODELS = "https://api.cerebras.ai/v1/models"
 
 
+def mitmdump_command(
+    port: int, confdir: Path, config_path: Path, verbosity: str = "debug"
+) -> list[str]:
+    """mitmdump with the addon on 127.0.0.1:`port`, its own CA dir and config."""
+    return [
+        str(MITMDUMP),
+        "-s",
+        str(SCRIPT),
+        "--listen-host",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "--set",
+        f"confdir={confdir}",
+        "--set",
+        f"cerebras_config={config_path}",
+        "--set",
+        f"termlog_verbosity={verbosity}",
+    ]
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -225,21 +246,7 @@ def proxy(
         confdir.mkdir()
         log_path = tmp_path / f"mitmdump-{index}.log"
         port = free_port()
-        command = [
-            str(MITMDUMP),
-            "-s",
-            str(SCRIPT),
-            "--listen-host",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "--set",
-            f"confdir={confdir}",
-            "--set",
-            f"cerebras_config={config_path}",
-            "--set",
-            "termlog_verbosity=debug",
-        ]
+        command = mitmdump_command(port, confdir, config_path)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(log_path, "wb") as log_file:
             process = subprocess.Popen(

@@ -40,12 +40,11 @@ import yaml
 
 from .conftest import (
     _PROXIES,
-    MITMDUMP,
-    SCRIPT,
     START_TIMEOUT,
     STOP_TIMEOUT,
     Proxy,
     free_port,
+    mitmdump_command,
     wait_until,
 )
 
@@ -103,21 +102,7 @@ class Launcher:
         confdir.mkdir()
         log_path = self.tmp_path / f"faults-mitmdump-{index}.log"
         port = free_port()
-        command = [
-            str(MITMDUMP),
-            "-s",
-            str(SCRIPT),
-            "--listen-host",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "--set",
-            f"confdir={confdir}",
-            "--set",
-            f"cerebras_config={config_path}",
-            "--set",
-            f"termlog_verbosity={verbosity}",
-        ]
+        command = mitmdump_command(port, confdir, config_path, verbosity)
         for option in options:
             command += ["--set", option]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
