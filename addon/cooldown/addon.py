@@ -763,11 +763,12 @@ class Cooldown:
             self.gate.observe(state.key, parse_rate_headers(upstream.headers))
             if upstream.headers.get("content-type", "").startswith("text/event-stream"):
                 state.tap = SSEUsageTap()
-            raw = b""
+            pieces = []
             async for chunk in upstream.aiter_raw():
-                raw += state.tap(chunk) if state.tap is not None else chunk
+                pieces.append(state.tap(chunk) if state.tap is not None else chunk)
             if state.tap is not None:
                 state.tap(b"")
+            raw = b"".join(pieces)
         response = http.Response.make(
             upstream.status_code,
             b"",
