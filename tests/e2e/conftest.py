@@ -64,6 +64,20 @@ def mitmdump_command(
     ]
 
 
+def spawn_mitmdump(command: list[str], log_path: Path, cwd: Path) -> subprocess.Popen[bytes]:
+    """Start mitmdump with its output (stdout and stderr) in `log_path`."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "wb") as log_file:
+        return subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env=env,
+        )
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -247,16 +261,7 @@ def proxy(
         log_path = tmp_path / f"mitmdump-{index}.log"
         port = free_port()
         command = mitmdump_command(port, confdir, config_path)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        with open(log_path, "wb") as log_file:
-            process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                cwd=tmp_path,
-                env=env,
-            )
+        process = spawn_mitmdump(command, log_path, tmp_path)
         proxy = Proxy(port, confdir, config_path, log_path, process)
         started.append(proxy)
 

@@ -25,7 +25,6 @@ import os
 import socket
 import ssl
 import struct
-import subprocess
 import threading
 import time
 from collections import deque
@@ -45,6 +44,7 @@ from .conftest import (
     Proxy,
     free_port,
     mitmdump_command,
+    spawn_mitmdump,
     wait_until,
 )
 
@@ -105,16 +105,7 @@ class Launcher:
         command = mitmdump_command(port, confdir, config_path, verbosity)
         for option in options:
             command += ["--set", option]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        with open(log_path, "wb") as log_file:
-            process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                cwd=self.tmp_path,
-                env=env,
-            )
+        process = spawn_mitmdump(command, log_path, self.tmp_path)
         proxy = Proxy(port, confdir, config_path, log_path, process)
         self.started.append(proxy)
 
