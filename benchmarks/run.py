@@ -5,7 +5,7 @@ Every figure is printed beside the baseline it was compared with in the same run
 shared, noisy 2-core machine are only meaningful as ratios), and all of it is written to a JSON
 file (default benchmarks/results/quick.json or full.json) plus a Markdown table beside it.
 Missing a target does not fail the run: the exit status is 1 only if a benchmark crashed.
-Benchmarks: core, estimate, proxy, memory, saturation (see docs/benchmarks.md).
+Benchmarks: core, estimate, proxy, memory, saturation, fullspeed (see docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `cooldow
 from benchmarks import (
     bench_core,
     bench_estimate,
+    bench_fullspeed,
     bench_memory,
     bench_proxy,
     bench_saturation,
@@ -46,6 +47,7 @@ BENCHMARKS = {
     "proxy": bench_proxy.run,
     "memory": bench_memory.run,
     "saturation": bench_saturation.run,
+    "fullspeed": bench_fullspeed.run,
 }
 
 
@@ -81,7 +83,13 @@ def markdown(results: list[BenchResult], meta: dict[str, object]) -> str:
             cells = [c.replace("|", "\\|") for c in figure.row()]
             lines.append(f"| {result.name} | " + " | ".join(cells) + " |")
     notes = [f"- {r.name} / {f.name}: {f.note}" for r in results for f in r.figures if f.note]
-    return "\n".join([*lines, "", *notes, ""])
+    # A benchmark may add its own tables (details["markdown"]), e.g. one row per path.
+    extra = [
+        f"\n### {r.name}\n\n{r.details['markdown']}"
+        for r in results
+        if isinstance(r.details.get("markdown"), str)
+    ]
+    return "\n".join([*lines, "", *notes, *extra, ""])
 
 
 def main(argv: list[str] | None = None) -> int:
