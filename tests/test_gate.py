@@ -10,7 +10,11 @@ from cooldown.upstream import RateReport
 
 from .helpers import FakeClock
 
-CONFIG = Config(cerebras_limits=CerebrasLimits(rpm_limit=2, tpm_limit=1_000, max_queue_depth=3))
+CONFIG = Config(
+    cerebras_limits=CerebrasLimits(
+        rpm_limit=2, tpm_limit=1_000, max_queue_depth=3, probe_first=False
+    )
+)
 
 
 def make():
@@ -44,8 +48,8 @@ async def test_timer_is_armed_for_the_next_release():
     gate.confirm(gate.submit(1_000))
     held = gate.submit(10)
     assert gate._timer is not None
-    assert gate._timer_at == clock.now + 60  # when the first reservation ages out
-    clock.advance(60)
+    assert gate._timer_at == pytest.approx(clock.now + 0.6)  # 10 tokens refilled at 1000/min
+    clock.advance(0.6)
     gate._timer.cancel()
     gate._on_timer()  # what the loop would run at that moment
     assert held.outcome is Outcome.RELEASED
@@ -140,7 +144,10 @@ async def test_each_model_has_its_own_limits_and_windows():
 
 
 async def test_fits_the_minute_but_not_the_day_waits_and_the_wait_is_reported():
-    gate, clock = per_model_gate("models:\n  m: {tpm_limit: 1000, tpd_limit: 1500}\n")
+    gate, clock = per_model_gate(
+        "cerebras_limits: {algorithm: sliding_window, probe_first: false}\n"
+        "models:\n  m: {tpm_limit: 1000, tpd_limit: 1500}\n"
+    )
     first = gate.submit(900, key="m")
     gate.finish(first, 200, 900)
     clock.advance(61)  # the minute window is empty again, the day window is not
@@ -153,9 +160,24 @@ async def test_fits_the_minute_but_not_the_day_waits_and_the_wait_is_reported():
     assert gate.status()["usage"]["m"]["tpd"] == pytest.approx(0.6)
 
 
+async def test_fits_the_minute_but_not_the_day_bucket():
+    gate, clock = per_model_gate(
+        "cerebras_limits: {probe_first: false}\nmodels:\n  m: {tpm_limit: 1000, tpd_limit: 1500}\n"
+    )
+    first = gate.submit(900, key="m")
+    gate.finish(first, 200, 900)
+    clock.advance(61)  # the minute bucket is full again; the day bucket got 1500/86400 a second
+    second = gate.submit(900, key="m")
+    assert second.held
+    assert second.wait_reason == "tpd"
+    refilled = 1500 / 86400 * 61
+    assert gate.scheduler.retry_hint("m") == pytest.approx((300 - refilled) * 86400 / 1500, abs=1)
+
+
 async def test_hour_limits_replenish_continuously():
     gate, clock = per_model_gate(
-        "cerebras_limits: {request_timeout: 2h}\nmodels:\n  m: {rph_limit: 2}\n"
+        "cerebras_limits: {request_timeout: 2h, algorithm: sliding_window, probe_first: false}\n"
+        "models:\n  m: {rph_limit: 2}\n"
     )
     a = gate.submit(1, key="m")
     gate.finish(a, 200, 1)

@@ -1,18 +1,21 @@
+"""The limiter: the sliding window (selectable), the token bucket (default), upstream's view."""
+
 import pytest
 
-from cooldown.limiter import MemoryLimiter, Rate, SlidingWindow
+from cooldown.limiter import MemoryLimiter, Rate, RateReport, SlidingWindow, TokenBucket
 
-RPM = Rate("rpm", "requests", 3)
-TPM = Rate("tpm", "tokens", 100)
+# The window's tests first: every rate here counts in a 60 s sliding window.
+RPM = Rate("rpm", "requests", 3, algorithm="sliding_window")
+TPM = Rate("tpm", "tokens", 100, algorithm="sliding_window")
 
 
 def test_window_counts_only_the_last_period():
     window = SlidingWindow(60)
     window.add(40, now=0)
     window.add(30, now=30)
-    assert window.used(59.9) == 70
-    assert window.used(60) == 30  # the entry at 0 leaves exactly one period later
-    assert window.used(90) == 0
+    assert window.used(100, 59.9) == 70
+    assert window.used(100, 60) == 30  # the entry at 0 leaves exactly one period later
+    assert window.used(100, 90) == 0
 
 
 def test_wait_time_is_when_enough_ages_out():
@@ -135,7 +138,8 @@ def test_settle_confirms_at_settle_time():
 
 # -- pacing (burst < 1) ------------------------------------------------------------------------
 
-PACED_TPM = Rate("tpm", "tokens", 600, 60.0, burst=0.25)  # 150 at once, then 10 per second
+# 150 at once, then 10 per second
+PACED_TPM = Rate("tpm", "tokens", 600, 60.0, burst=0.25, algorithm="sliding_window")
 
 
 def test_pacing_allows_a_short_burst_then_the_limits_rate():
@@ -172,7 +176,7 @@ def test_release_refunds_the_pace():
 def test_paced_releases_under_saturation_are_spread_not_one_burst_a_minute():
     """Saturated for 3 minutes: with pacing, releases in minutes 2 and 3 are spread evenly."""
     for burst, expect_spread in ((1.0, False), (0.25, True)):
-        rate = Rate("tpm", "tokens", 600, 60.0, burst=burst)
+        rate = Rate("tpm", "tokens", 600, 60.0, burst=burst, algorithm="sliding_window")
         limiter = MemoryLimiter()
         released = []
         now = 0.0
@@ -187,3 +191,155 @@ def test_paced_releases_under_saturation_are_spread_not_one_burst_a_minute():
         seconds_with_releases = {int(t) for t in late}
         assert len(late) >= 115  # the full limit either way: 600 tokens a minute
         assert (len(seconds_with_releases) > 60) is expect_spread  # vs ~2 bursts
+
+
+# -- the token bucket (the default) --------------------------------------------------------------
+
+B_RPM = Rate("rpm", "requests", 3)
+B_TPM = Rate("tpm", "tokens", 600)  # refills 10 tokens per second
+
+
+def test_bucket_refills_continuously_up_to_its_capacity():
+    bucket = TokenBucket(60, used=0, now=0)
+    bucket.hold(500)
+    bucket.count(500, 600, now=0)
+    assert bucket.used(600, 0) == 500
+    assert bucket.used(600, 10) == pytest.approx(400)  # 10 tokens a second came back
+    assert bucket.used(600, 1000) == 0  # never more than full
+
+
+def test_bucket_admits_a_full_limit_then_the_refill():
+    """Over T seconds a bucket that starts full admits limit x (1 + T / period)."""
+    limiter = MemoryLimiter()
+    released, now = 0, 0.0
+    while now <= 60:
+        decision = limiter.try_acquire("k", (B_TPM,), 50, now)
+        if decision.granted:
+            limiter.confirm(decision.reservation, now)
+            released += 50
+        else:
+            now += decision.wait
+    assert released == 1_200  # 600 at once, 600 refilled during the minute
+
+
+def test_bucket_wait_is_the_time_to_refill_the_shortfall():
+    limiter = MemoryLimiter()
+    limiter.confirm(limiter.try_acquire("k", (B_TPM,), 600, now=0).reservation, now=0)
+    decision = limiter.try_acquire("k", (B_TPM,), 100, now=2)  # 20 back
+    assert (decision.granted, decision.binding) == (False, "tpm")
+    assert decision.wait == pytest.approx(8)
+    assert limiter.try_acquire("k", (B_TPM,), 100, now=10).granted
+
+
+def test_bucket_in_flight_amounts_earn_no_refill_until_confirmed():
+    limiter = MemoryLimiter()
+    reservation = limiter.try_acquire("k", (B_TPM,), 600, now=0).reservation
+    # Upstream may count it at any moment until it answers: it must still find 600 then.
+    assert not limiter.try_acquire("k", (B_TPM,), 10, now=500).granted
+    limiter.confirm(reservation, now=500)
+    assert not limiter.try_acquire("k", (B_TPM,), 10, now=500).granted
+    assert limiter.try_acquire("k", (B_TPM,), 10, now=501).granted
+
+
+def test_bucket_settle_refunds_and_overcharges():
+    limiter = MemoryLimiter()
+    reservation = limiter.try_acquire("k", (B_RPM, B_TPM), 500, now=0).reservation
+    limiter.settle(reservation, 100, now=0)
+    assert limiter.used("k", B_TPM, 0) == 100
+    assert limiter.used("k", B_RPM, 0) == 1  # the request itself is not refunded
+    reservation = limiter.try_acquire("k", (B_TPM,), 100, now=0).reservation
+    limiter.settle(reservation, 800, now=0)  # upstream counted more than we estimated
+    assert limiter.used("k", B_TPM, 0) == 900  # in debt: 300 below empty
+    assert limiter.open_reservations() == 0
+
+
+def test_bucket_release_gives_back_in_flight_and_confirmed_amounts():
+    limiter = MemoryLimiter()
+    flying = limiter.try_acquire("k", (B_RPM, B_TPM), 300, now=0).reservation
+    answered = limiter.try_acquire("k", (B_RPM, B_TPM), 300, now=0).reservation
+    limiter.confirm(answered, now=0)
+    limiter.release(flying, now=1)
+    limiter.release(answered, now=1)  # a 429: upstream charged nothing
+    assert limiter.used("k", B_TPM, 1) == 0
+    assert limiter.used("k", B_RPM, 1) == 0
+    assert limiter.open_reservations() == 0
+
+
+def test_switching_algorithm_keeps_what_is_used_and_in_flight():
+    limiter = MemoryLimiter()
+    window_tpm = Rate("tpm", "tokens", 600, algorithm="sliding_window")
+    limiter.confirm(limiter.try_acquire("k", (window_tpm,), 400, now=0).reservation, now=0)
+    flying = limiter.try_acquire("k", (window_tpm,), 100, now=0).reservation
+    assert limiter.used("k", B_TPM, 0) == 500  # now a bucket: 400 used, 100 in flight
+    assert not limiter.try_acquire("k", (B_TPM,), 101, now=0).granted
+    limiter.release(flying, now=0)
+    assert limiter.try_acquire("k", (B_TPM,), 200, now=0).granted
+
+
+# -- upstream's view ---------------------------------------------------------------------------
+
+
+def report(remaining, limit=600, reset=0.0):
+    return [RateReport("tokens", 60.0, limit, remaining, reset)]
+
+
+def test_a_report_below_our_picture_holds_releases_back():
+    limiter = MemoryLimiter()
+    first = limiter.try_acquire("k", (B_TPM,), 100, now=0).reservation
+    limiter.confirm(first, now=0)
+    limiter.observe("k", report(remaining=150), now=0, reporter=first)  # others used 350
+    assert limiter.used("k", B_TPM, 0) == 450
+    decision = limiter.try_acquire("k", (B_TPM,), 200, now=0)
+    assert not decision.granted
+    assert decision.wait == pytest.approx(5)  # 50 short at 10 per second
+
+
+def test_requests_released_after_the_reporter_stay_held_aside():
+    limiter = MemoryLimiter()
+    first = limiter.try_acquire("k", (B_TPM,), 100, now=0).reservation
+    later = limiter.try_acquire("k", (B_TPM,), 200, now=0).reservation
+    limiter.confirm(first, now=1)
+    # The report counts `first` only; `later` may reach upstream after it.
+    limiter.observe("k", report(remaining=500), now=1, reporter=first)
+    assert limiter.try_acquire("k", (B_TPM,), 300, now=1).granted
+    assert not limiter.try_acquire("k", (B_TPM,), 1, now=1).granted
+    limiter.confirm(later, now=1)  # counted once, not twice
+    assert limiter.used("k", B_TPM, 1) == 600
+
+
+def test_requests_released_before_the_reporter_are_taken_as_counted():
+    limiter = MemoryLimiter()
+    earlier = limiter.try_acquire("k", (B_TPM,), 200, now=0).reservation
+    reporter = limiter.try_acquire("k", (B_TPM,), 100, now=0).reservation
+    limiter.confirm(reporter, now=1)
+    limiter.observe("k", report(remaining=300), now=1, reporter=reporter)  # 200 + 100 counted
+    limiter.confirm(earlier, now=1)
+    assert limiter.try_acquire("k", (B_TPM,), 300, now=1).granted  # not 200 short
+
+
+def test_foreign_usage_is_learned_and_charged_between_reports():
+    big = Rate("tpm", "tokens", 6_000)  # refills 100 tokens a second
+    limiter = MemoryLimiter()
+    now, left = 0.0, 1_000
+    # Another client uses 20 tokens a second; we send nothing but read a report every 5 s.
+    limiter.observe("k", report(remaining=left, limit=6_000), now=now)
+    for _ in range(12):
+        now += 5
+        left += (100 - 20) * 5
+        limiter.observe("k", report(remaining=left, limit=6_000), now=now)
+    assert limiter.foreign_rate("k", "tokens", 60.0, now) == pytest.approx(20, rel=0.05)
+    # Between reports the view refills at 100 - 20 per second, not 100.
+    assert limiter.used("k", big, now + 2) == pytest.approx(6_000 - (left + 160), abs=2)
+    # Once the other client stops, its rate decays away.
+    for _ in range(15):
+        now += 5
+        left = min(6_000, left + 500)
+        limiter.observe("k", report(remaining=left, limit=6_000), now=now)
+    assert limiter.foreign_rate("k", "tokens", 60.0, now) == 0
+
+
+def test_no_reporter_holds_everything_in_flight_aside():
+    limiter = MemoryLimiter()
+    limiter.try_acquire("k", (B_TPM,), 200, now=0)
+    limiter.observe("k", report(remaining=600), now=0)
+    assert limiter.used("k", B_TPM, 0) == 200

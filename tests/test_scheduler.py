@@ -6,18 +6,23 @@ from hypothesis import strategies as st
 
 from cooldown.breaker import CircuitBreaker
 from cooldown.config import BreakerConfig, CerebrasLimits
-from cooldown.limiter import MemoryLimiter, Rate
+from cooldown.limiter import MemoryLimiter, Rate, TokenBucket
 from cooldown.scheduler import Outcome, Scheduler
 
 LIMITS = CerebrasLimits(
-    rpm_limit=10, tpm_limit=10_000, max_queue_depth=5, request_timeout=120, priority_threshold=0.5
+    rpm_limit=10,
+    tpm_limit=10_000,
+    max_queue_depth=5,
+    request_timeout=120,
+    priority_threshold=0.5,
+    probe_first=False,  # tested on its own below
 )
 
 
 def make(limits=LIMITS, breaker=None):
     rates = (
-        Rate("rpm", "requests", limits.rpm_limit),
-        Rate("tpm", "tokens", limits.tpm_limit),
+        Rate("rpm", "requests", limits.rpm_limit, algorithm=limits.algorithm),
+        Rate("tpm", "tokens", limits.tpm_limit, algorithm=limits.algorithm),
     )
     resolved = []
     scheduler = Scheduler(
@@ -41,7 +46,7 @@ def test_fitting_request_is_released_at_once():
 
 
 def test_waits_until_the_limit_frees_and_reports_why():
-    scheduler, _ = make()
+    scheduler, _ = make(replace(LIMITS, algorithm="sliding_window"))
     first = scheduler.submit("k", 9_000, now=0)
     scheduler.pump(0)
     scheduler.confirm(first, now=0)  # upstream answered at once: it ages from t=0
@@ -54,6 +59,20 @@ def test_waits_until_the_limit_frees_and_reports_why():
     scheduler.pump(5)
     assert second.outcome is Outcome.RELEASED
     assert second.waited == 4
+
+
+def test_bucket_waits_for_the_refill_and_reports_why():
+    scheduler, _ = make()  # token bucket: 10,000 tokens, refilling 166.7 a second
+    first = scheduler.submit("k", 9_000, now=0)
+    scheduler.pump(0)
+    scheduler.confirm(first, now=0)
+    second = scheduler.submit("k", 2_000, now=1)
+    wake = scheduler.pump(1)
+    assert second.held
+    assert second.wait_reason == "tpm"
+    assert wake == pytest.approx(6)  # 1,000 short at t=0, 166.7 back per second
+    scheduler.pump(wake)
+    assert second.outcome is Outcome.RELEASED
 
 
 def test_fifo_while_capacity_is_not_tight():
@@ -122,7 +141,7 @@ def test_queue_full_is_refused_at_once_with_retry_after():
 
 
 def test_timeout_answers_and_frees_the_slot():
-    scheduler, _ = make()
+    scheduler, _ = make(replace(LIMITS, algorithm="sliding_window"))
     blocker = scheduler.submit("k", 10_000, now=0)
     scheduler.pump(0)
     scheduler.confirm(blocker, now=0)
@@ -207,7 +226,7 @@ def test_shutdown_answers_everything_held():
     assert scheduler.depth == 0
 
 
-# -- property: never over the limit, nothing leaked -----------------------------------------------
+# -- property: upstream never over the limit, nothing leaked ------------------------------------
 
 arrivals = st.lists(
     st.tuples(
@@ -222,18 +241,24 @@ arrivals = st.lists(
     min_size=1,
     max_size=60,
 )
+PROPERTY_LIMITS = CerebrasLimits(
+    rpm_limit=7,
+    tpm_limit=5_000,
+    max_queue_depth=20,
+    request_timeout=90,
+    priority_threshold=0.5,
+    probe_first=False,
+)
 
 
-@settings(max_examples=150, deadline=None)
-@given(arrivals)
-def test_no_window_of_60s_exceeds_the_limits_and_nothing_leaks(events):
-    """Upstream counts each request at some moment between our release and its response
-    headers; whatever those moments are, no 60 s window of upstream's counting exceeds a limit.
+def run_against_upstream(events, scheduler):
+    """Drive `scheduler` through `events`; return what upstream counted, and when.
+
+    Upstream counts each request (its estimate, capped at the limit) at some moment between
+    our release and its response headers, and settles it to the actual usage when the answer
+    ends. Returns [(counted at, estimate charged, ended at, actual)] for requests that reached
+    upstream.
     """
-    limits = CerebrasLimits(
-        rpm_limit=7, tpm_limit=5_000, max_queue_depth=20, request_timeout=90, priority_threshold=0.5
-    )
-    scheduler, _ = make(limits)
     now = 0.0
     plans = {}  # ticket id -> (event, ticket)
     steps = []  # [time, kind, ticket] for confirm/finish still to happen
@@ -284,7 +309,11 @@ def test_no_window_of_60s_exceeds_the_limits_and_nothing_leaks(events):
         track()
     advance_to(now + 1_000)
 
-    counted = []  # (when upstream counted it, tokens it kept)
+    assert scheduler.depth == 0
+    assert scheduler.limiter.open_reservations() == 0
+    assert all(not t.held for t, _ in tickets)
+    counted = []
+    tpm = scheduler.limits.tpm_limit
     for ticket, event in tickets:
         _, _, fraction, latency, headers, charge, fate = event
         if ticket.outcome is not Outcome.RELEASED:
@@ -293,15 +322,96 @@ def test_no_window_of_60s_exceeds_the_limits_and_nothing_leaks(events):
         if fate == "abort":
             continue  # never reached upstream
         at = ticket.resolved_at + charge * headers * latency
-        counted.append((at, min(int(ticket.tokens * fraction), limits.tpm_limit)))
-    counted.sort()
-    for start, _ in counted:
-        window = [tokens for at, tokens in counted if start <= at < start + 60]
+        ended = ticket.resolved_at + latency
+        counted.append((at, min(ticket.tokens, tpm), ended, int(ticket.tokens * fraction)))
+    return sorted(counted)
+
+
+def upstream_bucket_overdrafts(counted, limits):
+    """Replay what upstream counted through Cerebras's own buckets (full at the start,
+    refilled continuously; a request needs its estimate available when counted, and the
+    unused part comes back when it ends). Returns the moments a request would have been
+    refused."""
+    events = []
+    for at, estimate, ended, actual in counted:
+        events.append((at, 1, estimate))  # charge (after refunds at the same moment)
+        events.append((ended, 0, estimate - actual))  # settle: refund (or extra charge)
+    events.sort()
+    level = {"requests": float(limits.rpm_limit), "tokens": float(limits.tpm_limit)}
+    capacity = dict(level)
+    last = 0.0
+    refused = []
+    for at, is_charge, amount in events:
+        for unit in level:
+            level[unit] = min(capacity[unit], level[unit] + capacity[unit] / 60 * (at - last))
+        last = at
+        if is_charge:
+            if level["requests"] < 1 - 1e-6 or level["tokens"] < amount - 1e-6:
+                refused.append(at)
+            level["requests"] -= 1
+            level["tokens"] -= amount
+        else:
+            level["tokens"] += amount
+    return refused
+
+
+@settings(max_examples=150, deadline=None)
+@given(arrivals)
+def test_upstream_bucket_never_refuses_and_nothing_leaks(events):
+    """Wherever in [release, response headers] upstream counts each request, its token
+    bucket always has room: the token-bucket limiter never causes a 429."""
+    scheduler, _ = make(PROPERTY_LIMITS)
+    counted = run_against_upstream(events, scheduler)
+    assert upstream_bucket_overdrafts(counted, PROPERTY_LIMITS) == []
+
+
+@settings(max_examples=150, deadline=None)
+@given(arrivals)
+def test_no_window_of_60s_exceeds_the_limits_and_nothing_leaks(events):
+    """The sliding window: whatever upstream's counting moments, no 60 s window of them
+    exceeds a limit (in actual tokens)."""
+    limits = replace(PROPERTY_LIMITS, algorithm="sliding_window")
+    scheduler, _ = make(limits)
+    counted = run_against_upstream(events, scheduler)
+    kept = [(at, min(actual, limits.tpm_limit)) for at, _, _, actual in counted]
+    for start, _ in kept:
+        window = [tokens for at, tokens in kept if start <= at < start + 60]
         assert len(window) <= limits.rpm_limit
         assert sum(window) <= limits.tpm_limit
-    assert scheduler.depth == 0
-    assert scheduler.limiter.open_reservations() == 0
-    assert all(not t.held for t, _ in tickets)
+
+
+class RefillsInFlight(TokenBucket):
+    """A broken bucket: charges at release, so in-flight amounts refill before upstream
+    counts them. (`try_acquire` has just brought `_used` up to date.)"""
+
+    def hold(self, amount):
+        self._used += amount
+
+    def unhold(self, amount):
+        self._used -= amount
+
+    def count(self, amount, limit, now):
+        return None
+
+
+def test_the_property_catches_a_bucket_that_lets_in_flight_amounts_refill(monkeypatch):
+    """The property above is not vacuous: charging at release (instead of holding in-flight
+    amounts aside) lets a second request through that upstream then refuses."""
+    monkeypatch.setattr("cooldown.limiter.TokenBucket", RefillsInFlight)
+    scheduler, _ = make(PROPERTY_LIMITS)
+    # 5,000 tokens released at 0, upstream counts them at 29 s; at 30 s the broken bucket has
+    # refilled 2,500 and lets 2,500 more through, which upstream counts at once.
+    events = [
+        (0.0, 5_000, 1.0, 30.0, 1.0, 29 / 30, "ok"),
+        (30.0, 2_500, 1.0, 1.0, 0.0, 0.0, "ok"),
+    ]
+    counted = run_against_upstream(events, scheduler)
+    assert upstream_bucket_overdrafts(counted, PROPERTY_LIMITS) != []
+    # The real bucket holds the second one back until upstream has room.
+    monkeypatch.undo()
+    scheduler, _ = make(PROPERTY_LIMITS)
+    counted = run_against_upstream(events, scheduler)
+    assert upstream_bucket_overdrafts(counted, PROPERTY_LIMITS) == []
 
 
 def test_an_upstream_429_gives_the_reservation_back():
@@ -313,3 +423,68 @@ def test_an_upstream_429_gives_the_reservation_back():
     assert scheduler.limiter.used("k", tpm, 1) == 0
     assert scheduler.limiter.open_reservations() == 0
     assert scheduler.breaker.consecutive_429s == 1
+
+
+# -- probe first ---------------------------------------------------------------------------------
+
+PROBING = replace(LIMITS, probe_first=True, probe_timeout=2.0)
+
+
+def test_first_request_goes_alone_and_the_rest_wait_for_its_answer():
+    scheduler, _ = make(PROBING)
+    probe, *rest = [scheduler.submit("k", 100, now=0) for _ in range(3)]
+    assert scheduler.pump(0) == pytest.approx(2.0)  # at most probe_timeout
+    assert probe.outcome is Outcome.RELEASED
+    assert all(t.held for t in rest)
+    scheduler.confirm(probe, now=0.3)  # headers: synced, but usage not known yet
+    scheduler.pump(0.3)
+    assert all(t.held for t in rest)
+    scheduler.finish(probe, 200, 80, now=0.5)
+    scheduler.pump(0.5)
+    assert all(t.outcome is Outcome.RELEASED for t in rest)
+
+
+def test_an_unanswered_probe_holds_the_rest_only_until_probe_timeout():
+    scheduler, _ = make(PROBING)
+    probe, other = scheduler.submit("k", 100, now=0), scheduler.submit("k", 100, now=0)
+    scheduler.pump(0)
+    scheduler.pump(1.9)
+    assert other.held
+    scheduler.pump(2.0)
+    assert other.outcome is Outcome.RELEASED
+    assert probe.outcome is Outcome.RELEASED
+
+
+def test_a_probe_that_fails_without_answer_hands_over_to_the_next_request():
+    scheduler, _ = make(PROBING)
+    probe, second, third = [scheduler.submit("k", 100, now=0) for _ in range(3)]
+    scheduler.pump(0)
+    scheduler.abort(probe, reached_upstream=False, now=0.1)
+    scheduler.pump(0.1)
+    assert second.outcome is Outcome.RELEASED  # the new probe
+    assert third.held
+
+
+def test_probes_again_after_a_quiet_spell_longer_than_the_refill_or_new_limits():
+    scheduler, _ = make(PROBING)
+    first = scheduler.submit("k", 100, now=0)
+    scheduler.pump(0)
+    scheduler.finish(first, 200, 100, now=0.1)
+    # Within a minute of the last answer: no probe, both go at once.
+    pair = [scheduler.submit("k", 100, now=30) for _ in range(2)]
+    scheduler.pump(30)
+    assert all(t.outcome is Outcome.RELEASED for t in pair)
+    for t in pair:
+        scheduler.finish(t, 200, 100, now=30)
+    # Quiet for more than 60 s: upstream may have been used by others meanwhile.
+    late = [scheduler.submit("k", 100, now=91) for _ in range(2)]
+    scheduler.pump(91)
+    assert [t.held for t in late] == [False, True]
+    scheduler.finish(late[0], 200, 100, now=91.2)
+    scheduler.pump(91.2)
+    assert not late[1].held
+    scheduler.finish(late[1], 200, 100, now=91.3)
+    scheduler.forget_upstream_state()  # e.g. a config reload
+    again = [scheduler.submit("k", 100, now=92) for _ in range(2)]
+    scheduler.pump(92)
+    assert [t.held for t in again] == [False, True]

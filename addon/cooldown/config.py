@@ -25,8 +25,10 @@ DEFAULT_HOSTS = ("api.cerebras.ai", "inference.cerebras.ai")
 Algorithm = Literal["token_bucket", "sliding_window"]
 ALGORITHMS: tuple[Algorithm, ...] = ("token_bucket", "sliding_window")
 
+
 class ConfigError(ValueError):
     """A configuration value is wrong; the message is one line meant for the user."""
+
 
 @dataclass(frozen=True)
 class CerebrasLimits:
@@ -65,6 +67,7 @@ class CerebrasLimits:
     probe_first: bool = True
     probe_timeout: float = 2.0
 
+
 @dataclass(frozen=True)
 class ModelLimits:
     """One model's own limits; a None falls back to `cerebras_limits`."""
@@ -79,15 +82,18 @@ class ModelLimits:
     output_reservation: int | None = None
     algorithm: Algorithm | None = None
 
+
 @dataclass(frozen=True)
 class BreakerConfig:
     failure_threshold: int = 10
     open_duration: float = 60.0
 
+
 @dataclass(frozen=True)
 class DomainRateLimit:
     domain: str
     requests_per_second: float
+
 
 @dataclass(frozen=True)
 class Config:
@@ -118,49 +124,60 @@ class Config:
             }
         )
 
+
 _NO_OVERRIDES = ModelLimits()
 
 # ---------------------------------------------------------------------------------------------
 # Value parsers. Each takes the dotted key (for the message) and the raw YAML value.
 
+
 def _fail(key: str, value: Any, expected: str) -> ConfigError:
     return ConfigError(f"{key}: got {value!r}; expected {expected}")
+
 
 def _positive_int(key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise _fail(key, value, "a positive integer")
     return value
 
+
 def _optional_positive_int(key: str, value: Any) -> int | None:
     return None if value is None else _positive_int(key, value)
+
 
 def _non_negative_int(key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise _fail(key, value, "a whole number, 0 or more")
     return value
 
+
 def _burst(key: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
         raise _fail(key, value, "a share of the limit, more than 0 and at most 1")
     return float(value)
+
 
 def _fraction(key: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
         raise _fail(key, value, "a number from 0 to 1")
     return float(value)
 
+
 def _algorithm(key: str, value: Any) -> Algorithm:
     if value not in ALGORITHMS:
         raise _fail(key, value, " or ".join(ALGORITHMS))
     return value  # type: ignore[no-any-return]
 
+
 def _optional_algorithm(key: str, value: Any) -> Algorithm | None:
     return None if value is None else _algorithm(key, value)
+
 
 def _bool(key: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise _fail(key, value, "true or false")
     return value
+
 
 def _positive_number(key: str, value: Any) -> float:
     if (
@@ -172,8 +189,10 @@ def _positive_number(key: str, value: Any) -> float:
         raise _fail(key, value, "a positive number")
     return float(value)
 
+
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
 
 def parse_duration(value: str | int | float) -> float:
     """`10m`, `30s`, `1h30m`, `250ms` or a plain number of seconds -> seconds (> 0)."""
@@ -196,16 +215,19 @@ def parse_duration(value: str | int | float) -> float:
         raise ValueError("not a positive duration")
     return seconds
 
+
 def _duration(key: str, value: Any) -> float:
     try:
         return parse_duration(value)
     except ValueError:
         raise _fail(key, value, "a duration such as 30s, 10m, 1h or a number of seconds") from None
 
+
 def _hostname(key: str, value: Any) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9*.-]+", value):
         raise _fail(key, value, "a host name such as api.cerebras.ai")
     return value.lower()
+
 
 def _upstream_url(key: str, value: Any) -> str | None:
     if value is None:
@@ -224,12 +246,14 @@ def _upstream_url(key: str, value: Any) -> str | None:
         raise _fail(key, value, "a base URL with a valid port") from None
     return value.rstrip("/")
 
+
 def _mapping(key: str, value: Any) -> Mapping[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, Mapping):
         raise _fail(key, value, "a mapping of keys to values")
     return value
+
 
 def _section(
     key: str, value: Any, fields: Mapping[str, Callable[[str, Any], Any]]
@@ -243,6 +267,7 @@ def _section(
             raise ConfigError(f"{key}.{name}: unknown key; allowed keys are {allowed}")
         parsed[name] = parser(f"{key}.{name}", raw)
     return parsed
+
 
 _LIMIT_FIELDS: dict[str, Callable[[str, Any], Any]] = {
     "rpm_limit": _positive_int,
@@ -276,10 +301,12 @@ _BREAKER_FIELDS: dict[str, Callable[[str, Any], Any]] = {
 
 _RPS_FIELDS: dict[str, Callable[[str, Any], Any]] = {"requests_per_second": _positive_number}
 
+
 def _hosts(key: str, value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not value:
         raise _fail(key, value, "a non-empty list of host names")
     return tuple(_hostname(f"{key}[{i}]", host) for i, host in enumerate(value))
+
 
 def _rate_limits(key: str, value: Any) -> tuple[DomainRateLimit, ...]:
     if value is None:
@@ -296,6 +323,7 @@ def _rate_limits(key: str, value: Any) -> tuple[DomainRateLimit, ...]:
         entries.append(DomainRateLimit(**parsed))
     return tuple(entries)
 
+
 def _models(key: str, value: Any) -> dict[str, ModelLimits]:
     models = {}
     for name, entry in _mapping(key, value).items():
@@ -303,6 +331,7 @@ def _models(key: str, value: Any) -> dict[str, ModelLimits]:
             raise _fail(key, name, "model names as keys, e.g. llama3.1-8b")
         models[name] = ModelLimits(**_section(f"{key}.{name}", entry, _MODEL_FIELDS))
     return models
+
 
 def _listen_address(key: str, value: Any) -> tuple[str, int] | None:
     if value is None:
@@ -312,11 +341,13 @@ def _listen_address(key: str, value: Any) -> tuple[str, int] | None:
         raise _fail(key, value, "host:port such as 127.0.0.1:9464, or null")
     return host.strip("[]"), int(port)
 
+
 def _server(key: str, value: Any) -> None:
     # The seed's Go plan had its own listener settings; mitmproxy's --listen-host and
     # --listen-port play that role here. Accept the section so old files keep loading.
     if _mapping(key, value):
         log.warning("%s: ignored; use mitmproxy's --listen-host/--listen-port instead", key)
+
 
 def parse_config(data: Any, source: str = "config") -> Config:
     """Validate a parsed YAML document (None = empty file) into a Config."""
@@ -366,6 +397,7 @@ def parse_config(data: Any, source: str = "config") -> Config:
         source=source,
     )
 
+
 def load_config(path: str | Path | None) -> Config:
     """Load and validate the YAML file at `path`; None means built-in defaults."""
     if path is None:
@@ -388,6 +420,7 @@ def load_config(path: str | Path | None) -> Config:
         return parse_config(data, source=str(path))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from e
+
 
 def resolve_config_path(option_value: str | None, cwd: Path | None = None) -> Path | None:
     """The contract: the `cerebras_config` option, else ./config.yaml if present, else None."""

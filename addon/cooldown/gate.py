@@ -89,8 +89,9 @@ class Gate:
             # Pacing only within a minute: spreading a day's quota over the day would throttle
             # a user who wants to spend it now.
             burst = self.config.cerebras_limits.burst
+            algorithm = limits.algorithm or self.config.cerebras_limits.algorithm
             rates = tuple(
-                Rate(name, unit, limit, period, burst if period <= 60.0 else 1.0)
+                Rate(name, unit, limit, period, burst if period <= 60.0 else 1.0, algorithm)
                 for name, (unit, period) in RATE_NAMES.items()
                 if (limit := configured.get((unit, period))) is not None
             )
@@ -102,24 +103,26 @@ class Gate:
         """Apply new limits without dropping anything held or in flight."""
         self.config = config
         self.scheduler.limits = config.cerebras_limits
+        self.scheduler.forget_upstream_state()
         self.scheduler.generation += 1
         self.breaker.config = config.circuit_breaker
         self._rates.clear()
         self.pump()
 
-    def observe(self, key: str, reports: Sequence[RateReport]) -> None:
-        """Correct the local picture with upstream's `x-ratelimit-*` report for `key`."""
+    def observe(
+        self, key: str, reports: Sequence[RateReport], reporter: Ticket | None = None
+    ) -> None:
+        """Correct the local picture with upstream's `x-ratelimit-*` report for `key`, which
+        came with the answer to `reporter` (None: unknown, the safe side)."""
         if not reports:
             return
+        self.keys.add(key)
         self.scheduler.generation += 1
-        now = self.clock()
         known = self.limiter.learned_limits(key)
-        for report in reports:
-            self.limiter.observe(
-                key, report.unit, report.period, report.limit, report.remaining, report.reset, now
-            )
-            if known.get((report.unit, report.period)) != report.limit:
-                self._rates.pop(key, None)  # a limit appeared or changed: rebuild the rates
+        reservation = reporter.reservation if reporter is not None else None
+        self.limiter.observe(key, reports, self.clock(), reservation)
+        if any(known.get((r.unit, r.period)) != r.limit for r in reports):
+            self._rates.pop(key, None)  # a limit appeared or changed: rebuild the rates
         self.pump()
 
     def pause(self, key: str, seconds: float) -> None:
@@ -163,8 +166,13 @@ class Gate:
             self.pump()
         return cancelled
 
-    def confirm(self, ticket: Ticket) -> None:
+    def confirm(self, ticket: Ticket, reports: Sequence[RateReport] = ()) -> None:
+        """Upstream's answer to `ticket` has begun (its response headers, with `reports`)."""
         self.scheduler.confirm(ticket, self.clock())
+        if reports:
+            self.observe(ticket.key, reports, reporter=ticket)
+        else:
+            self.pump()  # a probe's answer lets the rest go
 
     def finish(self, ticket: Ticket, status: int, actual_tokens: int | None) -> None:
         if status == 429 and ticket.outcome is Outcome.RELEASED and not ticket.finished:
@@ -238,6 +246,10 @@ class Gate:
                 view[rate.name] = (limit, max(0, math.floor(limit - used)))
         return view
 
+    def _algorithm(self, key: str) -> str:
+        rates = self.rates_for(key)
+        return rates[0].algorithm if rates else self.config.cerebras_limits.algorithm
+
     def status(self) -> dict[str, Any]:
         """A snapshot of the limiter's state for logs, commands and tests."""
         now = self.clock()
@@ -246,6 +258,11 @@ class Gate:
             "open_reservations": self.limiter.open_reservations(),
             "breaker": self.breaker.state(now).value,
             "usage": {key: self.scheduler.usage(key, now) for key in sorted(self.keys)},
+            "foreign_tokens_per_minute": {
+                key: round(self.limiter.foreign_rate(key, "tokens", 60.0, now) * 60.0, 1)
+                for key in sorted(self.keys)
+            },
+            "algorithm": {key: self._algorithm(key) for key in sorted(self.keys)},
             "submitted": self.stats.submitted,
             "forwarded": self.stats.forwarded,
             "refused": dict(self.stats.refused),

@@ -1,29 +1,39 @@
-"""Request and token limits as sliding-window logs: reserve, confirm, then settle or release.
+"""Request and token limits: reserve, confirm, then settle or release.
 
-Why a sliding-window log and not a token bucket like upstream's? A bucket of capacity C that
-refills at C per minute lets up to 2C through in one minute (a full bucket plus a minute of
-refill). A log admits an amount only if everything counted in the last `period` seconds plus
-that amount stays within the limit, so no window of that length ever holds more than the
-limit. That schedule is always acceptable to upstream's bucket of the same capacity and rate:
-over any interval of length L it admits at most ceil(L / period) * C <= C + C * L / period,
-which is exactly what the bucket allows. The price is only the bucket's initial burst; the
-steady state is the full limit, and capacity comes back continuously as entries age out.
+**Why a token bucket by default.** Cerebras replenishes capacity continuously ("available quota =
+min(limit, limit + replenished tokens by time - current usage)"): a bucket of capacity C that
+refills at C per period. A limiter that mirrors it admits exactly what upstream admits: over T
+seconds, a bucket that starts full admits C x (1 + T / period), while a sliding window of the
+same limit admits at most C x ceil(T / period) and gives away the refill of the first period of
+every burst (0.59 of what upstream would admit on a 40 s burst). The window stays selectable
+(`algorithm: sliding_window`) for upstreams that do count in windows.
 
-When does upstream count a request? Somewhere between our release and the first byte of its
-answer, and that delay varies (connection set-up, upstream queueing). A window stamped at
-release time could let a later, faster request land less than `period` after a slower earlier
-one. So a reservation is *in flight* from release until upstream is known to have admitted it
-(`confirm`, at the response headers): in flight it counts against every window whatever the
-time; once confirmed it is logged at the confirmation time, which is never earlier than
-upstream's own. Every request upstream counts in a given `period` is therefore counted here at
-one common moment, and the sum counted here never exceeds the limit.
+**When does upstream count a request?** Somewhere between our release and the first byte of its
+answer, and that delay varies (connection set-up, upstream queueing). So a reservation is *in
+flight* from release until upstream is known to have admitted it (`confirm`, at the response
+headers), and in flight it is held aside: it counts fully and earns no refill. At `confirm` it
+is charged to the bucket (or logged in the window) at that moment, which is never earlier than
+upstream's own.
 
-Upstream knows better about some things: other clients of the same organization, reservations
-it keeps after a short completion, limits that differ from the config. Its `x-ratelimit-*`
-headers are kept per window as an `UpstreamView` (a simulated token bucket, re-synced at every
-report) and a request must fit both views, and the lower of the two limits. Whichever view is
-more conservative wins, so trusting upstream can only make the proxy wait more, never send
-more than its own window allows.
+*Proof sketch (bucket).* A bucket of capacity C and rate r that starts full accepts a sequence
+of (time, amount) charges iff every interval [s, t] holds at most C + r (t - s). Take the
+requests upstream counts in [s, t] and let j be the last of them we released, at a_j <= t.
+Every other one was released at or before a_j; at a_j it was either confirmed already (at a
+time >= its counting moment >= s, so charged to our bucket within [s, a_j]) or still in flight
+(held aside). We released j only if level(a_j) - in_flight >= amount_j, and our level at a_j is
+at most C + r (a_j - s) minus what we charged in [s, a_j]. So all of them together hold at
+most C + r (a_j - s) <= C + r (t - s): upstream's bucket never goes below zero. The same
+argument with the window's log gives "no window holds more than the limit". The hypothesis
+test in tests/test_scheduler.py draws the counting moments at random and checks both; it fails
+on a limiter that lets in-flight amounts refill.
+
+**Upstream knows better** about other clients of the same organization, reservations it keeps
+after a short completion, and limits that differ from the config. Its `x-ratelimit-*` headers
+are kept per (model, unit, period) as an `UpstreamView`: a bucket re-synced at every report,
+charged with what we released since, and with the rate at which *others* have been using the
+organization's capacity (`ForeignUsage`) taken off its refill. A request must fit both our
+bucket and the view, under the lower of the two limits: trusting upstream can only make the
+proxy wait more, never send more than its own bucket allows.
 
 The limiter's state lives behind `LimiterBackend` so that a shared (e.g. Redis) backend can
 replace `MemoryLimiter` without the scheduler noticing. Nothing here reads a clock: every call
@@ -32,17 +42,39 @@ takes `now`.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 Unit = Literal["requests", "tokens"]
+Algorithm = Literal["token_bucket", "sliding_window"]
+Slot = tuple[str, Unit, float]  # (limiter key, unit, period)
+_EPSILON = 1e-6  # units; amounts are whole, refill is float
+
+# Foreign usage is estimated from the drift between reports over this many seconds.
+FOREIGN_WINDOW = 60.0
+# ... and never from less than this span, so two reports a few ms apart cannot suggest a huge rate.
+FOREIGN_MIN_SPAN = 10.0
+# Refunds between two reports teach how much upstream refunds once they are this share of the limit.
+MIN_REFUNDS_TO_LEARN = 0.02
+
+
+@dataclass(frozen=True)
+class RateReport:
+    """One `x-ratelimit-*-{unit}-{period}` triple as upstream reported it."""
+
+    unit: Unit
+    period: float
+    limit: int
+    remaining: int
+    reset: float  # seconds until the bucket is full again
 
 
 @dataclass(frozen=True)
 class Rate:
-    """At most `limit` units of `unit` in any `period` seconds.
+    """At most `limit` units of `unit` per `period` seconds, counted by `algorithm`.
 
     `burst` < 1 also paces releases: at most `burst * limit` at once, then `limit / period`
     per second (see `Pace`).
@@ -53,6 +85,63 @@ class Rate:
     limit: int
     period: float = 60.0
     burst: float = 1.0
+    algorithm: Algorithm = "token_bucket"
+
+
+class TokenBucket:
+    """Capacity `limit`, refilled at `limit / period` per second; in-flight amounts held aside.
+
+    Kept as what is *used* (capacity minus level), so that a new limit (config reload, a lower
+    one reported by upstream) keeps what has been counted rather than what is left. `_used` may
+    exceed the limit when upstream reports more than we reserved (a settle above the estimate);
+    it then has to drain like upstream's own.
+    """
+
+    __slots__ = ("_used", "at", "in_flight", "period")
+    kind: Algorithm = "token_bucket"
+
+    def __init__(self, period: float, used: float, now: float) -> None:
+        self.period = period
+        self._used = used
+        self.at = now
+        self.in_flight = 0
+
+    def _drain(self, limit: int, now: float) -> float:
+        if now > self.at:
+            self._used = max(0.0, self._used - limit / self.period * (now - self.at))
+            self.at = now
+        return self._used
+
+    def used(self, limit: int, now: float) -> float:
+        return self._drain(limit, now) + self.in_flight
+
+    def wait_time(self, amount: int, limit: int, now: float) -> float:
+        """Seconds until `amount` more fits (0 if it fits now).
+
+        When in-flight amounts stand in the way, this is a lower bound: they only start
+        refilling once confirmed, and their confirmation pumps the scheduler anyway.
+        """
+        excess = self._drain(limit, now) + self.in_flight + amount - limit
+        # Refill is computed in floats: a wake-up at the computed moment must find room.
+        return 0.0 if excess <= _EPSILON else excess * self.period / limit
+
+    def hold(self, amount: int) -> None:
+        self.in_flight += amount
+
+    def unhold(self, amount: int) -> None:
+        self.in_flight -= amount
+
+    def count(self, amount: int, limit: int, now: float) -> None:
+        """Upstream has counted `amount` by `now`: charge it, and let it refill from here."""
+        self.in_flight -= amount
+        self._used = self._drain(limit, now) + amount
+
+    def correct(self, handle: object, old: int, new: int, limit: int, now: float) -> None:
+        """A counted amount turned out to be `new`, not `old` (refund or extra charge)."""
+        self._used = max(0.0, self._drain(limit, now) + new - old)
+
+    def __repr__(self) -> str:
+        return f"<TokenBucket used={self._used:g} at={self.at:g} in_flight={self.in_flight}>"
 
 
 @dataclass(eq=False, slots=True)
@@ -62,22 +151,23 @@ class _Entry:
 
 
 class SlidingWindow:
-    """In-flight amounts plus a log of confirmed ones; their sum stays <= limit."""
+    """In-flight amounts plus a log of counted ones; their sum stays <= limit in any period."""
 
     __slots__ = ("_entries", "_used", "in_flight", "period")
+    kind: Algorithm = "sliding_window"
 
     def __init__(self, period: float) -> None:
         self.period = period
         self._entries: deque[_Entry] = deque()
-        self._used = 0  # confirmed amounts inside the window
-        self.in_flight = 0  # released, not yet confirmed: counts until confirmed
+        self._used = 0  # counted amounts inside the window
+        self.in_flight = 0
 
     def _expire(self, now: float) -> None:
         entries = self._entries
         while entries and entries[0].at + self.period <= now:
             self._used -= entries.popleft().amount
 
-    def used(self, now: float) -> int:
+    def used(self, limit: int, now: float) -> float:
         self._expire(now)
         return self._used + self.in_flight
 
@@ -98,61 +188,188 @@ class SlidingWindow:
                 return entry.at + self.period - now
         return self.period
 
+    def hold(self, amount: int) -> None:
+        self.in_flight += amount
+
+    def unhold(self, amount: int) -> None:
+        self.in_flight -= amount
+
+    def count(self, amount: int, limit: int, now: float) -> _Entry:
+        self.in_flight -= amount
+        return self.add(amount, now)
+
     def add(self, amount: int, now: float) -> _Entry:
         entry = _Entry(now, amount)
         self._entries.append(entry)
         self._used += amount
         return entry
 
-    def adjust(self, entry: _Entry, amount: int, now: float) -> None:
+    def correct(self, handle: object, old: int, new: int, limit: int, now: float) -> None:
         """Change what an earlier admission counts for, if it is still inside the window."""
         self._expire(now)
-        if entry.at + self.period <= now:
-            return  # already aged out; nothing left to correct
-        self._used += amount - entry.amount
-        entry.amount = amount
+        if not isinstance(handle, _Entry) or handle.at + self.period <= now:
+            return  # aged out (or counted by another algorithm): nothing left to correct
+        self._used += new - handle.amount
+        handle.amount = new
 
     def __repr__(self) -> str:
         return f"<SlidingWindow period={self.period} used={self._used} n={len(self._entries)}>"
 
 
-class UpstreamView:
-    """Upstream's count for one window as its headers last reported it, aged since.
+Counter = TokenBucket | SlidingWindow
 
-    Modelled as the deficit of a token bucket (Cerebras replenishes continuously): it shrinks
-    at `refill` units per second and grows with every request we release after the report.
+
+class ForeignUsage:
+    """How fast others of the same organization use a limit, from the drift between reports.
+
+    Between two reports upstream's remaining capacity should have moved by what we sent and
+    what refilled; whatever else it lost was used by someone else. The drifts of the last
+    `FOREIGN_WINDOW` seconds, over the time they span, give a rate that decays to zero once
+    the other client stops (its drifts age out). Our own estimate errors show up here too,
+    which only errs on the safe side when we under-estimate.
     """
 
-    __slots__ = ("at", "deficit", "limit", "refill")
+    __slots__ = ("_drifts", "_since")
 
-    def __init__(self, limit: int, deficit: float, refill: float, at: float) -> None:
+    def __init__(self, now: float) -> None:
+        self._drifts: deque[tuple[float, float]] = deque()
+        self._since = now
+
+    def add(self, drift: float, now: float) -> None:
+        self._drifts.append((now, drift))
+
+    def rate(self, now: float) -> float:
+        """Units per second used by others (>= 0)."""
+        drifts = self._drifts
+        while drifts and drifts[0][0] <= now - FOREIGN_WINDOW:
+            drifts.popleft()
+        if not drifts:
+            return 0.0
+        span = max(min(now - self._since, FOREIGN_WINDOW), FOREIGN_MIN_SPAN)
+        return max(0.0, sum(drift for _, drift in drifts) / span)
+
+
+class RefundShare:
+    """How much of an unused reservation upstream gives back when a request completes.
+
+    Cerebras documents that it revises its estimate once a request is processed, but an
+    upstream may keep the whole reservation. Crediting refunds upstream never makes is how a
+    proxy walks into 429s, so the view credits only the share that reports have shown: it
+    starts at 0 and learns from each report that follows settled refunds.
+    """
+
+    __slots__ = ("share",)
+
+    def __init__(self) -> None:
+        self.share = 0.0
+
+    def learn(self, observed: float) -> None:
+        self.share = 0.5 * self.share + 0.5 * min(max(observed, 0.0), 1.0)
+
+
+class UpstreamView:
+    """Upstream's bucket for one (model, unit, period) as its headers last reported it, aged since.
+
+    `level` is what upstream had left at the report, minus what we charged since; it refills at
+    upstream's rate less the `foreign` rate. Our requests that the report could not have
+    counted yet are `in_flight`, held aside until confirmed, as in `TokenBucket`.
+    """
+
+    __slots__ = (
+        "at",
+        "epoch",
+        "foreign",
+        "in_flight",
+        "level",
+        "limit",
+        "pending_refunds",
+        "refill",
+        "synced_at",
+    )
+
+    def __init__(
+        self,
+        limit: int,
+        level: float,
+        refill: float,
+        foreign: float,
+        in_flight: int,
+        now: float,
+        epoch: int,
+    ) -> None:
         self.limit = limit
-        self.deficit = deficit
-        self.refill = refill
-        self.at = at
+        self.level = level
+        self.refill = refill  # upstream's rate less the foreign rate
+        self.foreign = foreign
+        self.in_flight = in_flight
+        self.at = self.synced_at = now
+        self.epoch = epoch
+        self.pending_refunds = 0.0  # unused reservations settled since the report
 
-    def used(self, now: float) -> float:
-        return max(0.0, self.deficit - self.refill * max(now - self.at, 0.0))
+    def _level(self, now: float) -> float:
+        if now > self.at:
+            self.level = min(float(self.limit), self.level + self.refill * (now - self.at))
+            self.at = now
+        return self.level
 
-    def add(self, amount: float, now: float) -> None:
-        self.deficit = max(0.0, self.used(now) + amount)
-        self.at = now
+    def room(self, now: float) -> float:
+        return self._level(now) - self.in_flight
 
-    def wait_time(self, amount: int, limit: int, now: float) -> float:
-        excess = self.used(now) + amount - limit
-        return 0.0 if excess <= 0 else excess / self.refill
+    def wait_time(self, amount: int, now: float) -> float:
+        excess = amount - self.room(now)
+        if excess <= _EPSILON:
+            return 0.0
+        return excess / self.refill if self.refill > 0 else float("inf")
+
+    def charge(self, amount: float, now: float) -> None:
+        self.level = self._level(now) - amount
+
+    def expected_left(self, now: float) -> float:
+        """What upstream should have left now if nobody else used it since the report."""
+        return min(float(self.limit), self._level(now) + self.foreign * (now - self.synced_at))
+
+
+@dataclass(eq=False, slots=True)
+class _Part:
+    """A reservation's share of one (unit, period): in flight until counted at `confirm`."""
+
+    slot: Slot
+    amount: int
+    limit: int
+    pace: tuple[Pace, float, float] | None = None  # (bucket, capacity, refill rate)
+    handle: object = None  # the window's log entry, once counted
+    view_epoch: int | None = None  # the view it is held aside in, if any
+
+
+@dataclass(eq=False)
+class Reservation:
+    """What one released request holds against the limits until it is settled or released."""
+
+    key: str
+    tokens: int  # the amount charged against token limits right now
+    seq: int = 0  # release order: a report from request n has counted requests released before
+    _parts: list[_Part] = field(default_factory=list, repr=False)
+    confirmed: bool = False
+    open: bool = True
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The verdict of one admission attempt; `wait` says how long until it could succeed."""
+
+    granted: bool
+    reservation: Reservation | None = None
+    wait: float = 0.0
+    binding: str | None = None  # the name of the rate that said no
 
 
 class Pace:
-    """A small token bucket that spreads releases over the period.
+    """A small token bucket that spreads releases over the period (`burst` < 1).
 
-    The window alone admits a whole period's limit at once; under saturation those entries
-    then age out together a period later, and releases come in one burst per period forever
-    (small requests wait ~a period for the next burst). A bucket of `burst * limit` refilled
-    at `limit / period` breaks that rhythm: after a short burst, capacity is handed out as it
-    comes back. A request larger than the bucket may go once the bucket is full (the level goes
-    negative and must refill), so nothing is too big to pass. Only pacing: the window still
-    provides the guarantee.
+    A full bucket (or an empty window) admits a whole period's limit at once; `burst * limit`
+    refilled at `limit / period` hands capacity out as it comes back instead. A request larger
+    than the pace may go once it is full (the level goes negative and must refill), so nothing
+    is too big to pass. Only pacing: the bucket or window still provides the guarantee.
     """
 
     __slots__ = ("at", "level")
@@ -176,49 +393,6 @@ class Pace:
         self.level = min(capacity, self.level - amount)
 
 
-@dataclass(eq=False)
-class _Part:
-    """A reservation's share of one window: in flight until `entry` is set by confirm."""
-
-    window: SlidingWindow
-    unit: Unit
-    amount: int
-    view: UpstreamView | None = None
-    pace: tuple[Pace, float, float] | None = None  # (bucket, capacity, refill rate)
-    entry: _Entry | None = None
-
-    def give_back(self, amount: int, now: float) -> None:
-        """Return `amount` to the views that count in real time (upstream's, the pace)."""
-        if amount <= 0:
-            return
-        if self.view is not None:
-            self.view.add(-amount, now)
-        if self.pace is not None:
-            bucket, capacity, rate = self.pace
-            bucket.take(-amount, capacity, rate, now)
-
-
-@dataclass(eq=False)
-class Reservation:
-    """What one released request holds against the limits until it is settled or released."""
-
-    key: str
-    tokens: int  # the amount charged against token limits right now
-    _parts: list[_Part] = field(default_factory=list, repr=False)
-    confirmed: bool = False
-    open: bool = True
-
-
-@dataclass(frozen=True)
-class Decision:
-    """The verdict of one admission attempt; `wait` says how long until it could succeed."""
-
-    granted: bool
-    reservation: Reservation | None = None
-    wait: float = 0.0
-    binding: str | None = None  # the name of the rate that said no
-
-
 class LimiterBackend(Protocol):
     """Where limit state lives. Implementations: `MemoryLimiter` (one process)."""
 
@@ -233,12 +407,9 @@ class LimiterBackend(Protocol):
     def observe(
         self,
         key: str,
-        unit: Unit,
-        period: float,
-        limit: int,
-        remaining: int,
-        reset: float,
+        reports: Sequence[RateReport],
         now: float,
+        reporter: Reservation | None = None,
     ) -> None: ...
 
     def used(self, key: str, rate: Rate, now: float) -> float: ...
@@ -247,37 +418,60 @@ class LimiterBackend(Protocol):
 
     def learned_limits(self, key: str) -> dict[tuple[Unit, float], int]: ...
 
+    def foreign_rate(self, key: str, unit: Unit, period: float, now: float) -> float: ...
+
     def open_reservations(self) -> int: ...
 
 
 class MemoryLimiter:
-    """The in-process backend: one sliding window per (key, unit, period)."""
+    """The in-process backend: one counter per (key, unit, period), plus upstream's view."""
 
     def __init__(self) -> None:
-        self._windows: dict[tuple[str, Unit, float], SlidingWindow] = {}
-        self._views: dict[tuple[str, Unit, float], UpstreamView] = {}
-        self._paces: dict[tuple[str, Unit, float], Pace] = {}
+        self._counters: dict[Slot, Counter] = {}
+        self._views: dict[Slot, UpstreamView] = {}
+        self._foreign: dict[Slot, ForeignUsage] = {}
+        self._refunds: dict[Slot, RefundShare] = {}
+        self._paces: dict[Slot, Pace] = {}
+        # Released and not yet confirmed, in release order: a report re-bases the view on them.
+        self._in_flight: dict[str, dict[Reservation, None]] = {}
+        self._seq = itertools.count(1)
+        self._epochs = itertools.count(1)
         self._open = 0
 
-    def _window(self, key: str, rate: Rate) -> SlidingWindow:
-        slot = (key, rate.unit, rate.period)
-        window = self._windows.get(slot)
-        if window is None:
-            window = self._windows[slot] = SlidingWindow(rate.period)
-        return window
+    # -- state lookup ------------------------------------------------------------------------
+
+    def _counter(self, slot: Slot, rate: Rate, limit: int, now: float) -> Counter:
+        counter = self._counters.get(slot)
+        if counter is not None and counter.kind == rate.algorithm:
+            return counter
+        # New, or the algorithm changed (config reload): carry what is used and in flight over,
+        # so that a switch never forgets what upstream has already counted.
+        used = 0.0 if counter is None else counter.used(limit, now) - counter.in_flight
+        in_flight = 0 if counter is None else counter.in_flight
+        fresh: Counter
+        if rate.algorithm == "token_bucket":
+            fresh = TokenBucket(rate.period, used, now)
+        else:
+            fresh = SlidingWindow(rate.period)
+            if used > 0:
+                fresh.add(round(used), now)
+        fresh.in_flight = in_flight
+        self._counters[slot] = fresh
+        return fresh
 
     def limit(self, key: str, rate: Rate) -> int:
         """The configured limit, or upstream's if it reported a lower one."""
         view = self._views.get((key, rate.unit, rate.period))
         return rate.limit if view is None else min(rate.limit, view.limit)
 
-    def _pace(self, key: str, rate: Rate, limit: int, now: float) -> tuple[Pace, float, float]:
+    def _pace(self, slot: Slot, rate: Rate, limit: int, now: float) -> tuple[Pace, float, float]:
         capacity = max(rate.burst * limit, 1.0)
-        slot = (key, rate.unit, rate.period)
         pace = self._paces.get(slot)
         if pace is None:
             pace = self._paces[slot] = Pace(capacity, now)
         return pace, capacity, limit / rate.period
+
+    # -- admission -----------------------------------------------------------------------------
 
     def try_acquire(self, key: str, rates: Sequence[Rate], tokens: int, now: float) -> Decision:
         # Look every structure up once per rate: this runs for every release decision.
@@ -285,58 +479,108 @@ class MemoryLimiter:
         worst_wait, binding = 0.0, None
         for rate in rates:
             slot = (key, rate.unit, rate.period)
-            window = self._windows.get(slot)
-            if window is None:
-                window = self._windows[slot] = SlidingWindow(rate.period)
             view = self._views.get(slot)
             limit = rate.limit if view is None else min(rate.limit, view.limit)
+            counter = self._counter(slot, rate, limit, now)
             # A request larger than a token limit could never fit; charging it the whole
-            # limit lets it through once the window is empty instead of holding it forever.
+            # limit lets it through once the bucket is full instead of holding it forever.
             amount = 1 if rate.unit == "requests" else min(tokens, limit)
-            wait = window.wait_time(amount, limit, now)
+            wait = counter.wait_time(amount, limit, now)
             if view is not None:
-                wait = max(wait, view.wait_time(amount, limit, now))
+                wait = max(wait, view.wait_time(amount, now))
             pace = None
             if rate.burst < 1.0:
-                pace = self._pace(key, rate, limit, now)
+                pace = self._pace(slot, rate, limit, now)
                 wait = max(wait, pace[0].wait_time(amount, pace[1], pace[2], now))
             if wait > worst_wait:
                 worst_wait, binding = wait, rate.name
-            plan.append((rate, window, view, pace, amount))
+            plan.append((slot, counter, view, pace, amount, limit))
         if binding is not None:
             return Decision(False, wait=worst_wait, binding=binding)
-        reservation = Reservation(key, tokens)
-        for rate, window, view, pace, amount in plan:
-            window.in_flight += amount
+        reservation = Reservation(key, tokens, next(self._seq))
+        for slot, counter, view, pace, amount, limit in plan:
+            counter.hold(amount)
+            part = _Part(slot, amount, limit, pace)
             if view is not None:
-                view.add(amount, now)
+                view.in_flight += amount
+                part.view_epoch = view.epoch
             if pace is not None:
                 pace[0].take(amount, pace[1], pace[2], now)
-            reservation._parts.append(_Part(window, rate.unit, amount, view, pace))
+            reservation._parts.append(part)
+        self._in_flight.setdefault(key, {})[reservation] = None
         self._open += 1
         return Decision(True, reservation=reservation)
+
+    # -- upstream's reports --------------------------------------------------------------------
 
     def observe(
         self,
         key: str,
-        unit: Unit,
-        period: float,
-        limit: int,
-        remaining: int,
-        reset: float,
+        reports: Sequence[RateReport],
         now: float,
+        reporter: Reservation | None = None,
     ) -> None:
-        """Re-sync the upstream view of one window from an `x-ratelimit-*` report."""
-        if limit <= 0:
+        """Re-sync upstream's view of `key` from one response's `x-ratelimit-*` reports.
+
+        The reports come with the answer to `reporter`: requests released before it are taken
+        as counted in them; those released after may not be, so they stay held aside. Without
+        a reporter every request in flight is held aside (the safe side).
+        """
+        wanted = {(key, r.unit, r.period): r for r in reports if r.limit > 0}
+        if not wanted:
             return
-        reported = max(0, limit - max(remaining, 0))
-        refill = limit / period
-        if reported > 0 and reset > 0:
-            refill = min(refill, reported / reset)
-        # Requests still in flight may not be in the report yet: count them on top.
-        window = self._windows.get((key, unit, period))
-        deficit = reported + (window.in_flight if window is not None else 0)
-        self._views[(key, unit, period)] = UpstreamView(limit, deficit, refill, now)
+        after = reporter.seq if reporter is not None else 0
+        old_views = {slot: self._views.get(slot) for slot in wanted}
+        newer = dict.fromkeys(wanted, 0)  # released after the reporter: not in the report yet
+        older = dict.fromkeys(wanted, 0)  # released before it, held aside in the old view
+        parts: list[tuple[bool, _Part]] = []
+        for reservation in self._in_flight.get(key, ()):
+            is_newer = reservation.seq > after
+            for part in reservation._parts:
+                if part.slot not in wanted:
+                    continue
+                parts.append((is_newer, part))
+                if is_newer:
+                    newer[part.slot] += part.amount
+                else:
+                    old = old_views[part.slot]
+                    if old is not None and part.view_epoch == old.epoch:
+                        older[part.slot] += part.amount
+        epochs = {}
+        for slot, report in wanted.items():
+            epochs[slot] = self._resync(slot, report, newer[slot], older[slot], now)
+        for is_newer, part in parts:
+            part.view_epoch = epochs[part.slot] if is_newer else None
+
+    def _resync(self, slot: Slot, report: RateReport, newer: int, older: int, now: float) -> int:
+        limit = report.limit
+        reported_left = float(min(max(report.remaining, 0), limit))
+        foreign = self._foreign.get(slot)
+        if foreign is None:
+            foreign = self._foreign[slot] = ForeignUsage(now)
+        refunds = self._refunds.get(slot)
+        if refunds is None:
+            refunds = self._refunds[slot] = RefundShare()
+        old = self._views.get(slot)
+        if old is not None and old.limit == limit:
+            # What upstream should have left if nobody else used it and it made no refunds
+            # (the older in-flight now counted): `gap` is refunds made minus others' usage.
+            credited = refunds.share * old.pending_refunds
+            gap = reported_left - (old.expected_left(now) - credited - older)
+            others_guess = old.foreign * (now - old.synced_at)
+            if old.pending_refunds >= max(1.0, limit * MIN_REFUNDS_TO_LEARN):
+                refunds.learn((gap + others_guess) / old.pending_refunds)
+            foreign.add(refunds.share * old.pending_refunds - gap, now)
+        refill = limit / report.period
+        used = limit - reported_left
+        if used > 0 and 0 < report.reset < report.period:
+            refill = min(refill, used / report.reset)  # upstream says when it is full again
+        others = min(foreign.rate(now), refill)
+        view = UpstreamView(
+            limit, reported_left, refill - others, others, newer, now, next(self._epochs)
+        )
+        self._views[slot] = view
+        return view.epoch
 
     def learned_limits(self, key: str) -> dict[tuple[Unit, float], int]:
         return {
@@ -345,52 +589,109 @@ class MemoryLimiter:
             if view_key == key
         }
 
+    def foreign_rate(self, key: str, unit: Unit, period: float, now: float) -> float:
+        """Units per second others of the organization use of this limit (estimated)."""
+        foreign = self._foreign.get((key, unit, period))
+        return 0.0 if foreign is None else foreign.rate(now)
+
+    # -- a reservation's life ------------------------------------------------------------------
+
     def confirm(self, reservation: Reservation, now: float) -> None:
-        """Upstream has admitted the request by `now`: log it at this moment."""
+        """Upstream has admitted the request by `now`: charge it at this moment."""
         if not reservation.open or reservation.confirmed:
             return
         for part in reservation._parts:
-            part.window.in_flight -= part.amount
-            part.entry = part.window.add(part.amount, now)
+            counter = self._counters.get(part.slot)
+            if counter is not None:
+                part.handle = counter.count(part.amount, part.limit, now)
+            view = self._views.get(part.slot)
+            if view is not None and part.view_epoch == view.epoch:
+                view.in_flight -= part.amount
+                view.charge(part.amount, now)
+                part.view_epoch = None
+        self._forget_in_flight(reservation)
         reservation.confirmed = True
 
     def settle(self, reservation: Reservation, actual_tokens: int, now: float) -> None:
-        """Upstream answered: correct the token count to what it reports it used."""
+        """Upstream answered: correct the token count to what it reports it used.
+
+        Upstream refunds an unused reservation when the request completes, which is no later
+        than this; the view credits the share of it that upstream has been seen to refund.
+        """
         if not reservation.open:
             return
         self.confirm(reservation, now)
         actual = max(int(actual_tokens), 0)
         for part in reservation._parts:
-            if part.unit == "tokens" and part.entry is not None:
-                part.window.adjust(part.entry, actual, now)
-                if part.pace is not None:
-                    bucket, capacity, rate = part.pace
-                    bucket.take(actual - part.amount, capacity, rate, now)
+            if part.slot[1] != "tokens":
+                continue
+            counter = self._counters.get(part.slot)
+            if counter is not None:
+                counter.correct(part.handle, part.amount, actual, part.limit, now)
+            view = self._views.get(part.slot)
+            if view is not None:
+                unused = part.amount - actual
+                if unused > 0:
+                    refunds = self._refunds.get(part.slot)
+                    view.charge(-unused * (refunds.share if refunds is not None else 0.0), now)
+                    view.pending_refunds += unused
+                else:
+                    view.charge(-unused, now)  # upstream counted more than we reserved
+            if part.pace is not None:
+                bucket, capacity, rate = part.pace
+                bucket.take(actual - part.amount, capacity, rate, now)
         reservation.tokens = actual
         self._close(reservation)
 
     def release(self, reservation: Reservation, now: float) -> None:
-        """The request never reached upstream: give everything back."""
+        """Upstream charged nothing (never reached it, or refused it): give everything back.
+
+        A refusal after confirmation is a 429 whose own headers re-synced the view just now,
+        so the view is left alone; a request that never left was counted by the view only if
+        a report took it as counted, and that is undone.
+        """
         if not reservation.open:
             return
         for part in reservation._parts:
-            if part.entry is None:
-                part.window.in_flight -= part.amount
-            else:
-                part.window.adjust(part.entry, 0, now)
-            part.give_back(part.amount, now)
+            counter = self._counters.get(part.slot)
+            view = self._views.get(part.slot)
+            if not reservation.confirmed:
+                if counter is not None:
+                    counter.unhold(part.amount)
+                if view is not None:
+                    if part.view_epoch == view.epoch:
+                        view.in_flight -= part.amount
+                    else:
+                        view.charge(-part.amount, now)
+            elif counter is not None:
+                counter.correct(part.handle, part.amount, 0, part.limit, now)
+            if part.pace is not None:
+                bucket, capacity, rate = part.pace
+                bucket.take(-part.amount, capacity, rate, now)
+        self._forget_in_flight(reservation)
         reservation.tokens = 0
         self._close(reservation)
+
+    def _forget_in_flight(self, reservation: Reservation) -> None:
+        flying = self._in_flight.get(reservation.key)
+        if flying is not None:
+            flying.pop(reservation, None)
+            if not flying:
+                del self._in_flight[reservation.key]
 
     def _close(self, reservation: Reservation) -> None:
         reservation.open = False
         self._open -= 1
 
+    # -- queries -------------------------------------------------------------------------------
+
     def used(self, key: str, rate: Rate, now: float) -> float:
-        """The larger of the local count and upstream's last report, aged."""
-        local = self._window(key, rate).used(now)
-        view = self._views.get((key, rate.unit, rate.period))
-        return local if view is None else max(local, view.used(now))
+        """How much of the effective limit is taken: by the local count or upstream's view."""
+        slot = (key, rate.unit, rate.period)
+        view = self._views.get(slot)
+        limit = rate.limit if view is None else min(rate.limit, view.limit)
+        local = self._counter(slot, rate, limit, now).used(limit, now)
+        return local if view is None else max(local, limit - view.room(now))
 
     def open_reservations(self) -> int:
         return self._open

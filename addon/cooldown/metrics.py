@@ -74,7 +74,15 @@ class _GateCollector(Collector):
         for model, limits in status["usage"].items():
             for name, ratio in limits.items():
                 usage.add_metric([model, name], ratio)
-        yield from (depth, reservations, breaker, usage)
+        foreign = GaugeMetricFamily(
+            "cooldown_foreign_tokens_per_minute",
+            "Tokens per minute others of the organization use of a model's limit, estimated from "
+            "upstream's x-ratelimit reports (they are charged to the limiter between reports).",
+            labels=["model"],
+        )
+        for model, rate in status["foreign_tokens_per_minute"].items():
+            foreign.add_metric([model], rate)
+        yield from (depth, reservations, breaker, usage, foreign)
 
 
 class Metrics:
@@ -169,6 +177,8 @@ class Metrics:
             "breaker_state": status["breaker"],
             "open_reservations": status["open_reservations"],
             "usage": usage,
+            "algorithm": status["algorithm"],
+            "foreign_tokens_per_minute": status["foreign_tokens_per_minute"],
             "requests": outcomes,
             "upstream_429s": upstream_429s,
             "queue_wait_seconds": {m: _quantiles(w) for m, w in sorted(self._waits.items())},

@@ -15,6 +15,13 @@ both orders are kept as heaps (O(log n) per decision, stale entries skipped lazi
 Strict head-of-line per limiter key: if the first in order does not fit, nothing behind it
 overtakes it. Letting small ones slip past would keep a large request waiting forever under a
 steady trickle of small ones; aging would then not help.
+
+Probe first. A fresh bucket says "full", but upstream's may not be: someone else in the
+organization may have used it, or the proxy restarted mid-minute. When nothing is known of
+upstream's state for a key (never heard from, or quiet for longer than its shortest period, in
+which a bucket refills completely), one request goes alone and the rest wait for its response
+headers, which re-sync the limiter, for at most `probe_timeout`. The cost is one round trip
+for the first wave; `probe_first: false` turns it off.
 """
 
 from __future__ import annotations
@@ -140,6 +147,9 @@ class Scheduler:
         self._depth = 0
         self._last_wait: dict[str, float] = {}
         self._paused_until: dict[str, float] = {}
+        # Probe first: when upstream last answered per key, and the probe now in flight.
+        self._synced_at: dict[str, float] = {}
+        self._probes: dict[str, tuple[Ticket, float]] = {}
         # Bumped whenever capacity may have come back or limits changed (see _KeyQueue.refused).
         self.generation = 0
 
@@ -251,6 +261,35 @@ class Scheduler:
             return None
         return until
 
+    def forget_upstream_state(self) -> None:
+        """Upstream's state is unknown again (new limits): probe before the next wave."""
+        self._synced_at.clear()
+
+    def _probe_wait(self, key: str, now: float) -> float | None:
+        """While a probe for `key` is out, until when to wait for it; None to go on.
+
+        The probe is over when its answer is complete (the headers have re-synced the limits,
+        and its usage has calibrated the estimates) or after `probe_timeout`.
+        """
+        probe = self._probes.get(key)
+        if probe is None:
+            return None
+        ticket, until = probe
+        if not ticket.finished and now < until:
+            return until
+        del self._probes[key]
+        if not ticket.finished and key not in self._synced_at:
+            log.debug("probe for %s not answered in time; releasing without it", key)
+            self._synced_at[key] = now
+        # A probe that failed without an answer leaves the state unknown: the next one probes.
+        return None
+
+    def _needs_probe(self, key: str, rates: Sequence[Rate], now: float) -> bool:
+        if not self.limits.probe_first or not rates:
+            return False
+        synced = self._synced_at.get(key)
+        return synced is None or now - synced > min(rate.period for rate in rates)
+
     def _release_from(self, key: str, queue: _KeyQueue, now: float) -> float | None:
         paused = self.paused_until(key, now)
         if paused is not None:
@@ -266,6 +305,9 @@ class Scheduler:
             if ticket is None:
                 self._last_wait.pop(key, None)
                 return None
+            probe_until = self._probe_wait(key, now)
+            if probe_until is not None:
+                return probe_until
             half_open = self.breaker.state(now) is BreakerState.HALF_OPEN
             if half_open and self.breaker.probe_in_flight():
                 return None  # wait for the probe's answer; its finish() pumps again
@@ -288,6 +330,9 @@ class Scheduler:
                 ticket.probe = True
             ticket.reservation = decision.reservation
             ticket.wait_reason = None
+            if self._needs_probe(key, rates, now):
+                self._synced_at.pop(key, None)
+                self._probes[key] = (ticket, now + self.limits.probe_timeout)
             self._resolve(ticket, Outcome.RELEASED, now)
 
     def _expire(self, now: float) -> None:
@@ -302,6 +347,8 @@ class Scheduler:
         if ticket.reservation is not None and not ticket.finished:
             self.limiter.confirm(ticket.reservation, now)
             self.generation += 1
+        if ticket.outcome is Outcome.RELEASED:
+            self._synced_at[ticket.key] = now
 
     def finish(self, ticket: Ticket, status: int, actual_tokens: int | None, now: float) -> None:
         """Upstream answered a released request: settle its reservation and feed the breaker."""
@@ -309,6 +356,7 @@ class Scheduler:
             return
         ticket.finished = True
         self.generation += 1
+        self._synced_at[ticket.key] = now  # upstream answered: its state is known
         if status == 429:
             self.breaker.record_429(now)
         else:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from .limiter import RateReport as RateReport  # parsed here, defined with the limits
 from .limiter import Unit
 
 log = logging.getLogger(__name__)
@@ -23,17 +24,6 @@ PERIODS = {"minute": 60.0, "hour": 3600.0, "day": 86400.0}
 _RATE_HEADER = re.compile(
     r"x-ratelimit-(limit|remaining|reset)-(requests|tokens)-(minute|hour|day)"
 )
-
-
-@dataclass(frozen=True)
-class RateReport:
-    """One `x-ratelimit-*-{unit}-{period}` triple as upstream reported it."""
-
-    unit: Unit
-    period: float
-    limit: int
-    remaining: int
-    reset: float  # seconds until the window/bucket is full again
 
 
 def _number(value: str) -> float | None:
