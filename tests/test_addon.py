@@ -3,12 +3,14 @@
 import asyncio
 import json
 import logging
+import time
 
 import pytest
 from mitmproxy import connection, exceptions, flow
+from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons, tflow, tutils
 
-from cooldown.addon import Cooldown
+from cooldown.addon import Cooldown, snapshot_request
 from cooldown.scheduler import Outcome
 
 SECRET = "sk-test-0123456789abcdefSECRET"
@@ -427,8 +429,10 @@ def mock_upstream(mock_cerebras_module):
 
 
 async def test_429_is_retried_transparently_after_the_cooldown(config_file, mock_upstream):
+    """The real path: a copy replayed by mitmproxy's replay handler, sent to the mock."""
     addon = Cooldown()
-    with taddons.context(addon) as tctx:
+    # Proxyserver brings the options mitmproxy's connection handling reads.
+    with taddons.context(addon, Proxyserver()) as tctx:
         tctx.configure(
             addon,
             cerebras_config=config_file(
@@ -438,23 +442,325 @@ async def test_429_is_retried_transparently_after_the_cooldown(config_file, mock
         f = cerebras_flow()
         await addon.request(f)
         assert f.request.port == mock_upstream.port
-        f.response = tutils.tresp(
-            status_code=429,
-            content=b'{"message":"Tokens per minute limit exceeded","param":"quota",'
-            b'"code":"token_quota_exceeded"}',
-            headers=[(b"retry-after", b"0")],
-        )
+        f.response = rate_limited(retry_after=b"0")
         addon.responseheaders(f)
-        await addon.response(f)  # holds again, then re-sends to the mock itself
+        await asyncio.wait_for(addon.response(f), 10)  # holds a copy, replays it to the mock
         assert f.response.status_code == 200
         body = json.loads(f.response.content)
         assert body["usage"]["total_tokens"] > 0
+        assert f.response.headers["x-cooldown-estimated-tokens"] == str(
+            f.metadata["cooldown_estimate"]
+        )
         assert f.metadata["cooldown_attempts"] == 2
+        assert f.metadata["cooldown_actual_tokens"] == body["usage"]["total_tokens"]
         assert mock_upstream.stats()["ok"] == 1
+        await until(lambda: addon.status()["retrying_flows"] == 0)
         status = addon.status()
         assert status["upstream_429s"] == 1
         assert status["open_reservations"] == 0
         assert status["queue_depth"] == 0
+        assert status["in_flight_flows"] == 0
+
+
+def rate_limited(retry_after: bytes = b"0"):
+    return tutils.tresp(
+        status_code=429,
+        content=b'{"message":"Tokens per minute limit exceeded","param":"quota",'
+        b'"code":"token_quota_exceeded"}',
+        headers=[(b"retry-after", retry_after)],
+    )
+
+
+class FakeReplays:
+    """Stands in for mitmproxy's replay of a retry's copy (no sockets): runs the copy through
+    the addon's hooks as mitmproxy would and answers it with the next of `answers`: a
+    Response; "error" (the connection failed); "stall" (upstream reached, no answer until
+    the replay is stopped); or "stall, then 429" (stopped, then upstream's 429 arrives)."""
+
+    def __init__(self, addon, *answers):
+        self.addon = addon
+        self.answers = list(answers)
+        self.copies = []
+        self.stopped = 0
+        addon._replay_handler = self
+
+    def __call__(self, f, options):
+        return FakeReplay(self, f)
+
+
+class FakeReplay:
+    def __init__(self, replays, f):
+        self.replays = replays
+        self.flow = f
+        self._stop = asyncio.Event()
+
+    def stop(self):
+        self.replays.stopped += 1
+        self._stop.set()
+        return True
+
+    async def replay(self):
+        f, addon = self.flow, self.replays.addon
+        f.live = True
+        self.replays.copies.append(f)
+        await addon.request(f)
+        if f.error:  # killed in the request hook: mitmproxy runs the error hook
+            addon.error(f)
+            return
+        if f.response is None:  # released: "send" it
+            answer = self.replays.answers.pop(0)
+            if answer in ("stall", "stall, then 429"):
+                f.server_conn.timestamp_tcp_setup = time.time()
+                await self._stop.wait()
+                answer = "error" if answer == "stall" else rate_limited()
+            if answer == "error":
+                f.error = flow.Error("Connection closed")
+                addon.error(f)
+                return
+            f.response = answer
+        addon.responseheaders(f)
+        await addon.response(f)
+
+
+def retry_config(config_file, extra=""):
+    return config_file(
+        "cerebras_limits:\n  tpm_limit: 100000\n  max_retries: 2\n"
+        "circuit_breaker:\n  failure_threshold: 10\n" + extra
+    )
+
+
+async def test_retry_is_a_metered_copy_settled_by_its_own_hooks(config_file):
+    addon = Cooldown()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, cerebras_config=retry_config(config_file))
+        replays = FakeReplays(addon, ok_response(total_tokens=15))
+        f = cerebras_flow()
+        await addon.request(f)
+        estimate = f.metadata["cooldown_estimate"]
+        f.response = rate_limited()
+        addon.responseheaders(f)
+        await asyncio.wait_for(addon.response(f), 5)
+
+        (copy,) = replays.copies
+        assert copy.id != f.id
+        assert copy.is_replay == "request"
+        assert copy.metadata["cooldown_retry_of"] == f.id
+        assert copy.metadata["cooldown_attempt"] == 2
+        assert copy.comment.startswith(f"Cooldown: retry of flow {f.id} (attempt 2)")
+        # The copy re-sends the request as the addon released it: to Cerebras, not routed yet.
+        assert copy.request.pretty_host == "api.cerebras.ai"
+        assert copy.request.content == f.request.content
+        assert copy.metadata["cooldown_estimate"] == estimate
+        assert copy.metadata["cooldown_actual_tokens"] == 15
+
+        assert f.response.status_code == 200
+        assert json.loads(f.response.content)["usage"]["total_tokens"] == 15
+        assert f.response.headers["x-cooldown-estimated-tokens"] == str(estimate)
+        assert f.metadata["cooldown_attempts"] == 2
+        assert f.metadata["cooldown_actual_tokens"] == 15
+        assert copy.id in f.comment
+        await until(lambda: addon.status()["retrying_flows"] == 0)
+        assert addon.status()["open_reservations"] == 0
+        snapshot = addon.metrics.snapshot()
+        # Settled once, on the copy's usage (the 429'd attempt has no usage).
+        ratios = snapshot["estimate_to_actual_ratio"]["m"]
+        assert (ratios["count"], ratios["p50"]) == (1, pytest.approx(estimate / 15))
+        # One client request: forwarded once; the copy is counted as a retry.
+        assert snapshot["requests"] == {"m": {"forwarded": 1}}
+        assert snapshot["upstream_429s"] == {"m": {"quota": 1}}
+        assert b'cooldown_retries_total{model="m"} 1.0' in addon.metrics.prometheus()
+
+
+async def test_a_copy_that_draws_a_429_is_retried_in_turn(config_file):
+    addon = Cooldown()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, cerebras_config=retry_config(config_file))
+        replays = FakeReplays(addon, rate_limited(), ok_response(total_tokens=9))
+        f = cerebras_flow()
+        await addon.request(f)
+        f.response = rate_limited()
+        await asyncio.wait_for(addon.response(f), 5)
+        first, second = replays.copies
+        assert second.metadata["cooldown_retry_of"] == first.id
+        assert second.metadata["cooldown_attempt"] == 3
+        assert f.response.status_code == 200
+        assert f.metadata["cooldown_attempts"] == 3
+        await until(lambda: addon.status()["retrying_flows"] == 0)
+        assert addon.status()["open_reservations"] == 0
+        snapshot = addon.metrics.snapshot()
+        assert snapshot["requests"] == {"m": {"forwarded": 1}}
+        assert snapshot["upstream_429s"] == {"m": {"quota": 2}}
+        assert b'cooldown_retries_total{model="m"} 2.0' in addon.metrics.prometheus()
+
+
+async def test_the_last_429_reaches_the_client_when_retries_run_out(config_file):
+    addon = Cooldown()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, cerebras_config=retry_config(config_file))
+        replays = FakeReplays(addon, rate_limited(), rate_limited())
+        f = cerebras_flow()
+        await addon.request(f)
+        f.response = rate_limited()
+        await asyncio.wait_for(addon.response(f), 5)
+        assert len(replays.copies) == 2  # max_retries: 2
+        assert f.response.status_code == 429
+        assert f.metadata["cooldown_attempts"] == 3
+        await until(lambda: addon.status()["retrying_flows"] == 0)
+        assert addon.status()["open_reservations"] == 0
+        assert addon.metrics.snapshot()["upstream_429s"] == {"m": {"quota": 3}}
+
+
+async def test_a_retried_stream_is_buffered_and_settled_on_its_usage(config_file):
+    addon = Cooldown()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, cerebras_config=retry_config(config_file))
+        events = (
+            b'data: {"choices":[{"delta":{"content":"hi"}}],"usage":null}\n\n'
+            b'data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2,'
+            b'"total_tokens":7}}\n\ndata: [DONE]\n\n'
+        )
+        stream = tutils.tresp(content=events, headers=[(b"content-type", b"text/event-stream")])
+        replays = FakeReplays(addon, stream)
+        f = cerebras_flow({"model": "m", "messages": [], "stream": True})
+        await addon.request(f)
+        estimate = f.metadata["cooldown_estimate"]
+        f.response = rate_limited()
+        await asyncio.wait_for(addon.response(f), 5)
+        (copy,) = replays.copies
+        assert copy.response.stream is False  # buffered, not tapped on the way
+        assert f.response.content == events  # the client gets the stream whole
+        assert f.metadata["cooldown_actual_tokens"] == 7
+        await until(lambda: addon.status()["retrying_flows"] == 0)
+        assert addon.status()["open_reservations"] == 0
+        ratios = addon.metrics.snapshot()["estimate_to_actual_ratio"]["m"]
+        assert (ratios["count"], ratios["p50"]) == (1, pytest.approx(estimate / 7))
+
+
+async def test_client_gone_while_the_copy_is_held_stops_it(config_file):
+    addon = Cooldown()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, cerebras_config=retry_config(config_file))
+        replays = FakeReplays(addon)  # nothing may be sent
+        f = cerebras_flow()
+        await addon.request(f)
+        f.response = rate_limited(retry_after=b"30")  # the model pauses: the copy is held
+        task = asyncio.ensure_future(addon.response(f))
+        await until(lambda: replays.copies and replays.copies[0].intercepted)
+        assert addon.status()["queue_depth"] == 1
+        addon.client_disconnected(f.client_conn)
+        await asyncio.wait_for(task, 5)
+        (copy,) = replays.copies
+        assert copy.error is not None and copy.error.msg == flow.Error.KILLED_MESSAGE
+        assert f.metadata["cooldown_refused"] == "client_gone"
+        await until(lambda: addon.status()["retrying_flows"] == 0)
+        status = addon.status()
+        assert (status["queue_depth"], status["open_reservations"]) == (0, 0)
+        assert addon.metrics.snapshot()["requests"]["m"] == {"forwarded": 1, "cancelled": 1}
+
+
+async def test_client_gone_while_the_copy_is_in_flight_stops_it(config_file):
+    addon = Cooldown()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, cerebras_config=retry_config(config_file))
+        replays = FakeReplays(addon, "stall")
+        f = cerebras_flow()
+        await addon.request(f)
+        f.response = rate_limited()
+        task = asyncio.ensure_future(addon.response(f))
+        await until(lambda: addon.status()["in_flight_flows"] == 1 and replays.copies)
+        addon.client_disconnected(f.client_conn)
+        await asyncio.wait_for(task, 5)
+        assert replays.stopped == 1
+        assert f.metadata["cooldown_refused"] == "client_gone"
+        await until(lambda: addon.status()["retrying_flows"] == 0)
+        status = addon.status()
+        assert (status["in_flight_flows"], status["open_reservations"]) == (0, 0)
+
+
+async def test_a_stopped_copy_that_draws_a_429_is_not_retried(config_file):
+    addon = Cooldown()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, cerebras_config=retry_config(config_file))
+        replays = FakeReplays(addon, "stall, then 429")
+        f = cerebras_flow()
+        await addon.request(f)
+        f.response = rate_limited()
+        task = asyncio.ensure_future(addon.response(f))
+        await until(lambda: addon.status()["in_flight_flows"] == 1 and replays.copies)
+        addon.client_disconnected(f.client_conn)
+        await asyncio.wait_for(task, 5)
+        await until(lambda: addon.status()["retrying_flows"] == 0)
+        assert len(replays.copies) == 1  # its 429 is settled, not retried for nobody
+        status = addon.status()
+        assert (status["in_flight_flows"], status["open_reservations"]) == (0, 0)
+        assert addon.metrics.snapshot()["upstream_429s"] == {"m": {"quota": 2}}
+
+
+async def test_a_failed_retry_answers_502(config_file):
+    addon = Cooldown()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, cerebras_config=retry_config(config_file))
+        FakeReplays(addon, "error")
+        f = cerebras_flow()
+        await addon.request(f)
+        f.response = rate_limited()
+        await asyncio.wait_for(addon.response(f), 5)
+        assert f.response.status_code == 502
+        error = json.loads(f.response.content)["error"]
+        assert error["code"] == "retry_failed"
+        assert "Connection closed" in error["message"]
+        assert f.metadata["cooldown_refused"] == "retry_failed"
+        await until(lambda: addon.status()["retrying_flows"] == 0)
+        assert addon.status()["open_reservations"] == 0
+
+
+async def test_a_retry_refused_by_the_open_breaker_answers_503(config_file):
+    addon = Cooldown()
+    with taddons.context(addon) as tctx:
+        tctx.configure(
+            addon,
+            cerebras_config=config_file(
+                "cerebras_limits:\n  max_retries: 2\n"
+                "circuit_breaker:\n  failure_threshold: 1\n  open_duration: 30s\n"
+            ),
+        )
+        replays = FakeReplays(addon)
+        f = cerebras_flow()
+        await addon.request(f)
+        f.response = rate_limited()
+        await asyncio.wait_for(addon.response(f), 5)
+        assert len(replays.copies) == 1
+        assert f.response.status_code == 503
+        assert f.response.headers["x-cooldown-refused"] == "circuit_open"
+        assert f.metadata["cooldown_refused"] == "breaker_open"
+        await until(lambda: addon.status()["retrying_flows"] == 0)
+        assert addon.status()["open_reservations"] == 0
+        requests = addon.metrics.snapshot()["requests"]["m"]
+        assert requests == {"forwarded": 1, "refused_breaker_open": 1}
+
+
+async def test_no_retry_without_the_request_as_released(config_file):
+    """`max_retries: 0` keeps no copy of the request (nothing to retry with)."""
+    addon = Cooldown()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, cerebras_config=config_file("cerebras_limits:\n  max_retries: 0\n"))
+        f = cerebras_flow()
+        await addon.request(f)
+        assert addon._in_flight[f.id].request is None
+
+
+def test_the_request_snapshot_does_not_follow_later_changes():
+    f = cerebras_flow()
+    snapshot = snapshot_request(f.request)
+    f.request.host = "127.0.0.1"
+    f.request.port = 8080
+    f.request.headers["x-added"] = "1"
+    f.request.content = b"changed"
+    assert snapshot.host == "api.cerebras.ai" and snapshot.port == 443
+    assert "x-added" not in snapshot.headers
+    assert snapshot.content != b"changed"
+    snapshot.headers["x-other"] = "2"
+    assert "x-other" not in f.request.headers
 
 
 async def test_estimating_a_huge_body_does_not_stall_other_flows(addon_ctx):

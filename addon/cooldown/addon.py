@@ -6,11 +6,17 @@ estimates them (off the event loop when the body is large), holds each one pause
 response (or an error) comes back. mitmproxy never interrupts a waiting hook, so the addon
 listens for the events that mean a held flow is gone (client disconnect, kill from the UI)
 and cancels its ticket itself.
+
+After an upstream 429 a flow is retried through mitmproxy itself: a copy of its request is
+replayed (mitmproxy's client-replay handler), so the proxy mode, other addons and TLS options
+apply to it as to the original; the copy is metered like any request, and the original
+answers its client with the copy's answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import fnmatch
 import json
 import logging
@@ -21,8 +27,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
 from mitmproxy import command, connection, ctx, exceptions, flow, hooks, http
+from mitmproxy.addons.clientplayback import MockServer, ReplayHandler
+from mitmproxy.proxy import layers
+from mitmproxy.proxy.layers.http import HTTPMode
 from mitmproxy.utils import asyncio_utils
 
 from .config import Config, ConfigError, load_config, resolve_config_path
@@ -41,9 +49,6 @@ from .upstream import (
 )
 
 log = logging.getLogger(__name__)
-# The retry client's own debug lines would drown mitmproxy's log at termlog_verbosity=debug.
-logging.getLogger("httpcore").setLevel(logging.WARNING)
-logging.getLogger("httpx").setLevel(logging.WARNING)
 
 METERED_PATHS = ("/v1/chat/completions", "/v1/completions")
 # A made-up host, answered by the addon itself: http://cooldown.local/metrics through the proxy.
@@ -139,6 +144,14 @@ def proxy_error_response(outcome: Outcome, retry_after: float) -> http.Response:
     return http.Response.make(refusal.status, json.dumps(body).encode(), headers)
 
 
+def _label(f: http.HTTPFlow) -> str:
+    """How Cooldown's comment on a flow begins; a retry's copy names the flow it retries."""
+    retry_of = f.metadata.get("cooldown_retry_of")
+    if retry_of is None:
+        return "Cooldown: "
+    return f"Cooldown: retry of flow {retry_of} (attempt {f.metadata.get('cooldown_attempt')}), "
+
+
 def prepare_request(path: str, body: bytes) -> tuple[RequestShape, bytes | None]:
     """Tokenize once and, for a stream that does not ask for usage, ask for it.
 
@@ -174,23 +187,88 @@ class _FlowState:
     ticket: Ticket
     retries_left: int
     tap: SSEUsageTap | None = None
-    attempts: int = 1
+    attempts: int = 1  # which attempt this flow is (a retry's copy: 2, 3, ...)
+    # The request as this addon released it (before routing and later addons): what a retry
+    # re-sends. Only kept while retries are left.
+    request: http.Request | None = None
 
 
-# Headers that belong to one hop, not to the message, when re-sending a request ourselves.
-_HOP_BY_HOP = {
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "host",
-    "content-length",
-}
+def snapshot_request(request: http.Request) -> http.Request:
+    """A copy of `request` as it is now that later changes to `request` do not reach.
+
+    Cheap enough for every metered flow (a few microseconds; `Request.copy()` serializes the
+    whole message): mitmproxy never changes a header list or a body in place, it replaces
+    the (immutable) tuple or bytes, so copying the containers is enough.
+    """
+    snapshot = copy.copy(request)
+    snapshot.data = copy.copy(request.data)
+    snapshot.data.headers = copy.copy(request.data.headers)
+    if request.data.trailers is not None:
+        snapshot.data.trailers = copy.copy(request.data.trailers)
+    return snapshot
+
+
+@dataclass(eq=False)
+class _Retry:
+    """A copy of a flow, re-sent through mitmproxy after the flow drew an upstream 429."""
+
+    parent: http.HTTPFlow  # the flow that drew the 429 (itself a retry's copy, perhaps)
+    copy: http.HTTPFlow
+    key: str
+    shape: RequestShape
+    attempt: int  # the copy is attempt 2, 3, ... of the client's request
+    retries_left: int  # for the copy, if it draws a 429 in turn
+    done: asyncio.Future[None]  # the copy ended (answered, failed or refused), or was stopped
+    handler: Any = None  # its _RetryReplay
+    task: asyncio.Task[None] | None = None
+    stopped: str | None = None  # why it was stopped: "client_gone", "killed", "shutdown"
+
+
+class _RetryReplay(ReplayHandler):
+    """mitmproxy's client-replay connection handler, with an idle timeout and a stop.
+
+    It sends the copy through every addon and the configured mode (the first `--mode`:
+    `upstream:` goes through that proxy), exactly like the `replay.client` command, but
+    concurrently (`replay.client` replays one flow at a time, and a retry may be held for
+    minutes). A replay has no client connection, so mitmproxy's own idle timeout would never
+    fire; this one closes the upstream connection after `tcp_timeout` seconds without any
+    event outside of hooks, as mitmproxy does for a client.
+    """
+
+    def __init__(self, f: http.HTTPFlow, options: Any) -> None:
+        super().__init__(f, options)
+        if self.layer.mode is HTTPMode.upstream and not f.request.authority:
+            # The original came through a CONNECT tunnel (origin-form): mitmproxy handled it
+            # in transparent mode, reaching its destination with a CONNECT through the
+            # upstream proxy. Do the same: in upstream mode a plain-HTTP destination would
+            # get an origin-form request, which no proxy can route.
+            context = self.layer.context
+            self.layer = layers.HttpLayer(context, HTTPMode.transparent)
+            self.layer.connections[context.client] = MockServer(f, context.fork())
+
+    async def replay(self) -> None:
+        watch = asyncio.ensure_future(self.timeout_watchdog.watch())
+        try:
+            await super().replay()
+        finally:
+            watch.cancel()
+
+    async def handle_hook(self, hook: Any) -> None:
+        with self.timeout_watchdog.disarm():  # time spent held in a hook is not idle
+            await super().handle_hook(hook)
+
+    async def on_timeout(self) -> None:
+        self.log(f"retry idle for {self.timeout_watchdog.timeout}s: closing it")
+        if not self.stop():
+            self.done.set()  # nothing to close: end the replay itself
+
+    def stop(self) -> bool:
+        """Close the copy's upstream connections (mitmproxy then ends it with an error);
+        False if it has none."""
+        handlers = [io.handler for io in self.transports.values() if io.handler is not None]
+        for handler in handlers:
+            handler.cancel("retry stopped")
+        return bool(handlers)
 
 
 class Cooldown:
@@ -206,8 +284,12 @@ class Cooldown:
         # Held flows by client connection: a disconnect finds its flows without a scan.
         self._held_by_client: dict[str, set[str]] = {}
         self._held_shapes: dict[str, RequestShape] = {}
-        # Re-sends in progress (after an upstream 429), by client connection.
-        self._retrying: dict[str, set[asyncio.Future[http.Response]]] = {}
+        # Retries after an upstream 429: by the copy's flow id (until the copy has ended), by
+        # the id of the flow they retry, and by client connection (while that flow waits).
+        self._retries: dict[str, _Retry] = {}
+        self._retry_of: dict[str, _Retry] = {}
+        self._retrying: dict[str, set[_Retry]] = {}
+        self._replay_handler: Any = _RetryReplay  # (flow, options) -> handler; tests swap it
         self._in_flight: dict[str, _FlowState] = {}
         self.calibration = InputCalibration()
         self.metrics = Metrics(self.gate)
@@ -317,6 +399,10 @@ class Cooldown:
         for task in (self._shutdown_task, self._watch_task):
             if task is not None:
                 task.cancel()
+        for retry in list(self._retries.values()):  # nothing waits on a retry past shutdown
+            self._stop_retry(retry, "shutdown")
+            if retry.task is not None:
+                retry.task.cancel()
         self._shutdown_task = self._watch_task = None
         if self._listener is not None:
             self._listener.close()
@@ -383,6 +469,11 @@ class Cooldown:
     async def request(self, f: http.HTTPFlow) -> None:
         if f.response or f.error or not f.live:
             return
+        if self._retries:
+            retry = self._retries.get(f.id)
+            if retry is not None:  # a copy re-sent after a 429: metered like its original
+                await self._admit(f, retry.key, retry.shape, retry)
+                return
         if f.request.pretty_host.lower() == STATUS_HOST:
             self._answer_status(f)
             return
@@ -392,26 +483,46 @@ class Cooldown:
             self._route(f)
             return
         shape = await self._prepare(f)
+        await self._admit(f, self._key_for(shape.model), shape)
+
+    async def _admit(
+        self, f: http.HTTPFlow, key: str, shape: RequestShape, retry: _Retry | None = None
+    ) -> None:
+        """Hold the flow until the gate releases it, then send it on; or answer it."""
+        if retry is not None and retry.stopped:
+            f.kill()  # the flow it retries needs no answer any more
+            return
         if self._stopping:
             self._refuse(f, Outcome.SHUTDOWN, 5.0)
             return
-        key = self._key_for(shape.model)
         estimate = self._estimate(key, shape)
-        ticket = self.gate.submit(estimate.total, key=key, meta=f.id)
+        # A retry was admitted once already: a queue that filled up meanwhile does not refuse it.
+        ticket = self.gate.submit(estimate.total, key=key, meta=f.id, requeue=retry is not None)
         f.metadata["cooldown_estimate"] = estimate.total
         if ticket.held:
             outcome = await self._hold(f, ticket, estimate, shape)
+            if ticket.tokens != max(estimate.total, 1):
+                estimate = self._estimate(key, shape)  # calibration learnt while it waited
         else:
             outcome = ticket.outcome
         f.metadata["cooldown_waited"] = round(ticket.waited, 3)
-        if outcome is not None:
+        # A retry that goes out is counted by cooldown_retries_total, not as a new request.
+        if outcome is not None and (retry is None or outcome is not Outcome.RELEASED):
             self.metrics.request_outcome(key, _OUTCOME_LABELS[outcome], ticket.waited)
         if outcome is Outcome.RELEASED:
-            if not f.live or f.error:
+            if not f.live or f.error or (retry is not None and retry.stopped):
                 self.gate.abort(ticket, reached_upstream=False)
+                if retry is not None and f.killable:
+                    f.kill()
                 return
-            retries = self.config.cerebras_limits.max_retries
-            self._in_flight[f.id] = _FlowState(key, shape, estimate, ticket, retries)
+            if retry is None:
+                retries, attempt = self.config.cerebras_limits.max_retries, 1
+            else:
+                retries, attempt = retry.retries_left, retry.attempt
+            state = _FlowState(key, shape, estimate, ticket, retries, attempts=attempt)
+            if retries > 0:
+                state.request = snapshot_request(f.request)  # before routing and later addons
+            self._in_flight[f.id] = state
             self._route(f)
             if self._debug:
                 log.debug(
@@ -425,6 +536,8 @@ class Cooldown:
         if outcome is Outcome.CANCELLED or outcome is None:
             if self._debug:
                 log.debug("flow %s left the queue (client gone or killed)", f.id)
+            if retry is not None and f.killable:
+                f.kill()  # a copy has no client of its own whose leaving would stop it
             return
         self._refuse(f, outcome, ticket.retry_after)
 
@@ -443,7 +556,7 @@ class Cooldown:
 
     def _refuse(self, f: http.HTTPFlow, outcome: Outcome, retry_after: float) -> None:
         f.metadata["cooldown_refused"] = outcome.value
-        f.comment = f"Cooldown: refused ({outcome.value})"
+        f.comment = f"{_label(f)}refused ({outcome.value})"
         f.marked = ":no_entry:"
         f.response = proxy_error_response(outcome, retry_after)
         if self._debug:
@@ -524,7 +637,7 @@ class Cooldown:
             "tpd": "tokens per day",
         }.get(ticket.wait_reason, ticket.wait_reason)
         f.comment = (
-            f"Cooldown: held for {ticket.key} (#{self.gate.scheduler.depth} in queue), "
+            f"{_label(f)}held for {ticket.key} (#{self.gate.scheduler.depth} in queue), "
             f"waiting for {waiting_for}; estimate {estimate.total} tokens "
             f"({estimate.input_tokens} in + {estimate.output_tokens} out), "
             f"priority {base_priority(estimate.total):g}"
@@ -546,7 +659,7 @@ class Cooldown:
                 f.resume()
             if ticket.outcome is Outcome.RELEASED:
                 f.comment = (
-                    f"Cooldown: waited {ticket.waited:.3f}s, estimate {estimate.total} tokens"
+                    f"{_label(f)}waited {ticket.waited:.3f}s, estimate {ticket.tokens} tokens"
                 )
             self._trigger_update(f)
 
@@ -557,7 +670,7 @@ class Cooldown:
 
     def client_disconnected(self, client: connection.Client) -> None:
         for retry in list(self._retrying.get(client.id, ())):
-            retry.cancel()
+            self._stop_retry(retry, "client_gone")
         for flow_id in list(self._held_by_client.get(client.id, ())):
             held = self._held.get(flow_id)
             if held is not None:
@@ -567,6 +680,10 @@ class Cooldown:
         for f in flows:
             held = self._held.get(f.id)
             if held is None:
+                if self._retry_of and f.error and f.error.msg == flow.Error.KILLED_MESSAGE:
+                    retry = self._retry_of.get(f.id)  # killed while waiting for its retry
+                    if retry is not None:
+                        self._stop_retry(retry, "killed")
                 continue
             _, ticket = held
             if f.error and f.error.msg == flow.Error.KILLED_MESSAGE:
@@ -588,6 +705,10 @@ class Cooldown:
         self.gate.observe(state.key, parse_rate_headers(f.response.headers))
         self._add_proxy_headers(f.response, state)
         if f.response.headers.get("content-type", "").startswith("text/event-stream"):
+            if state.attempts > 1:
+                # A retry's copy: buffered whole, to be handed to the flow it retries (whose
+                # client then gets the stream at once); usage is read from the whole body.
+                return
             # Pass the stream through unbuffered, reading usage from it on the way.
             state.tap = SSEUsageTap()
             f.response.stream = state.tap
@@ -611,23 +732,39 @@ class Cooldown:
 
     async def response(self, f: http.HTTPFlow) -> None:
         state = self._in_flight.pop(f.id, None)
-        if state is None or f.response is None:
-            return
-        while f.response.status_code == 429:
-            verdict = classify_429(f.response.get_content(strict=False))
-            self.metrics.upstream_429(state.key, verdict.kind)
-            cooldown = self._cool_down(state, f.response, verdict)
-            if state.retries_left <= 0 or not await self._retry_after_429(f, state, cooldown):
-                break
-        if f.response is not None and "cooldown_refused" not in f.metadata:
+        try:
+            if state is None or f.response is None:
+                return
+            if f.response.status_code == 429:
+                verdict = classify_429(f.response.get_content(strict=False))
+                self.metrics.upstream_429(state.key, verdict.kind)
+                cooldown = self._cool_down(state, f.response, verdict)
+                if self._may_retry(f, state):
+                    await self._retry_after_429(f, state, cooldown)
+                    return
             self._account(f, state, f.response)
+        finally:
+            if self._retries:
+                self._copy_ended(f)
+
+    def _may_retry(self, f: http.HTTPFlow, state: _FlowState) -> bool:
+        if state.retries_left <= 0 or state.request is None:
+            return False
+        retry = self._retries.get(f.id) if self._retries else None
+        return retry is None or retry.stopped is None  # nobody waits for a stopped copy
 
     def _usage(self, state: _FlowState, response: http.Response) -> dict[str, int] | None:
         if state.tap is not None:
             return state.tap.usage
         if response.raw_content is None:
             return None
-        return usage_from_json(response.get_content(strict=False))
+        content = response.get_content(strict=False)
+        if response.headers.get("content-type", "").startswith("text/event-stream"):
+            tap = SSEUsageTap()  # a stream that was buffered (a retry's copy)
+            tap(content or b"")
+            tap(b"")
+            return tap.usage
+        return usage_from_json(content)
 
     def _re_estimate_held(self, key: str) -> None:
         """Apply what calibration just learnt to the requests still waiting for `key`."""
@@ -674,115 +811,173 @@ class Cooldown:
         )
         return cooldown
 
-    async def _retry_after_429(self, f: http.HTTPFlow, state: _FlowState, cooldown: float) -> bool:
-        """Cool the model down, hold the request again and re-send it; False if it ended."""
+    async def _retry_after_429(self, f: http.HTTPFlow, state: _FlowState, cooldown: float) -> None:
+        """Settle the 429'd attempt, re-send a copy through mitmproxy, answer with its end.
+
+        The copy is held again by the gate (the model is cooling down), then goes out as the
+        original did: same mode, same addons (which may reroute it), same TLS options. It is
+        settled by its own hooks, and retried in turn if it draws another 429.
+        """
         response = f.response
         assert response is not None
         self.gate.confirm(state.ticket)
         self.gate.observe(state.key, parse_rate_headers(response.headers))
         self.gate.finish(state.ticket, 429, None)
         self.metrics.retry(state.key)
-        log.info("retrying flow %s after %.1fs", f.id, cooldown)
-        state.retries_left -= 1
-        state.attempts += 1
-        state.estimate = self._estimate(state.key, state.shape)
-        ticket = self.gate.submit(state.estimate.total, key=state.key, meta=f.id, requeue=True)
-        if ticket.held:
-            outcome = await self._hold(f, ticket, state.estimate, state.shape)
-        else:
-            outcome = ticket.outcome
-        if outcome is not None and outcome is not Outcome.RELEASED:
-            # A retry that goes out is counted by cooldown_retries_total, not as a new request.
-            self.metrics.request_outcome(state.key, _OUTCOME_LABELS[outcome], ticket.waited)
-        if outcome is not Outcome.RELEASED:
-            if outcome not in (Outcome.CANCELLED, None):
-                self._refuse(f, outcome, ticket.retry_after)
-            return False
-        state.ticket = ticket
-        state.tap = None
-        # The proxy re-sends on its own client, which mitmproxy does not tie to the flow: if
-        # the client leaves meanwhile, stop the retry rather than wait for upstream's answer.
-        resend = asyncio.ensure_future(self._resend(f, state))
-        self._retrying.setdefault(f.client_conn.id, set()).add(resend)
-        try:
-            f.response = await resend
-            self._add_proxy_headers(f.response, state)
-        except asyncio.CancelledError:
-            self.gate.abort(ticket, reached_upstream=True)  # upstream may have counted it
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
-                raise  # the hook itself is being cancelled, not just the retry
-            log.debug("client of flow %s left during a retry; retry stopped", f.id)
+        if f.client_conn.state is connection.ConnectionState.CLOSED:
             f.metadata["cooldown_refused"] = "client_gone"
-            return False
-        except httpx.HTTPError as e:
-            self.gate.abort(ticket, reached_upstream=True)
-            log.info("retry of flow %s failed: %s", f.id, type(e).__name__)
-            f.metadata["cooldown_refused"] = "retry_failed"
-            f.response = http.Response.make(
-                502,
-                json.dumps(
-                    {
-                        "error": {
-                            "message": f"Retry after upstream 429 failed: {type(e).__name__} "
-                            f"(answered by the {PROXY_NAME})",
-                            "type": "cooldown_retry_failed",
-                            "code": "retry_failed",
-                        }
-                    }
-                ).encode(),
-                {"Content-Type": "application/json", "X-Cooldown-Refused": "retry_failed"},
-            )
-            return False
+            return
+        retry = self._start_retry(f, state)
+        log.info("retrying flow %s after %.1fs as flow %s", f.id, cooldown, retry.copy.id)
+        try:
+            await retry.done
+        except asyncio.CancelledError:
+            self._stop_retry(retry, "shutdown")  # the hook itself is being cancelled
+            raise
         finally:
+            del self._retry_of[f.id]
             retries = self._retrying.get(f.client_conn.id)
             if retries is not None:
-                retries.discard(resend)
+                retries.discard(retry)
                 if not retries:
                     del self._retrying[f.client_conn.id]
-        f.metadata["cooldown_attempts"] = state.attempts
-        return True
+        if retry.stopped == "shutdown":
+            self._refuse(f, Outcome.SHUTDOWN, 5.0)
+        elif retry.stopped == "client_gone":
+            log.debug("client of flow %s left during a retry; retry stopped", f.id)
+            f.metadata["cooldown_refused"] = retry.stopped
+        elif retry.stopped is not None:
+            log.debug("flow %s %s during a retry; retry stopped", f.id, retry.stopped)
+            f.metadata["cooldown_refused"] = retry.stopped
+        else:
+            self._take_over(f, retry.copy)
 
-    async def _resend(self, f: http.HTTPFlow, state: _FlowState) -> http.Response:
-        """Send the request again ourselves; mitmproxy cannot re-send a flow it has answered."""
-        headers = [
-            (name, value)
-            for name, value in f.request.headers.items(multi=True)
-            if name.lower() not in _HOP_BY_HOP
-        ]
-        # A client per retry: retries are rare, and nothing is left open when the proxy stops.
-        verify = not getattr(ctx.options, "ssl_insecure", False)
-        timeout = httpx.Timeout(600.0, connect=15.0)
-        async with (
-            httpx.AsyncClient(timeout=timeout, verify=verify, trust_env=False) as client,
-            client.stream(
-                f.request.method, f.request.url, headers=headers, content=f.request.raw_content
-            ) as upstream,
-        ):
-            self.gate.confirm(state.ticket)
-            self.gate.observe(state.key, parse_rate_headers(upstream.headers))
-            if upstream.headers.get("content-type", "").startswith("text/event-stream"):
-                state.tap = SSEUsageTap()
-            pieces = []
-            async for chunk in upstream.aiter_raw():
-                pieces.append(state.tap(chunk) if state.tap is not None else chunk)
-            if state.tap is not None:
-                state.tap(b"")
-            raw = b"".join(pieces)
-        response = http.Response.make(
-            upstream.status_code,
-            b"",
-            [
-                (k.encode(), v.encode())
-                for k, v in upstream.headers.multi_items()
-                if k.lower() not in _HOP_BY_HOP
-            ],
+    def _start_retry(self, f: http.HTTPFlow, state: _FlowState) -> _Retry:
+        """Replay a copy of `f`'s request, as this addon released it, through mitmproxy."""
+        assert state.request is not None
+        retry_copy = f.copy()
+        retry_copy.request, state.request = state.request, None
+        retry_copy.response = None
+        retry_copy.error = None
+        # A fresh server connection: nothing of the 429'd attempt's (mitmproxy opens its own).
+        retry_copy.server_conn = connection.Server(
+            address=(retry_copy.request.host, retry_copy.request.port)
         )
-        response.raw_content = raw
-        response.headers["content-length"] = str(len(raw))
-        return response
+        # A copied connection is CLOSED until opened; the client waits for this copy.
+        retry_copy.client_conn.state = connection.ConnectionState.OPEN
+        retry_copy.is_replay = "request"
+        retry_copy.marked = ""
+        attempt = state.attempts + 1
+        retry_copy.metadata = {
+            "cooldown_retry_of": f.id,
+            "cooldown_attempt": attempt,
+            "cooldown_attempts": attempt,
+        }
+        retry_copy.comment = f"{_label(retry_copy)}after upstream 429"
+        retry = _Retry(
+            parent=f,
+            copy=retry_copy,
+            key=state.key,
+            shape=state.shape,
+            attempt=attempt,
+            retries_left=state.retries_left - 1,
+            done=asyncio.get_running_loop().create_future(),
+        )
+        self._retries[retry_copy.id] = retry
+        self._retry_of[f.id] = retry
+        self._retrying.setdefault(f.client_conn.id, set()).add(retry)
+        try:
+            retry.handler = self._replay_handler(retry_copy, ctx.options)
+            retry.task = asyncio.ensure_future(retry.handler.replay())
+        except Exception:
+            log.exception("could not start the retry of flow %s", f.id)
+            self._replay_finished(retry, None)
+        else:
+            retry.task.add_done_callback(lambda task: self._replay_finished(retry, task))
+        return retry
+
+    def _take_over(self, f: http.HTTPFlow, retry_copy: http.HTTPFlow) -> None:
+        """Answer `f` with the answer to its retry (upstream's, or the proxy's refusal)."""
+        answer = retry_copy.response
+        if retry_copy.error is None and answer is not None and answer.raw_content is not None:
+            f.response = answer.copy()  # with the copy's X-Cooldown-* and X-RateLimit-*
+            for name in ("cooldown_refused", "cooldown_actual_tokens", "cooldown_attempts"):
+                if name in retry_copy.metadata:
+                    f.metadata[name] = retry_copy.metadata[name]
+            f.comment = f"{f.comment}; upstream 429, answered by its retry {retry_copy.id}"
+            return
+        reason = retry_copy.error.msg if retry_copy.error is not None else "no complete answer"
+        log.info("retry of flow %s failed: %s", f.id, reason)
+        f.metadata["cooldown_refused"] = "retry_failed"
+        f.comment = f"{f.comment}; upstream 429, its retry {retry_copy.id} failed: {reason}"
+        f.response = http.Response.make(
+            502,
+            json.dumps(
+                {
+                    "error": {
+                        "message": f"Retry after upstream 429 failed: {reason} "
+                        f"(answered by the {PROXY_NAME})",
+                        "type": "cooldown_retry_failed",
+                        "code": "retry_failed",
+                    }
+                }
+            ).encode(),
+            {"Content-Type": "application/json", "X-Cooldown-Refused": "retry_failed"},
+        )
+
+    def _copy_ended(self, f: http.HTTPFlow) -> None:
+        """`f`'s response or error hook ran: if it is a retry's copy, its flow may go on."""
+        retry = self._retries.get(f.id)
+        if retry is not None and not retry.done.done():
+            retry.done.set_result(None)
+
+    def _stop_retry(self, retry: _Retry, reason: str) -> None:
+        """The flow a retry is for needs no answer any more: stop the copy, free what it holds.
+
+        Held, its ticket is cancelled (and the copy killed); in flight, it is killed and its
+        upstream connection closed, so its error hook settles its reservation.
+        """
+        if retry.stopped is not None:
+            return
+        retry.stopped = reason
+        copy_id = retry.copy.id
+        held = self._held.get(copy_id)
+        if held is not None:
+            self.gate.cancel(held[1])
+        elif copy_id in self._in_flight:
+            if retry.copy.killable:
+                retry.copy.kill()  # not connected yet: mitmproxy drops it after the hooks
+            if retry.handler is not None:
+                retry.handler.stop()
+        child = self._retry_of.get(copy_id)  # the copy waits for a retry of its own
+        if child is not None:
+            self._stop_retry(child, reason)
+        if not retry.done.done():
+            retry.done.set_result(None)
+
+    def _replay_finished(self, retry: _Retry, task: asyncio.Task[None] | None) -> None:
+        """The copy's replay is over: the last safety net for its reservation."""
+        if task is not None and not task.cancelled() and (e := task.exception()) is not None:
+            log.warning("retry of flow %s crashed: %r", retry.parent.id, e)
+        copy_id = retry.copy.id
+        state = self._in_flight.pop(copy_id, None)
+        if state is not None:  # ended without its response or error hook
+            self.gate.abort(state.ticket, reached_upstream=True)
+        held = self._held.get(copy_id)
+        if held is not None:
+            self.gate.cancel(held[1])
+        self._retries.pop(copy_id, None)
+        if not retry.done.done():
+            retry.done.set_result(None)
 
     def error(self, f: http.HTTPFlow) -> None:
+        try:
+            self._settle_error(f)
+        finally:
+            if self._retries:
+                self._copy_ended(f)
+
+    def _settle_error(self, f: http.HTTPFlow) -> None:
         state = self._in_flight.pop(f.id, None)
         if state is not None:
             usage = state.tap.usage if state.tap is not None else None
@@ -802,5 +997,6 @@ class Cooldown:
             "held_flows": len(self._held),
             "held_clients": len(self._held_by_client),
             "in_flight_flows": len(self._in_flight),
+            "retrying_flows": len(self._retries),
             **self.gate.status(),
         }
