@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import os
 import ssl
 import time
 from collections.abc import Callable
@@ -85,6 +86,18 @@ class Scenario:
 
 
 def scenarios(ctx: Context) -> list[Scenario]:
+    """All scenarios; FULLSPEED_SCENARIOS / FULLSPEED_PATHS (comma-separated) pick some, for
+    investigating one case without the whole run."""
+    only = {n for n in os.environ.get("FULLSPEED_SCENARIOS", "").split(",") if n}
+    paths = {n for n in os.environ.get("FULLSPEED_PATHS", "").split(",") if n}
+    picked = [s for s in _all_scenarios(ctx) if not only or s.name in only]
+    for scenario in picked:
+        if paths:
+            scenario.paths = [p for p in scenario.paths if p in paths]
+    return picked
+
+
+def _all_scenarios(ctx: Context) -> list[Scenario]:
     drain = ctx.pick(30.0, 60.0)
     return [
         Scenario("burst", ["bucket", "window", "direct"], 40.0, drain),
@@ -490,6 +503,8 @@ def table(name: str, data: dict[str, dict[str, Any]]) -> str:
 
 def add_figures(result: BenchResult, name: str, data: dict[str, dict[str, Any]], T: float) -> None:
     """Target-bearing figures of the `bucket` path (the default), each beside a baseline."""
+    if not {"bucket", "window", "direct"} <= data.keys():
+        return  # a partial run (FULLSPEED_PATHS): the tables say it all
     b, w, d = data["bucket"], data["window"], data["direct"]
 
     def fig(
@@ -553,6 +568,8 @@ def add_figures(result: BenchResult, name: str, data: dict[str, dict[str, Any]],
             note=f"errors {b['errors']}; unfinished at the end: bucket {b['unfinished']}, "
             f"window {w['unfinished']}, direct {d['unfinished']}",
         )
+        return
+    if "fcfs-bucket" not in data:
         return
     f = data["fcfs-bucket"]
     fig(

@@ -112,7 +112,7 @@ async def test_request_under_the_limits_is_forwarded_and_settled(addon_ctx):
     await addon.response(f)
     status = addon.status()
     assert status["open_reservations"] == 0
-    assert status["usage"]["m"]["tpm"] == pytest.approx(12 / 1000)
+    assert status["usage"]["m"]["tpm"] == pytest.approx(12 / 1000, abs=1e-4)
     assert f.metadata["cooldown_actual_tokens"] == 12
 
 
@@ -241,7 +241,8 @@ async def test_error_after_upstream_keeps_the_estimate(addon_ctx):
     addon.error(f)
     status = addon.status()
     assert status["open_reservations"] == 0
-    assert status["usage"]["m"]["tpm"] == pytest.approx(f.metadata["cooldown_estimate"] / 1000)
+    estimate = f.metadata["cooldown_estimate"]
+    assert status["usage"]["m"]["tpm"] == pytest.approx(estimate / 1000, abs=1e-4)
 
 
 async def test_response_without_usage_keeps_the_estimate(addon_ctx):
@@ -251,7 +252,7 @@ async def test_response_without_usage_keeps_the_estimate(addon_ctx):
     f.response = ok_response(total_tokens=None)
     await addon.response(f)
     assert addon.status()["usage"]["m"]["tpm"] == pytest.approx(
-        f.metadata["cooldown_estimate"] / 1000
+        f.metadata["cooldown_estimate"] / 1000, abs=1e-4
     )
 
 
@@ -367,7 +368,7 @@ async def test_stream_request_gets_include_usage_and_the_response_is_tapped(addo
     tap(b"")
     await addon.response(f)
     assert f.metadata["cooldown_actual_tokens"] == 7
-    assert addon.status()["usage"]["m"]["tpm"] == pytest.approx(7 / 1000)
+    assert addon.status()["usage"]["m"]["tpm"] == pytest.approx(7 / 1000, abs=1e-4)
 
 
 async def test_client_asking_for_usage_keeps_its_body(addon_ctx):
@@ -391,7 +392,7 @@ async def test_stream_broken_after_usage_settles_on_usage(addon_ctx):
     addon.error(f)
     status = addon.status()
     assert status["open_reservations"] == 0
-    assert status["usage"]["m"]["tpm"] == pytest.approx(42 / 1000)
+    assert status["usage"]["m"]["tpm"] == pytest.approx(42 / 1000, abs=1e-4)
 
 
 async def test_upstream_headers_correct_the_local_picture(addon_ctx):

@@ -287,34 +287,34 @@ def test_a_report_below_our_picture_holds_releases_back():
     limiter = MemoryLimiter()
     first = limiter.try_acquire("k", (B_TPM,), 100, now=0).reservation
     limiter.confirm(first, now=0)
-    limiter.observe("k", report(remaining=150), now=0, reporter=first)  # others used 350
+    limiter.observe("k", report(remaining=150), now=0)  # others used 350
     assert limiter.used("k", B_TPM, 0) == 450
     decision = limiter.try_acquire("k", (B_TPM,), 200, now=0)
     assert not decision.granted
     assert decision.wait == pytest.approx(5)  # 50 short at 10 per second
 
 
-def test_requests_released_after_the_reporter_stay_held_aside():
+def test_requests_in_flight_stay_held_aside_on_top_of_a_report():
     limiter = MemoryLimiter()
     first = limiter.try_acquire("k", (B_TPM,), 100, now=0).reservation
     later = limiter.try_acquire("k", (B_TPM,), 200, now=0).reservation
     limiter.confirm(first, now=1)
-    # The report counts `first` only; `later` may reach upstream after it.
-    limiter.observe("k", report(remaining=500), now=1, reporter=first)
+    # The report may or may not count `later` yet: it stays held aside until its own answer.
+    limiter.observe("k", report(remaining=500), now=1)
     assert limiter.try_acquire("k", (B_TPM,), 300, now=1).granted
     assert not limiter.try_acquire("k", (B_TPM,), 1, now=1).granted
-    limiter.confirm(later, now=1)  # counted once, not twice
+    limiter.confirm(later, now=1)  # now charged to the view, no longer held aside
     assert limiter.used("k", B_TPM, 1) == 600
 
 
-def test_requests_released_before_the_reporter_are_taken_as_counted():
+def test_a_request_counted_twice_is_counted_once_again_at_the_next_report():
     limiter = MemoryLimiter()
-    earlier = limiter.try_acquire("k", (B_TPM,), 200, now=0).reservation
-    reporter = limiter.try_acquire("k", (B_TPM,), 100, now=0).reservation
-    limiter.confirm(reporter, now=1)
-    limiter.observe("k", report(remaining=300), now=1, reporter=reporter)  # 200 + 100 counted
-    limiter.confirm(earlier, now=1)
-    assert limiter.try_acquire("k", (B_TPM,), 300, now=1).granted  # not 200 short
+    flying = limiter.try_acquire("k", (B_TPM,), 200, now=0).reservation
+    limiter.observe("k", report(remaining=400), now=0)  # upstream had counted it already
+    assert limiter.used("k", B_TPM, 0) == 400  # 200 in the report + 200 held aside
+    limiter.confirm(flying, now=0)
+    limiter.observe("k", report(remaining=400), now=0)
+    assert limiter.used("k", B_TPM, 0) == 200
 
 
 def test_foreign_usage_is_learned_and_charged_between_reports():
@@ -328,8 +328,9 @@ def test_foreign_usage_is_learned_and_charged_between_reports():
         left += (100 - 20) * 5
         limiter.observe("k", report(remaining=left, limit=6_000), now=now)
     assert limiter.foreign_rate("k", "tokens", 60.0, now) == pytest.approx(20, rel=0.05)
-    # Between reports the view refills at 100 - 20 per second, not 100.
-    assert limiter.used("k", big, now + 2) == pytest.approx(6_000 - (left + 160), abs=2)
+    # Between reports the view refills at 100 - 20 per second, not 100, and keeps a second of
+    # the others' usage in reserve.
+    assert limiter.used("k", big, now + 2) == pytest.approx(6_000 - (left + 160) + 20, abs=2)
     # Once the other client stops, its rate decays away.
     for _ in range(15):
         now += 5
@@ -338,8 +339,42 @@ def test_foreign_usage_is_learned_and_charged_between_reports():
     assert limiter.foreign_rate("k", "tokens", 60.0, now) == 0
 
 
-def test_no_reporter_holds_everything_in_flight_aside():
+def test_refunds_reach_the_view_with_a_report_and_their_share_is_learnt():
+    """An upstream may keep an unused reservation, or refund it a moment after the answer:
+    the view takes refunds from reports only, and learns how much of them to expect."""
     limiter = MemoryLimiter()
-    limiter.try_acquire("k", (B_TPM,), 200, now=0)
-    limiter.observe("k", report(remaining=600), now=0)
-    assert limiter.used("k", B_TPM, 0) == 200
+    reservation = limiter.try_acquire("k", (B_TPM,), 500, now=0).reservation
+    limiter.confirm(reservation, now=0)
+    limiter.observe("k", report(remaining=100), now=0)
+    limiter.settle(reservation, 100, now=0)  # 400 unused
+    assert limiter.used("k", B_TPM, 0) == 500  # the view: not refunded yet
+    limiter.observe("k", report(remaining=500), now=0)  # upstream did refund
+    assert limiter.used("k", B_TPM, 0) == 100
+    assert limiter._drift[("k", "tokens", 60.0)].share == 1.0
+    # This upstream then keeps a reservation: the view follows the report, and the share of
+    # refunds it is expected to make drops (so that is not taken for others' usage).
+    reservation = limiter.try_acquire("k", (B_TPM,), 300, now=0).reservation
+    limiter.confirm(reservation, now=0)
+    limiter.settle(reservation, 100, now=0)
+    limiter.observe("k", report(remaining=200), now=0)
+    assert limiter.used("k", B_TPM, 0) == 400
+    assert limiter._drift[("k", "tokens", 60.0)].share == pytest.approx(400 / 600)
+
+
+def test_others_usage_is_told_apart_from_refunds():
+    """Intervals without settles show others' usage; the rest show upstream's refunds."""
+    big = Rate("tpm", "tokens", 60_000)  # refills 1,000 a second
+    limiter = MemoryLimiter()
+    now, left = 0.0, 30_000.0
+    limiter.observe("k", report(remaining=left, limit=60_000), now=now)
+    for i in range(40):
+        now += 0.5
+        left = min(60_000.0, left + 500 - 50)  # others take 100 a second
+        if i % 2:  # every other interval, one of ours completes: 2,000 unused, refunded
+            reservation = limiter.try_acquire("k", (big,), 3_000, now).reservation
+            limiter.confirm(reservation, now)
+            limiter.settle(reservation, 1_000, now)
+            left -= 1_000
+        limiter.observe("k", report(remaining=round(left), limit=60_000), now=now)
+    assert limiter.foreign_rate("k", "tokens", 60.0, now) == pytest.approx(100, rel=0.05)
+    assert limiter._drift[("k", "tokens", 60.0)].share == pytest.approx(1.0, abs=0.02)

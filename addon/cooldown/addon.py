@@ -700,9 +700,11 @@ class Cooldown:
         state = self._in_flight.get(f.id)
         if state is None or f.response is None:
             return
-        # Upstream counts a request before it answers: from now on its reservation ages.
-        self.gate.confirm(state.ticket)
-        self.gate.observe(state.key, parse_rate_headers(f.response.headers))
+        # Upstream counts a request before it answers: from now on its reservation ages (a
+        # 429 was not counted: its reservation is given back before the report is read).
+        self.gate.confirm(
+            state.ticket, parse_rate_headers(f.response.headers), f.response.status_code
+        )
         self._add_proxy_headers(f.response, state)
         if f.response.headers.get("content-type", "").startswith("text/event-stream"):
             if state.attempts > 1:
@@ -820,8 +822,7 @@ class Cooldown:
         """
         response = f.response
         assert response is not None
-        self.gate.confirm(state.ticket)
-        self.gate.observe(state.key, parse_rate_headers(response.headers))
+        self.gate.confirm(state.ticket, parse_rate_headers(response.headers))
         self.gate.finish(state.ticket, 429, None)
         self.metrics.retry(state.key)
         if f.client_conn.state is connection.ConnectionState.CLOSED:

@@ -109,18 +109,14 @@ class Gate:
         self._rates.clear()
         self.pump()
 
-    def observe(
-        self, key: str, reports: Sequence[RateReport], reporter: Ticket | None = None
-    ) -> None:
-        """Correct the local picture with upstream's `x-ratelimit-*` report for `key`, which
-        came with the answer to `reporter` (None: unknown, the safe side)."""
+    def observe(self, key: str, reports: Sequence[RateReport]) -> None:
+        """Correct the local picture with upstream's `x-ratelimit-*` report for `key`."""
         if not reports:
             return
         self.keys.add(key)
         self.scheduler.generation += 1
         known = self.limiter.learned_limits(key)
-        reservation = reporter.reservation if reporter is not None else None
-        self.limiter.observe(key, reports, self.clock(), reservation)
+        self.limiter.observe(key, reports, self.clock())
         if any(known.get((r.unit, r.period)) != r.limit for r in reports):
             self._rates.pop(key, None)  # a limit appeared or changed: rebuild the rates
         self.pump()
@@ -166,11 +162,20 @@ class Gate:
             self.pump()
         return cancelled
 
-    def confirm(self, ticket: Ticket, reports: Sequence[RateReport] = ()) -> None:
-        """Upstream's answer to `ticket` has begun (its response headers, with `reports`)."""
-        self.scheduler.confirm(ticket, self.clock())
+    def confirm(
+        self, ticket: Ticket, reports: Sequence[RateReport] = (), status: int = 200
+    ) -> None:
+        """Upstream's answer to `ticket` has begun: its status and `x-ratelimit-*` reports.
+
+        A 429 is settled before its report is read: upstream refused the request before any
+        work, so the report does not count it and neither may the limiter.
+        """
+        if status == 429:
+            self.finish(ticket, 429, None)
+        else:
+            self.scheduler.confirm(ticket, self.clock())
         if reports:
-            self.observe(ticket.key, reports, reporter=ticket)
+            self.observe(ticket.key, reports)
         else:
             self.pump()  # a probe's answer lets the rest go
 

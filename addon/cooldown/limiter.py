@@ -53,12 +53,15 @@ Algorithm = Literal["token_bucket", "sliding_window"]
 Slot = tuple[str, Unit, float]  # (limiter key, unit, period)
 _EPSILON = 1e-6  # units; amounts are whole, refill is float
 
-# Foreign usage is estimated from the drift between reports over this many seconds.
+# Others' usage and upstream's refunds are estimated from the reports of this many seconds...
 FOREIGN_WINDOW = 60.0
-# ... and never from less than this span, so two reports a few ms apart cannot suggest a huge rate.
-FOREIGN_MIN_SPAN = 10.0
-# Refunds between two reports teach how much upstream refunds once they are this share of the limit.
-MIN_REFUNDS_TO_LEARN = 0.02
+# ... others' usage from intervals adding up to at least this long (a few ms apart say little)...
+FOREIGN_MIN_SECONDS = 1.0
+# ... and this many seconds of it are kept in reserve, since it comes in lumps ...
+FOREIGN_RESERVE_SECONDS = 1.0
+# ... learnt from reports unsure about at most this share of the limit (our requests in flight),
+# and without refunds due beyond it for the others' part.
+CLEAN_SHARE = 0.005
 
 
 @dataclass(frozen=True)
@@ -219,52 +222,62 @@ class SlidingWindow:
 Counter = TokenBucket | SlidingWindow
 
 
-class ForeignUsage:
-    """How fast others of the same organization use a limit, from the drift between reports.
+class UpstreamDrift:
+    """What upstream does that the proxy cannot see: others' usage, and its refunds.
 
-    Between two reports upstream's remaining capacity should have moved by what we sent and
-    what refilled; whatever else it lost was used by someone else. The drifts of the last
-    `FOREIGN_WINDOW` seconds, over the time they span, give a rate that decays to zero once
-    the other client stops (its drifts age out). Our own estimate errors show up here too,
-    which only errs on the safe side when we under-estimate.
+    Between two reports upstream's remaining capacity moves by what we sent, what refilled,
+    what others of the organization used, and the unused reservations it refunded when our
+    requests completed (Cerebras documents refunds; an upstream may keep them). Each report
+    gives one equation `gap = share x refunds_due - others_rate x dt`, so the two are told
+    apart by *when* they show: intervals in which none of our requests settled show others'
+    usage alone; the rest then show the share of refunds upstream makes. Both are estimated
+    over the last `FOREIGN_WINDOW` seconds, so others' usage decays to zero once they stop.
+    A report may or may not count our requests still in flight (and the one before it those
+    confirmed since), so only reports with (almost) none of those are learnt from: under
+    load they come whenever the queue waits for capacity. Our under-estimates of tokens look
+    like others' usage (the safe side).
     """
 
-    __slots__ = ("_drifts", "_since")
+    __slots__ = ("_quiet", "_settled", "share")
 
-    def __init__(self, now: float) -> None:
-        self._drifts: deque[tuple[float, float]] = deque()
-        self._since = now
+    def __init__(self) -> None:
+        self._quiet: deque[tuple[float, float, float]] = deque()  # (at, dt, gap)
+        self._settled: deque[tuple[float, float, float, float]] = deque()  # (.., refunds due)
+        self.share = 0.0  # of refunds due that upstream makes: 0 until seen
 
-    def add(self, drift: float, now: float) -> None:
-        self._drifts.append((now, drift))
+    def add(
+        self, gap: float, unsure: float, dt: float, refunds_due: float, limit: int, now: float
+    ) -> None:
+        """One report: `gap` is what upstream had left beyond expectation, give or take
+        `unsure` (our requests it may or may not have counted)."""
+        if unsure > CLEAN_SHARE * limit:
+            return
+        if refunds_due <= CLEAN_SHARE * limit:
+            # More left than expected is no one's usage: a refund that a report shows later
+            # than we settled it, or an estimate of ours above what upstream counted.
+            self._quiet.append((now, dt, min(0.0, gap - refunds_due * self.share)))
+        else:
+            self._settled.append((now, dt, gap, refunds_due))
+        self._prune(now)
+        others = self.rate(now)
+        due = sum(entry[3] for entry in self._settled)
+        if due > 0:
+            made = sum(gap_ + others * dt_ for _, dt_, gap_, _ in self._settled)
+            self.share = min(max(made / due, 0.0), 1.0)
+
+    def _prune(self, now: float) -> None:
+        for entries in (self._quiet, self._settled):
+            while entries and entries[0][0] <= now - FOREIGN_WINDOW:
+                entries.popleft()
 
     def rate(self, now: float) -> float:
         """Units per second used by others (>= 0)."""
-        drifts = self._drifts
-        while drifts and drifts[0][0] <= now - FOREIGN_WINDOW:
-            drifts.popleft()
-        if not drifts:
+        self._prune(now)
+        if not self._quiet:
             return 0.0
-        span = max(min(now - self._since, FOREIGN_WINDOW), FOREIGN_MIN_SPAN)
-        return max(0.0, sum(drift for _, drift in drifts) / span)
-
-
-class RefundShare:
-    """How much of an unused reservation upstream gives back when a request completes.
-
-    Cerebras documents that it revises its estimate once a request is processed, but an
-    upstream may keep the whole reservation. Crediting refunds upstream never makes is how a
-    proxy walks into 429s, so the view credits only the share that reports have shown: it
-    starts at 0 and learns from each report that follows settled refunds.
-    """
-
-    __slots__ = ("share",)
-
-    def __init__(self) -> None:
-        self.share = 0.0
-
-    def learn(self, observed: float) -> None:
-        self.share = 0.5 * self.share + 0.5 * min(max(observed, 0.0), 1.0)
+        seconds = sum(dt for _, dt, _ in self._quiet)
+        lost = -sum(gap for _, _, gap in self._quiet)
+        return max(0.0, lost / max(seconds, FOREIGN_MIN_SECONDS))
 
 
 class UpstreamView:
@@ -277,6 +290,7 @@ class UpstreamView:
 
     __slots__ = (
         "at",
+        "counted_twice",
         "epoch",
         "foreign",
         "in_flight",
@@ -305,6 +319,8 @@ class UpstreamView:
         self.at = self.synced_at = now
         self.epoch = epoch
         self.pending_refunds = 0.0  # unused reservations settled since the report
+        # Confirmed since the report, though in flight at it: the report may have counted them.
+        self.counted_twice = 0
 
     def _level(self, now: float) -> float:
         if now > self.at:
@@ -313,7 +329,8 @@ class UpstreamView:
         return self.level
 
     def room(self, now: float) -> float:
-        return self._level(now) - self.in_flight
+        # Others use the limit in lumps, not evenly: keep a moment of their usage in reserve.
+        return self._level(now) - self.in_flight - self.foreign * FOREIGN_RESERVE_SECONDS
 
     def wait_time(self, amount: int, now: float) -> float:
         excess = amount - self.room(now)
@@ -339,6 +356,7 @@ class _Part:
     pace: tuple[Pace, float, float] | None = None  # (bucket, capacity, refill rate)
     handle: object = None  # the window's log entry, once counted
     view_epoch: int | None = None  # the view it is held aside in, if any
+    in_flight_at_report: bool = False  # ... since that view's report (which may count it)
 
 
 @dataclass(eq=False)
@@ -347,7 +365,6 @@ class Reservation:
 
     key: str
     tokens: int  # the amount charged against token limits right now
-    seq: int = 0  # release order: a report from request n has counted requests released before
     _parts: list[_Part] = field(default_factory=list, repr=False)
     confirmed: bool = False
     open: bool = True
@@ -404,13 +421,7 @@ class LimiterBackend(Protocol):
 
     def release(self, reservation: Reservation, now: float) -> None: ...
 
-    def observe(
-        self,
-        key: str,
-        reports: Sequence[RateReport],
-        now: float,
-        reporter: Reservation | None = None,
-    ) -> None: ...
+    def observe(self, key: str, reports: Sequence[RateReport], now: float) -> None: ...
 
     def used(self, key: str, rate: Rate, now: float) -> float: ...
 
@@ -429,12 +440,10 @@ class MemoryLimiter:
     def __init__(self) -> None:
         self._counters: dict[Slot, Counter] = {}
         self._views: dict[Slot, UpstreamView] = {}
-        self._foreign: dict[Slot, ForeignUsage] = {}
-        self._refunds: dict[Slot, RefundShare] = {}
+        self._drift: dict[Slot, UpstreamDrift] = {}
         self._paces: dict[Slot, Pace] = {}
-        # Released and not yet confirmed, in release order: a report re-bases the view on them.
+        # Released and not yet confirmed: a report re-bases the view on top of them.
         self._in_flight: dict[str, dict[Reservation, None]] = {}
-        self._seq = itertools.count(1)
         self._epochs = itertools.count(1)
         self._open = 0
 
@@ -497,7 +506,7 @@ class MemoryLimiter:
             plan.append((slot, counter, view, pace, amount, limit))
         if binding is not None:
             return Decision(False, wait=worst_wait, binding=binding)
-        reservation = Reservation(key, tokens, next(self._seq))
+        reservation = Reservation(key, tokens)
         for slot, counter, view, pace, amount, limit in plan:
             counter.hold(amount)
             part = _Part(slot, amount, limit, pace)
@@ -513,71 +522,52 @@ class MemoryLimiter:
 
     # -- upstream's reports --------------------------------------------------------------------
 
-    def observe(
-        self,
-        key: str,
-        reports: Sequence[RateReport],
-        now: float,
-        reporter: Reservation | None = None,
-    ) -> None:
+    def observe(self, key: str, reports: Sequence[RateReport], now: float) -> None:
         """Re-sync upstream's view of `key` from one response's `x-ratelimit-*` reports.
 
-        The reports come with the answer to `reporter`: requests released before it are taken
-        as counted in them; those released after may not be, so they stay held aside. Without
-        a reporter every request in flight is held aside (the safe side).
+        Upstream writes a report when it sends the answer, and any of our requests still in
+        flight may or may not be in it: one released earlier can reach upstream later (another
+        connection, another thread). So every request in flight is held aside, on top of what
+        the report says; one that was in the report is counted twice only until the next
+        report after its own answer.
         """
         wanted = {(key, r.unit, r.period): r for r in reports if r.limit > 0}
         if not wanted:
             return
-        after = reporter.seq if reporter is not None else 0
-        old_views = {slot: self._views.get(slot) for slot in wanted}
-        newer = dict.fromkeys(wanted, 0)  # released after the reporter: not in the report yet
-        older = dict.fromkeys(wanted, 0)  # released before it, held aside in the old view
-        parts: list[tuple[bool, _Part]] = []
+        flying = dict.fromkeys(wanted, 0)
+        parts: list[_Part] = []
         for reservation in self._in_flight.get(key, ()):
-            is_newer = reservation.seq > after
             for part in reservation._parts:
-                if part.slot not in wanted:
-                    continue
-                parts.append((is_newer, part))
-                if is_newer:
-                    newer[part.slot] += part.amount
-                else:
-                    old = old_views[part.slot]
-                    if old is not None and part.view_epoch == old.epoch:
-                        older[part.slot] += part.amount
-        epochs = {}
-        for slot, report in wanted.items():
-            epochs[slot] = self._resync(slot, report, newer[slot], older[slot], now)
-        for is_newer, part in parts:
-            part.view_epoch = epochs[part.slot] if is_newer else None
+                if part.slot in wanted:
+                    parts.append(part)
+                    flying[part.slot] += part.amount
+        epochs = {
+            slot: self._resync(slot, report, flying[slot], now) for slot, report in wanted.items()
+        }
+        for part in parts:
+            part.view_epoch = epochs[part.slot]
+            part.in_flight_at_report = True
 
-    def _resync(self, slot: Slot, report: RateReport, newer: int, older: int, now: float) -> int:
+    def _resync(self, slot: Slot, report: RateReport, flying: int, now: float) -> int:
         limit = report.limit
         reported_left = float(min(max(report.remaining, 0), limit))
-        foreign = self._foreign.get(slot)
-        if foreign is None:
-            foreign = self._foreign[slot] = ForeignUsage(now)
-        refunds = self._refunds.get(slot)
-        if refunds is None:
-            refunds = self._refunds[slot] = RefundShare()
+        drift = self._drift.get(slot)
+        if drift is None:
+            drift = self._drift[slot] = UpstreamDrift()
         old = self._views.get(slot)
         if old is not None and old.limit == limit:
-            # What upstream should have left if nobody else used it and it made no refunds
-            # (the older in-flight now counted): `gap` is refunds made minus others' usage.
-            credited = refunds.share * old.pending_refunds
-            gap = reported_left - (old.expected_left(now) - credited - older)
-            others_guess = old.foreign * (now - old.synced_at)
-            if old.pending_refunds >= max(1.0, limit * MIN_REFUNDS_TO_LEARN):
-                refunds.learn((gap + others_guess) / old.pending_refunds)
-            foreign.add(refunds.share * old.pending_refunds - gap, now)
+            # What upstream would have left had nobody else used the limit and had it made
+            # no refunds since the last report.
+            gap = reported_left - old.expected_left(now)
+            unsure = old.counted_twice + flying
+            drift.add(gap, unsure, now - old.synced_at, old.pending_refunds, limit, now)
         refill = limit / report.period
         used = limit - reported_left
         if used > 0 and 0 < report.reset < report.period:
             refill = min(refill, used / report.reset)  # upstream says when it is full again
-        others = min(foreign.rate(now), refill)
+        others = min(drift.rate(now), refill)
         view = UpstreamView(
-            limit, reported_left, refill - others, others, newer, now, next(self._epochs)
+            limit, reported_left, refill - others, others, flying, now, next(self._epochs)
         )
         self._views[slot] = view
         return view.epoch
@@ -591,8 +581,8 @@ class MemoryLimiter:
 
     def foreign_rate(self, key: str, unit: Unit, period: float, now: float) -> float:
         """Units per second others of the organization use of this limit (estimated)."""
-        foreign = self._foreign.get((key, unit, period))
-        return 0.0 if foreign is None else foreign.rate(now)
+        drift = self._drift.get((key, unit, period))
+        return 0.0 if drift is None else drift.rate(now)
 
     # -- a reservation's life ------------------------------------------------------------------
 
@@ -608,6 +598,8 @@ class MemoryLimiter:
             if view is not None and part.view_epoch == view.epoch:
                 view.in_flight -= part.amount
                 view.charge(part.amount, now)
+                if part.in_flight_at_report:
+                    view.counted_twice += part.amount
                 part.view_epoch = None
         self._forget_in_flight(reservation)
         reservation.confirmed = True
@@ -616,7 +608,7 @@ class MemoryLimiter:
         """Upstream answered: correct the token count to what it reports it used.
 
         Upstream refunds an unused reservation when the request completes, which is no later
-        than this; the view credits the share of it that upstream has been seen to refund.
+        than this; the view waits for a report to show it.
         """
         if not reservation.open:
             return
@@ -630,13 +622,12 @@ class MemoryLimiter:
                 counter.correct(part.handle, part.amount, actual, part.limit, now)
             view = self._views.get(part.slot)
             if view is not None:
-                unused = part.amount - actual
-                if unused > 0:
-                    refunds = self._refunds.get(part.slot)
-                    view.charge(-unused * (refunds.share if refunds is not None else 0.0), now)
-                    view.pending_refunds += unused
+                if actual > part.amount:
+                    view.charge(actual - part.amount, now)  # upstream counted more
                 else:
-                    view.charge(-unused, now)  # upstream counted more than we reserved
+                    # Not credited until a report shows it: an upstream may keep the
+                    # reservation, or refund it a moment after the answer has ended.
+                    view.pending_refunds += part.amount - actual
             if part.pace is not None:
                 bucket, capacity, rate = part.pace
                 bucket.take(actual - part.amount, capacity, rate, now)

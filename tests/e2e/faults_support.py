@@ -64,8 +64,16 @@ def cooldown_config(
     circuit_breaker: dict[str, Any] | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    """A whole Cooldown config: limits, breaker and the upstream every Cerebras request goes to."""
-    config: dict[str, Any] = {"cerebras_limits": limits or {}, "cerebras_upstream": upstream}
+    """A whole Cooldown config: limits, breaker and the upstream every Cerebras request goes to.
+
+    The fault tests read exact charges back from the tpm usage ratio (`charged_tokens`), so
+    they count in the sliding window, which holds a charge for a minute; a bucket refills by
+    the second. Where requests are held does not depend on it.
+    """
+    config: dict[str, Any] = {
+        "cerebras_limits": {"algorithm": "sliding_window", **(limits or {})},
+        "cerebras_upstream": upstream,
+    }
     if circuit_breaker is not None:
         config["circuit_breaker"] = circuit_breaker
     config.update(extra)

@@ -410,7 +410,10 @@ async def test_slow_upstream_when_the_client_gives_up(
     upstream may have counted it), so nothing leaks and the window frees on schedule;
     (3) the breaker is not fed. The next test covers the proxy giving up by itself."""
     mock_upstream.configure(rpm=None, tpm=None, latency=20.0)
-    proxy = launch(cooldown_config(mock_upstream.url, {"tpm_limit": TPM}))
+    # Without probe_first: the stalled request would be the probe, holding the next one for
+    # probe_timeout (2 s), as long as this client waits.
+    limits = {"tpm_limit": TPM, "probe_first": False}
+    proxy = launch(cooldown_config(mock_upstream.url, limits))
     impatient_timeout = httpx.Timeout(30.0, read=2.0)
     async with (
         proxy.async_client(timeout=impatient_timeout) as impatient,
