@@ -177,11 +177,32 @@ def test_models_section_and_fallback_to_cerebras_limits():
         ({"cerebras_limits": {"max_retries": -1}}, "cerebras_limits.max_retries: got -1"),
         ({"metrics_listen": "9464"}, "metrics_listen: got '9464'; expected host:port"),
         ({"metrics_listen": "127.0.0.1:70000"}, "metrics_listen: got '127.0.0.1:70000'"),
+        (
+            {"cerebras_limits": {"algorithm": "leaky"}},
+            "cerebras_limits.algorithm: got 'leaky'; expected token_bucket or sliding_window",
+        ),
+        ({"models": {"m": {"algorithm": 1}}}, "models.m.algorithm: got 1; expected token_bucket"),
+        ({"cerebras_limits": {"probe_first": "yes"}}, "probe_first: got 'yes'; expected true or"),
+        ({"cerebras_limits": {"probe_timeout": 0}}, "cerebras_limits.probe_timeout: got 0"),
     ],
 )
 def test_bad_new_keys(document, fragment):
     with pytest.raises(ConfigError, match=re.escape(fragment)):
         parse_config(document)
+
+
+def test_algorithm_defaults_to_the_bucket_and_is_chosen_per_model():
+    config = parse_config(
+        {
+            "cerebras_limits": {"probe_first": False, "probe_timeout": "500ms"},
+            "models": {"windowed": {"algorithm": "sliding_window"}},
+        }
+    )
+    assert config.cerebras_limits.algorithm == "token_bucket"
+    limits = config.cerebras_limits
+    assert (limits.probe_first, limits.probe_timeout) == (False, 0.5)
+    assert config.model_limits("windowed").algorithm == "sliding_window"
+    assert config.model_limits("other").algorithm == "token_bucket"
 
 
 def test_metrics_listen():
