@@ -1,3 +1,6 @@
+import heapq
+import itertools
+import math
 from dataclasses import replace
 
 import pytest
@@ -6,7 +9,7 @@ from hypothesis import strategies as st
 
 from cooldown.breaker import CircuitBreaker
 from cooldown.config import BreakerConfig, CerebrasLimits
-from cooldown.limiter import MemoryLimiter, Rate, TokenBucket
+from cooldown.limiter import MemoryLimiter, Rate, RateReport, TokenBucket
 from cooldown.scheduler import Outcome, Scheduler
 
 LIMITS = CerebrasLimits(
@@ -488,3 +491,117 @@ def test_probes_again_after_a_quiet_spell_longer_than_the_refill_or_new_limits()
     again = [scheduler.submit("k", 100, now=92) for _ in range(2)]
     scheduler.pump(92)
     assert [t.held for t in again] == [False, True]
+
+
+# -- property: upstream's own report is followed, whatever order the answers come in -----------
+
+upstream_runs = st.fixed_dictionaries(
+    {
+        "upstream_tpm": st.integers(min_value=2_000, max_value=5_000),  # below the config's
+        "already_used": st.floats(min_value=0, max_value=0.9),  # by others, before we start
+        "refunds": st.booleans(),  # does upstream give unused reservations back?
+        "requests": st.lists(
+            st.tuples(
+                st.floats(min_value=0, max_value=3),  # gap before this arrival
+                st.integers(min_value=1, max_value=1_500),  # estimated tokens
+                st.floats(min_value=0, max_value=1),  # actual / estimate
+                st.floats(min_value=0.01, max_value=5),  # release -> headers
+                st.floats(min_value=0, max_value=1),  # upstream counts it at this part of that
+                st.floats(min_value=0, max_value=5),  # headers -> end of the answer
+            ),
+            min_size=1,
+            max_size=40,
+        ),
+    }
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(upstream_runs)
+def test_upstream_never_refuses_when_its_reports_bind(run):
+    """Upstream's limit is lower than the config's and partly used by others at the start.
+    Upstream writes each report when it sends the headers (so answers, and reports, arrive in
+    any order relative to releases). After the probe, nothing we release is refused."""
+    limits = replace(PROPERTY_LIMITS, tpm_limit=10_000, rpm_limit=1_000, probe_first=True)
+    scheduler, _ = make(limits)
+    cap = run["upstream_tpm"]
+    level = cap * (1 - run["already_used"])
+    rate = cap / 60.0
+    clock = 0.0
+    upstream_at = 0.0
+    events = []  # heap of (time, order, kind, ticket)
+    order = itertools.count()
+    plans = {}
+    refused = []
+
+    def upstream_until(t):
+        nonlocal level, upstream_at
+        level = min(cap, level + rate * (t - upstream_at))
+        upstream_at = t
+
+    def schedule_released(tickets):
+        for ticket, plan in tickets:
+            if ticket.outcome is Outcome.RELEASED and ticket.id not in plans:
+                _, _, _, to_headers, count_at, to_end = plan
+                plans[ticket.id] = plan
+                released = ticket.resolved_at
+                heapq.heappush(
+                    events, (released + count_at * to_headers, next(order), "count", ticket)
+                )
+                heapq.heappush(events, (released + to_headers, next(order), "headers", ticket))
+                heapq.heappush(
+                    events, (released + to_headers + to_end, next(order), "end", ticket)
+                )
+
+    tickets = []
+    arrivals = []
+    t = 0.0
+    for plan in run["requests"]:
+        t += plan[0]
+        arrivals.append((t, plan))
+    pending_arrivals = list(arrivals)
+    wake = None
+    for _ in range(10_000):
+        candidates = [e[0] for e in events[:1]]
+        if pending_arrivals:
+            candidates.append(pending_arrivals[0][0])
+        if wake is not None:
+            candidates.append(wake)
+        if not candidates:
+            break
+        clock = max(clock, min(candidates))
+        upstream_until(clock)
+        if pending_arrivals and pending_arrivals[0][0] <= clock:
+            _, plan = pending_arrivals.pop(0)
+            tickets.append((scheduler.submit("k", plan[1], clock), plan))
+        elif events and events[0][0] <= clock:
+            _, _, kind, ticket = heapq.heappop(events)
+            charged = min(ticket.tokens, cap)
+            actual = int(ticket.tokens * plans[ticket.id][2])
+            if kind == "count":
+                if level < charged - 1e-6:  # a 429: refused before any work, nothing charged
+                    refused.append((ticket.resolved_at, ticket.id, level, charged))
+                    plans[ticket.id] = (*plans[ticket.id], "429")
+                else:
+                    level -= charged
+            elif kind == "headers":
+                report = [RateReport("tokens", 60.0, cap, math.floor(level), 0.0)]
+                if plans[ticket.id][-1] == "429":
+                    scheduler.finish(ticket, 429, None, clock)  # what Gate.confirm does
+                else:
+                    scheduler.confirm(ticket, clock)
+                scheduler.limiter.observe("k", report, clock)
+            elif plans[ticket.id][-1] != "429":
+                if run["refunds"]:
+                    level += charged - actual
+                scheduler.finish(ticket, 200, actual, clock)
+        wake = scheduler.pump(clock)
+        schedule_released(tickets)
+    assert scheduler.depth == 0
+    assert scheduler.limiter.open_reservations() == 0
+    first_answer = min(
+        (t.resolved_at + plans[t.id][3] for t, _ in tickets if t.id in plans), default=0.0
+    )
+    # Only what was released before anything was known (the probe, and what a probe that
+    # timed out let go) may be refused.
+    assert [r for r in refused if r[0] >= first_answer] == [], refused

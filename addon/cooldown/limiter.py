@@ -30,10 +30,11 @@ on a limiter that lets in-flight amounts refill.
 **Upstream knows better** about other clients of the same organization, reservations it keeps
 after a short completion, and limits that differ from the config. Its `x-ratelimit-*` headers
 are kept per (model, unit, period) as an `UpstreamView`: a bucket re-synced at every report,
-charged with what we released since, and with the rate at which *others* have been using the
-organization's capacity (`ForeignUsage`) taken off its refill. A request must fit both our
-bucket and the view, under the lower of the two limits: trusting upstream can only make the
-proxy wait more, never send more than its own bucket allows.
+with our requests in flight held aside on top, charged with what we confirm since, and with
+the rate at which *others* use the organization's capacity (`UpstreamDrift`) taken off its
+refill. A request must fit both our bucket and the view, under the lower of the two limits:
+trusting upstream can only make the proxy wait more, never send more than its own bucket
+allows.
 
 The limiter's state lives behind `LimiterBackend` so that a shared (e.g. Redis) backend can
 replace `MemoryLimiter` without the scheduler noticing. Nothing here reads a clock: every call
@@ -637,9 +638,9 @@ class MemoryLimiter:
     def release(self, reservation: Reservation, now: float) -> None:
         """Upstream charged nothing (never reached it, or refused it): give everything back.
 
-        A refusal after confirmation is a 429 whose own headers re-synced the view just now,
-        so the view is left alone; a request that never left was counted by the view only if
-        a report took it as counted, and that is undone.
+        A request still in flight leaves the view's in-flight amount (no report counts it
+        for sure). A refusal after confirmation is a 429 whose own headers re-sync the view,
+        so the view is left alone.
         """
         if not reservation.open:
             return
@@ -649,11 +650,8 @@ class MemoryLimiter:
             if not reservation.confirmed:
                 if counter is not None:
                     counter.unhold(part.amount)
-                if view is not None:
-                    if part.view_epoch == view.epoch:
-                        view.in_flight -= part.amount
-                    else:
-                        view.charge(-part.amount, now)
+                if view is not None and part.view_epoch == view.epoch:
+                    view.in_flight -= part.amount
             elif counter is not None:
                 counter.correct(part.handle, part.amount, 0, part.limit, now)
             if part.pace is not None:
