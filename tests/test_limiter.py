@@ -378,3 +378,23 @@ def test_others_usage_is_told_apart_from_refunds():
         limiter.observe("k", report(remaining=round(left), limit=60_000), now=now)
     assert limiter.foreign_rate("k", "tokens", 60.0, now) == pytest.approx(100, rel=0.05)
     assert limiter._drift[("k", "tokens", 60.0)].share == pytest.approx(1.0, abs=0.02)
+
+
+def test_a_refund_is_credited_a_moment_after_the_settle_once_upstream_is_known_to_refund():
+    limiter = MemoryLimiter()
+    big = Rate("tpm", "tokens", 60_000)  # refills 1,000 a second
+    first = limiter.try_acquire("k", (big,), 5_000, now=0).reservation
+    limiter.confirm(first, now=0)
+    limiter.observe("k", report(remaining=55_000, limit=60_000), now=0)
+    limiter.settle(first, 1_000, now=0)
+    limiter.observe("k", report(remaining=59_000, limit=60_000), now=0)  # it refunded 4,000
+    reservation = limiter.try_acquire("k", (big,), 30_000, now=0).reservation
+    limiter.confirm(reservation, now=0)
+    limiter.observe("k", report(remaining=29_000, limit=60_000), now=0)
+    limiter.settle(reservation, 10_000, now=0)  # 20,000 unused
+    # Nothing in flight, so no report will come; the refund is credited 0.25 s later.
+    decision = limiter.try_acquire("k", (big,), 40_000, now=0.1)
+    assert not decision.granted
+    assert decision.wait == pytest.approx(0.15)  # look again when the refund is credited
+    assert limiter.used("k", big, 0.2) == pytest.approx(60_000 - 29_200)
+    assert limiter.used("k", big, 0.25) == pytest.approx(60_000 - 29_250 - 20_000)

@@ -63,6 +63,8 @@ FOREIGN_RESERVE_SECONDS = 1.0
 # ... learnt from reports unsure about at most this share of the limit (our requests in flight),
 # and without refunds due beyond it for the others' part.
 CLEAN_SHARE = 0.005
+# Unused reservations are credited to upstream's view this long after their settle.
+REFUND_CREDIT_DELAY = 0.25
 
 
 @dataclass(frozen=True)
@@ -286,10 +288,16 @@ class UpstreamView:
 
     `level` is what upstream had left at the report, minus what we charged since; it refills at
     upstream's rate less the `foreign` rate. Our requests that the report could not have
-    counted yet are `in_flight`, held aside until confirmed, as in `TokenBucket`.
+    counted yet are `in_flight`, held aside until confirmed, as in `TokenBucket`. Unused
+    reservations of requests settled since the report are credited at the `share` upstream
+    has been seen to refund, and only `REFUND_CREDIT_DELAY` after the settle (an upstream may
+    refund a moment after the answer ends); without that, nothing would credit them while the
+    queue waits with nothing in flight, which brings no report.
     """
 
     __slots__ = (
+        "_matured",
+        "_refunds",
         "at",
         "counted_twice",
         "epoch",
@@ -299,6 +307,7 @@ class UpstreamView:
         "limit",
         "pending_refunds",
         "refill",
+        "share",
         "synced_at",
     )
 
@@ -311,6 +320,7 @@ class UpstreamView:
         in_flight: int,
         now: float,
         epoch: int,
+        share: float = 0.0,
     ) -> None:
         self.limit = limit
         self.level = level
@@ -320,6 +330,9 @@ class UpstreamView:
         self.at = self.synced_at = now
         self.epoch = epoch
         self.pending_refunds = 0.0  # unused reservations settled since the report
+        self.share = share
+        self._refunds: deque[tuple[float, int]] = deque()  # (settled at, unused), not matured
+        self._matured = 0
         # Confirmed since the report, though in flight at it: the report may have counted them.
         self.counted_twice = 0
 
@@ -329,15 +342,29 @@ class UpstreamView:
             self.at = now
         return self.level
 
+    def refund(self, unused: int, now: float) -> None:
+        self.pending_refunds += unused
+        self._refunds.append((now, unused))
+
+    def _credit(self, now: float) -> float:
+        refunds = self._refunds
+        while refunds and refunds[0][0] + REFUND_CREDIT_DELAY <= now:
+            self._matured += refunds.popleft()[1]
+        return self.share * self._matured
+
     def room(self, now: float) -> float:
+        left = min(float(self.limit), self._level(now) + self._credit(now))
         # Others use the limit in lumps, not evenly: keep a moment of their usage in reserve.
-        return self._level(now) - self.in_flight - self.foreign * FOREIGN_RESERVE_SECONDS
+        return left - self.in_flight - self.foreign * FOREIGN_RESERVE_SECONDS
 
     def wait_time(self, amount: int, now: float) -> float:
         excess = amount - self.room(now)
         if excess <= _EPSILON:
             return 0.0
-        return excess / self.refill if self.refill > 0 else float("inf")
+        wait = excess / self.refill if self.refill > 0 else float("inf")
+        if self._refunds and self.share > 0:  # look again when the next refund is credited
+            wait = min(wait, max(self._refunds[0][0] + REFUND_CREDIT_DELAY - now, 0.0))
+        return wait
 
     def charge(self, amount: float, now: float) -> None:
         self.level = self._level(now) - amount
@@ -568,7 +595,14 @@ class MemoryLimiter:
             refill = min(refill, used / report.reset)  # upstream says when it is full again
         others = min(drift.rate(now), refill)
         view = UpstreamView(
-            limit, reported_left, refill - others, others, flying, now, next(self._epochs)
+            limit,
+            reported_left,
+            refill - others,
+            others,
+            flying,
+            now,
+            next(self._epochs),
+            drift.share,
         )
         self._views[slot] = view
         return view.epoch
@@ -609,7 +643,7 @@ class MemoryLimiter:
         """Upstream answered: correct the token count to what it reports it used.
 
         Upstream refunds an unused reservation when the request completes, which is no later
-        than this; the view waits for a report to show it.
+        than this; the view credits it a moment later, as far as upstream has been seen to.
         """
         if not reservation.open:
             return
@@ -626,9 +660,8 @@ class MemoryLimiter:
                 if actual > part.amount:
                     view.charge(actual - part.amount, now)  # upstream counted more
                 else:
-                    # Not credited until a report shows it: an upstream may keep the
-                    # reservation, or refund it a moment after the answer has ended.
-                    view.pending_refunds += part.amount - actual
+                    # Credited later, as far as upstream is known to refund (see UpstreamView).
+                    view.refund(part.amount - actual, now)
             if part.pace is not None:
                 bucket, capacity, rate = part.pace
                 bucket.take(actual - part.amount, capacity, rate, now)
