@@ -120,6 +120,22 @@ def test_aging_lets_a_large_request_overtake_fresh_small_ones():
     assert resolved.index(large) < resolved.index(small)
 
 
+def test_small_requests_pass_a_waiting_large_head_within_a_bounded_budget():
+    scheduler, resolved = make(replace(LIMITS, priority_aging=1, max_queue_depth=50))
+    blocker = scheduler.submit("k", 9_000, now=0)
+    scheduler.pump(0)
+    scheduler.confirm(blocker, now=0)
+    large = scheduler.submit("k", 6_000, now=1)  # aged past the small ones arriving later
+    smalls = [scheduler.submit("k", 500, now=15) for _ in range(7)]
+    scheduler.pump(15)
+    # Tight; 3,500 came back since t=0, not enough for the large head. Small ones may pass it,
+    # up to half its size in all: six of 500, not the seventh, although it would fit.
+    assert large.held
+    assert [t.outcome for t in smalls] == [Outcome.RELEASED] * 6 + [None]
+    assert large.backfilled == 3_000
+    assert resolved[1:] == smalls[:6]
+
+
 def test_strict_head_of_line_a_waiting_head_is_not_overtaken():
     scheduler, _ = make(replace(LIMITS, priority_threshold=1.0))
     scheduler.submit("k", 9_500, now=0)

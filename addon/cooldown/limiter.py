@@ -63,8 +63,10 @@ FOREIGN_RESERVE_SECONDS = 1.0
 # ... learnt from reports unsure about at most this share of the limit (our requests in flight),
 # and without refunds due beyond it for the others' part.
 CLEAN_SHARE = 0.005
-# Unused reservations are credited to upstream's view this long after their settle.
+# Unused reservations are credited to upstream's view this long after their settle, once
+# upstream has been seen to refund at least this share of them.
 REFUND_CREDIT_DELAY = 0.25
+REFUND_TRUST = 0.9
 
 
 @dataclass(frozen=True)
@@ -350,7 +352,9 @@ class UpstreamView:
         refunds = self._refunds
         while refunds and refunds[0][0] + REFUND_CREDIT_DELAY <= now:
             self._matured += refunds.popleft()[1]
-        return self.share * self._matured
+        # An upstream refunds or it does not; a share learnt from noisy reports in between is
+        # not worth crediting (a few tokens at the edge of the bucket are a 429).
+        return self.share * self._matured if self.share >= REFUND_TRUST else 0.0
 
     def room(self, now: float) -> float:
         left = min(float(self.limit), self._level(now) + self._credit(now))

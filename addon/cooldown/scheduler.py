@@ -12,9 +12,13 @@ Because every held request ages at the same rate, the order between two requests
 changes while they wait: the heap key `enqueued_at / aging - base` is fixed at submission and
 both orders are kept as heaps (O(log n) per decision, stale entries skipped lazily).
 
-Strict head-of-line per limiter key: if the first in order does not fit, nothing behind it
-overtakes it. Letting small ones slip past would keep a large request waiting forever under a
-steady trickle of small ones; aging would then not help.
+Head-of-line per limiter key, with bounded backfill: if the first in order does not fit,
+nothing behind it overtakes it, except small requests while capacity is tight and the head is
+not small itself, and only up to `BACKFILL_SHARE` of the head's own size in all (so they delay
+it by at most that share of the time its own tokens take to refill). Unbounded overtaking
+would keep a large request waiting forever under a steady trickle of small ones; aging would
+then not help. Strict head-of-line, on the other hand, makes every small request wait behind
+an aged large one for as long as the large one's tokens take to come back.
 
 Probe first. A fresh bucket says "full", but upstream's may not be: someone else in the
 organization may have used it, or the proxy restarted mid-minute. When nothing is known of
@@ -44,6 +48,7 @@ log = logging.getLogger(__name__)
 
 SMALL_REQUEST_TOKENS = 1_000
 LARGE_REQUEST_TOKENS = 5_000
+BACKFILL_SHARE = 0.5
 
 
 class Outcome(enum.Enum):
@@ -80,6 +85,7 @@ class Ticket:
     probe: bool = False  # the single request a half-open breaker let through
     finished: bool = False  # settled or released after release
     wait_reason: str | None = field(default=None)  # which limit it is waiting for, if any
+    backfilled: int = 0  # tokens of small requests let past it while it waited at the head
 
     @property
     def held(self) -> bool:
@@ -98,6 +104,7 @@ class _KeyQueue:
     def __init__(self) -> None:
         self.fifo: deque[Ticket] = deque()
         self.by_priority: list[tuple[float, int, Ticket]] = []
+        self.smalls: deque[Ticket] = deque()  # small ones in arrival order, for backfill
         self.live = 0
         # The last refusal of the head: (ticket id, limiter generation, until when). While the
         # same head waits, nothing freed capacity and that moment has not come, asking the
@@ -108,7 +115,18 @@ class _KeyQueue:
         self.fifo.append(ticket)
         key = ticket.enqueued_at / aging - base_priority(ticket.tokens)
         heapq.heappush(self.by_priority, (key, ticket.id, ticket))
+        if ticket.tokens < SMALL_REQUEST_TOKENS:
+            self.smalls.append(ticket)
         self.live += 1
+
+    def backfill_candidate(self, head: Ticket) -> Ticket | None:
+        """The oldest small request held behind `head`."""
+        while self.smalls and not self.smalls[0].held:
+            self.smalls.popleft()
+        for ticket in itertools.islice(self.smalls, 2):
+            if ticket is not head and ticket.held:
+                return ticket
+        return None
 
     def head(self, tight: bool) -> Ticket | None:
         if tight:
@@ -123,6 +141,7 @@ class _KeyQueue:
         """Drop resolved tickets once they outnumber live ones, so memory tracks the queue."""
         if len(self.fifo) > 2 * self.live + 64:
             self.fifo = deque(t for t in self.fifo if t.held)
+            self.smalls = deque(t for t in self.smalls if t.held)
             self.by_priority = [e for e in self.by_priority if e[2].held]
             heapq.heapify(self.by_priority)
 
@@ -318,22 +337,54 @@ class Scheduler:
                 and refused[1] == self.generation
                 and now < refused[2]
             ):
-                return refused[2]
-            decision = self.limiter.try_acquire(key, rates, ticket.tokens, now)
-            if not decision.granted:
+                head_until = refused[2]
+            else:
+                decision = self.limiter.try_acquire(key, rates, ticket.tokens, now)
+                if decision.granted:
+                    self._release(ticket, decision.reservation, key, rates, half_open, now)
+                    continue
                 ticket.wait_reason = decision.binding
                 self._last_wait[key] = decision.wait
-                queue.refused = (ticket.id, self.generation, now + decision.wait)
-                return now + decision.wait
-            if half_open:
-                self.breaker.try_start_probe(now)
-                ticket.probe = True
-            ticket.reservation = decision.reservation
-            ticket.wait_reason = None
-            if self._needs_probe(key, rates, now):
-                self._synced_at.pop(key, None)
-                self._probes[key] = (ticket, now + self.limits.probe_timeout)
-            self._resolve(ticket, Outcome.RELEASED, now)
+                head_until = now + decision.wait
+                queue.refused = (ticket.id, self.generation, head_until)
+            if tight and not half_open and self._backfill(key, queue, ticket, rates, now):
+                continue
+            return head_until
+
+    def _backfill(
+        self, key: str, queue: _KeyQueue, head: Ticket, rates: Sequence[Rate], now: float
+    ) -> bool:
+        """Let the oldest small request past a waiting head that is not small, within budget."""
+        if head.tokens < SMALL_REQUEST_TOKENS:
+            return False
+        small = queue.backfill_candidate(head)
+        if small is None or head.backfilled + small.tokens > BACKFILL_SHARE * head.tokens:
+            return False
+        decision = self.limiter.try_acquire(key, rates, small.tokens, now)
+        if not decision.granted:
+            return False
+        head.backfilled += small.tokens
+        self._release(small, decision.reservation, key, rates, False, now)
+        return True
+
+    def _release(
+        self,
+        ticket: Ticket,
+        reservation: Reservation | None,
+        key: str,
+        rates: Sequence[Rate],
+        half_open: bool,
+        now: float,
+    ) -> None:
+        if half_open:
+            self.breaker.try_start_probe(now)
+            ticket.probe = True
+        ticket.reservation = reservation
+        ticket.wait_reason = None
+        if self._needs_probe(key, rates, now):
+            self._synced_at.pop(key, None)
+            self._probes[key] = (ticket, now + self.limits.probe_timeout)
+        self._resolve(ticket, Outcome.RELEASED, now)
 
     def _expire(self, now: float) -> None:
         deadlines = self._deadlines
