@@ -328,9 +328,9 @@ def test_foreign_usage_is_learned_and_charged_between_reports():
         left += (100 - 20) * 5
         limiter.observe("k", report(remaining=left, limit=6_000), now=now)
     assert limiter.foreign_rate("k", "tokens", 60.0, now) == pytest.approx(20, rel=0.05)
-    # Between reports the view refills at 100 - 20 per second, not 100, and keeps a second of
-    # the others' usage in reserve.
-    assert limiter.used("k", big, now + 2) == pytest.approx(6_000 - (left + 160) + 20, abs=2)
+    # Between reports the view refills at 100 - 20 per second, not 100, and keeps the most the
+    # others took between two reports (100 in 5 s) in reserve.
+    assert limiter.used("k", big, now + 2) == pytest.approx(6_000 - (left + 160) + 100, abs=2)
     # Once the other client stops, its rate decays away.
     for _ in range(15):
         now += 5

@@ -58,7 +58,7 @@ _EPSILON = 1e-6  # units; amounts are whole, refill is float
 FOREIGN_WINDOW = 60.0
 # ... others' usage from intervals adding up to at least this long (a few ms apart say little)...
 FOREIGN_MIN_SECONDS = 1.0
-# ... and this many seconds of it are kept in reserve, since it comes in lumps ...
+# ... and this many seconds of it (or its largest lump) are kept in reserve ...
 FOREIGN_RESERVE_SECONDS = 1.0
 # ... learnt from reports unsure about at most this share of the limit (our requests in flight),
 # and without refunds due beyond it for the others' part.
@@ -284,6 +284,11 @@ class UpstreamDrift:
         lost = -sum(gap for _, _, gap in self._quiet)
         return max(0.0, lost / max(seconds, FOREIGN_MIN_SECONDS))
 
+    def lump(self, now: float) -> float:
+        """The most others took between two reports lately: what to keep in reserve."""
+        self._prune(now)
+        return max((-gap for _, _, gap in self._quiet), default=0.0)
+
 
 class UpstreamView:
     """Upstream's bucket for one (model, unit, period) as its headers last reported it, aged since.
@@ -309,6 +314,7 @@ class UpstreamView:
         "limit",
         "pending_refunds",
         "refill",
+        "reserve",
         "share",
         "synced_at",
     )
@@ -323,8 +329,10 @@ class UpstreamView:
         now: float,
         epoch: int,
         share: float = 0.0,
+        reserve: float = 0.0,
     ) -> None:
         self.limit = limit
+        self.reserve = reserve  # kept back for others' next lump
         self.level = level
         self.refill = refill  # upstream's rate less the foreign rate
         self.foreign = foreign
@@ -358,8 +366,7 @@ class UpstreamView:
 
     def room(self, now: float) -> float:
         left = min(float(self.limit), self._level(now) + self._credit(now))
-        # Others use the limit in lumps, not evenly: keep a moment of their usage in reserve.
-        return left - self.in_flight - self.foreign * FOREIGN_RESERVE_SECONDS
+        return left - self.in_flight - self.reserve
 
     def wait_time(self, amount: int, now: float) -> float:
         excess = amount - self.room(now)
@@ -607,6 +614,9 @@ class MemoryLimiter:
             now,
             next(self._epochs),
             drift.share,
+            # Others use the limit in lumps, not evenly: keep their largest recent lump (or a
+            # second of their usage) in reserve.
+            min(max(drift.lump(now), others * FOREIGN_RESERVE_SECONDS), limit / 2),
         )
         self._views[slot] = view
         return view.epoch
