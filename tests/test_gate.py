@@ -243,3 +243,21 @@ async def test_burst_setting_paces_only_per_minute_limits():
     gate, _ = per_model_gate("cerebras_limits: {burst: 0.25, tpd_limit: 100000}\n")
     bursts = {rate.name: rate.burst for rate in gate.rates_for("m")}
     assert bursts == {"rpm": 0.25, "tpm": 0.25, "tpd": 1.0}
+
+
+async def test_a_429_is_settled_and_its_report_read_before_anything_else_is_released():
+    """The 429's own report re-syncs the limiter before the queue moves: releasing on the
+    picture the 429 just proved wrong would draw another."""
+    gate, _ = per_model_gate(
+        "cerebras_limits: {probe_first: false}\nmodels:\n  m: {tpm_limit: 1000}\n"
+    )
+    first = gate.submit(600, key="m")
+    held = gate.submit(500, key="m")
+    assert first.outcome is Outcome.RELEASED and held.held
+    # Upstream refused `first` (others had used 900 of 1000): giving `first` back alone would
+    # let `held` go; with the report read first it keeps waiting.
+    gate.confirm(first, [RateReport("tokens", 60.0, 1000, 100, 54.0)], status=429)
+    assert first.finished
+    assert held.held and held.wait_reason == "tpm"
+    assert gate.status()["upstream_429s"] == 1
+    assert gate.status()["open_reservations"] == 0

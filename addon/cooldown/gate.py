@@ -171,19 +171,23 @@ class Gate:
         work, so the report does not count it and neither may the limiter.
         """
         if status == 429:
-            self.finish(ticket, 429, None)
+            # Not finish(): its pump would release more on the picture the 429 just proved wrong.
+            self._finish(ticket, 429, None)
         else:
             self.scheduler.confirm(ticket, self.clock())
         if reports:
-            self.observe(ticket.key, reports)
+            self.observe(ticket.key, reports)  # re-syncs, then pumps
         else:
             self.pump()  # a probe's answer lets the rest go
 
     def finish(self, ticket: Ticket, status: int, actual_tokens: int | None) -> None:
+        self._finish(ticket, status, actual_tokens)
+        self.pump()
+
+    def _finish(self, ticket: Ticket, status: int, actual_tokens: int | None) -> None:
         if status == 429 and ticket.outcome is Outcome.RELEASED and not ticket.finished:
             self.stats.upstream_429s += 1
         self.scheduler.finish(ticket, status, actual_tokens, self.clock())
-        self.pump()
 
     def abort(self, ticket: Ticket, reached_upstream: bool) -> None:
         self.scheduler.abort(ticket, reached_upstream, self.clock())
