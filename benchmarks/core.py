@@ -54,11 +54,15 @@ def request_sizes(count: int, seed: int = 0) -> list[int]:
 
 
 def limits_for(held: int) -> CerebrasLimits:
+    # The harness saturates an rpm *window* (one entry ages out per second, one request leaves),
+    # which makes every decision cycle alike; no probe, which would hold the fill.
     return CerebrasLimits(
         rpm_limit=WINDOW_ENTRIES,
         tpm_limit=10**12,
         max_queue_depth=held + 10,
         request_timeout=10.0**9,
+        algorithm="sliding_window",
+        probe_first=False,
     )
 
 

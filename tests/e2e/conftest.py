@@ -10,12 +10,14 @@ connection to the real host is ever attempted. `Proxy.upstream_targets()` checks
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.server
 import json
 import os
 import re
 import signal
 import socket
+import socketserver
 import ssl
 import subprocess
 import sys
@@ -344,16 +346,23 @@ class _PlainHandler(http.server.BaseHTTPRequestHandler):
     do_POST = _answer
 
 
-@pytest.fixture
-def plain_server() -> Iterator[PlainServer]:
-    server = PlainServer()
+@contextlib.contextmanager
+def serving(server: socketserver.BaseServer) -> Iterator[None]:
+    """Run a socketserver in a daemon thread for the duration of the block, then stop it."""
     thread = threading.Thread(
         target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
     )
     thread.start()
     try:
-        yield server
+        yield
     finally:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+@pytest.fixture
+def plain_server() -> Iterator[PlainServer]:
+    server = PlainServer()
+    with serving(server):
+        yield server

@@ -41,6 +41,7 @@ from .conftest import (
     chat_body,
     free_port,
     mitmdump_command,
+    serving,
     spawn_mitmdump,
     wait_until,
 )
@@ -278,16 +279,8 @@ def _pipe(source: socket.socket, sink: socket.socket) -> None:
 @pytest.fixture
 def forward_proxy() -> Iterator[ForwardProxy]:
     server = ForwardProxy()
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-    )
-    thread.start()
-    try:
+    with serving(server):
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 @pytest.mark.parametrize("scheme", ["https", "http"])
