@@ -190,9 +190,12 @@ async def test_burst_beyond_tpm_is_spread_and_never_rate_limited(
     assert stats["ok"] == BURST_REQUESTS
     assert stats["rate_limited"] == 0
     assert elapsed >= ideal
-    assert elapsed < 150.0
-    # The limit is used, not just respected: the first window lets as many through as fit.
-    assert sum(1 for _, finished, _ in results if finished < 30.0) == per_window
+    # The limit is used, not just respected: the bucket mirrors upstream's, so the burst takes
+    # about what upstream's bucket needs (a 60 s window would take until ~ideal + 30 s).
+    assert elapsed < ideal + 12.0
+    # In the first 30 s: the full bucket at once, then what refilled, never more.
+    early = sum(1 for _, finished, _ in results if finished < 30.0)
+    assert per_window < early <= (BURST_TPM + BURST_TPM // 2) // cost + 1
     cooldown.assert_clean_log()
 
 
