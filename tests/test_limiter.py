@@ -398,3 +398,21 @@ def test_a_refund_is_credited_a_moment_after_the_settle_once_upstream_is_known_t
     assert decision.wait == pytest.approx(0.15)  # look again when the refund is credited
     assert limiter.used("k", big, 0.2) == pytest.approx(60_000 - 29_200)
     assert limiter.used("k", big, 0.25) == pytest.approx(60_000 - 29_250 - 20_000)
+
+
+def test_the_view_credits_no_more_than_upstream_refunds():
+    """Our input estimate may exceed upstream's count; upstream only gives back the unused
+    output reservation, so that is all the view credits."""
+    limiter = MemoryLimiter()
+    big = Rate("tpm", "tokens", 60_000)
+    first = limiter.try_acquire("k", (big,), 5_000, now=0).reservation
+    limiter.confirm(first, now=0)
+    limiter.observe("k", report(remaining=55_000, limit=60_000), now=0)
+    limiter.settle(first, 1_000, now=0)
+    limiter.observe("k", report(remaining=59_000, limit=60_000), now=0)  # it refunds: trusted
+    second = limiter.try_acquire("k", (big,), 30_000, now=0).reservation
+    limiter.confirm(second, now=0)
+    limiter.observe("k", report(remaining=29_000, limit=60_000), now=0)
+    # 20,000 unused by our count, but upstream reserved 1,500 less input than we estimated.
+    limiter.settle(second, 10_000, now=0, refund=18_500)
+    assert limiter.used("k", big, 0.25) == pytest.approx(60_000 - 29_250 - 18_500)

@@ -782,7 +782,7 @@ class Cooldown:
         """Settle the last attempt's reservation, learn from it, and note it on the flow."""
         usage = self._usage(state, response)
         total = usage.get("total_tokens") if usage else None
-        self.gate.finish(state.ticket, response.status_code, total)
+        self.gate.finish(state.ticket, response.status_code, total, self._refund(state, usage))
         if usage and "prompt_tokens" in usage and state.shape.understood:
             before = self.calibration.factor(state.key)
             self.calibration.observe(state.key, state.shape.input_tokens, usage["prompt_tokens"])
@@ -794,6 +794,17 @@ class Cooldown:
             f.comment = f"{f.comment}, actual {total} tokens"
         if response.status_code == 429:
             log.info("upstream answered 429 for flow %s (%s); no retries left", f.id, state.key)
+
+    @staticmethod
+    def _refund(state: _FlowState, usage: dict[str, int] | None) -> int | None:
+        """What upstream gives back of the reservation: the output it reserved and did not use.
+
+        Our input estimate may differ from upstream's count, and that difference is not
+        refunded, so only the output part is (None: unknown, the limiter assumes all unused).
+        """
+        if not usage or "completion_tokens" not in usage or not state.shape.understood:
+            return None
+        return max(state.estimate.output_tokens - usage["completion_tokens"], 0)
 
     def _cool_down(self, state: _FlowState, response: http.Response, verdict: Upstream429) -> float:
         """Pause the model after a 429: for `retry-after` if upstream sent a sane one."""

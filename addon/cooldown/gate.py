@@ -180,14 +180,26 @@ class Gate:
         else:
             self.pump()  # a probe's answer lets the rest go
 
-    def finish(self, ticket: Ticket, status: int, actual_tokens: int | None) -> None:
-        self._finish(ticket, status, actual_tokens)
+    def finish(
+        self,
+        ticket: Ticket,
+        status: int,
+        actual_tokens: int | None,
+        refund: int | None = None,
+    ) -> None:
+        self._finish(ticket, status, actual_tokens, refund)
         self.pump()
 
-    def _finish(self, ticket: Ticket, status: int, actual_tokens: int | None) -> None:
+    def _finish(
+        self,
+        ticket: Ticket,
+        status: int,
+        actual_tokens: int | None,
+        refund: int | None = None,
+    ) -> None:
         if status == 429 and ticket.outcome is Outcome.RELEASED and not ticket.finished:
             self.stats.upstream_429s += 1
-        self.scheduler.finish(ticket, status, actual_tokens, self.clock())
+        self.scheduler.finish(ticket, status, actual_tokens, self.clock(), refund)
 
     def abort(self, ticket: Ticket, reached_upstream: bool) -> None:
         self.scheduler.abort(ticket, reached_upstream, self.clock())

@@ -456,7 +456,13 @@ class LimiterBackend(Protocol):
 
     def confirm(self, reservation: Reservation, now: float) -> None: ...
 
-    def settle(self, reservation: Reservation, actual_tokens: int, now: float) -> None: ...
+    def settle(
+        self,
+        reservation: Reservation,
+        actual_tokens: int,
+        now: float,
+        refund: int | None = None,
+    ) -> None: ...
 
     def release(self, reservation: Reservation, now: float) -> None: ...
 
@@ -653,11 +659,20 @@ class MemoryLimiter:
         self._forget_in_flight(reservation)
         reservation.confirmed = True
 
-    def settle(self, reservation: Reservation, actual_tokens: int, now: float) -> None:
+    def settle(
+        self,
+        reservation: Reservation,
+        actual_tokens: int,
+        now: float,
+        refund: int | None = None,
+    ) -> None:
         """Upstream answered: correct the token count to what it reports it used.
 
         Upstream refunds an unused reservation when the request completes, which is no later
         than this; the view credits it a moment later, as far as upstream has been seen to.
+        `refund` is what upstream gives back (the unused *output* reservation; our input
+        estimate may differ from upstream's count, which it keeps): the view never credits
+        more, whatever our estimate was.
         """
         if not reservation.open:
             return
@@ -675,7 +690,8 @@ class MemoryLimiter:
                     view.charge(actual - part.amount, now)  # upstream counted more
                 else:
                     # Credited later, as far as upstream is known to refund (see UpstreamView).
-                    view.refund(part.amount - actual, now)
+                    unused = part.amount - actual
+                    view.refund(unused if refund is None else max(min(refund, unused), 0), now)
             if part.pace is not None:
                 bucket, capacity, rate = part.pace
                 bucket.take(actual - part.amount, capacity, rate, now)

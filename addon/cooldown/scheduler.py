@@ -401,8 +401,17 @@ class Scheduler:
         if ticket.outcome is Outcome.RELEASED:
             self._synced_at[ticket.key] = now
 
-    def finish(self, ticket: Ticket, status: int, actual_tokens: int | None, now: float) -> None:
-        """Upstream answered a released request: settle its reservation and feed the breaker."""
+    def finish(
+        self,
+        ticket: Ticket,
+        status: int,
+        actual_tokens: int | None,
+        now: float,
+        refund: int | None = None,
+    ) -> None:
+        """Upstream answered a released request: settle its reservation and feed the breaker.
+
+        `refund`: what upstream gives back of the reservation (its unused output), if known."""
         if ticket.outcome is not Outcome.RELEASED or ticket.finished:
             return
         ticket.finished = True
@@ -422,7 +431,7 @@ class Scheduler:
         # Without a usage figure (errors, odd bodies) keep the estimate: upstream may have
         # charged it, and over-counting only costs a little waiting.
         settled = ticket.reservation.tokens if actual_tokens is None else actual_tokens
-        self.limiter.settle(ticket.reservation, settled, now)
+        self.limiter.settle(ticket.reservation, settled, now, refund)
 
     def abort(self, ticket: Ticket, reached_upstream: bool, now: float) -> None:
         """A released request failed without an answer from upstream."""
