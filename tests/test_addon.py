@@ -884,3 +884,29 @@ async def test_a_huge_retry_after_is_capped_at_the_request_timeout(config_file):
         await addon.response(f)
         now = addon.gate.clock()
         assert addon.gate.scheduler.paused_until("m", now) == pytest.approx(now + 30, abs=1)
+
+
+def test_the_refund_credited_is_the_unused_output_and_only_for_streams():
+    """Upstream gives back the output it reserved and did not use; a whole answer's own
+    report (written when it is complete) may already show that, so it is not credited."""
+    from cooldown.addon import _FlowState
+    from cooldown.estimate import parse_request
+    from cooldown.scheduler import Ticket
+    from cooldown.upstream import SSEUsageTap
+
+    body = json.dumps(
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_completion_tokens": 500,
+        }
+    ).encode()
+    shape = parse_request("/v1/chat/completions", body)
+    estimate = shape.estimate(8192, None, 1.0)
+    state = _FlowState("m", shape, estimate, Ticket(1, "m", estimate.total, 0.0, 60.0), 0)
+    usage = {"prompt_tokens": 9, "completion_tokens": 120, "total_tokens": 129}
+    assert Cooldown._refund(state, usage) == 0  # not streamed
+    state.tap = SSEUsageTap()
+    assert estimate.output_tokens == 500
+    assert Cooldown._refund(state, usage) == 380
+    assert Cooldown._refund(state, None) is None

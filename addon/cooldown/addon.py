@@ -797,11 +797,17 @@ class Cooldown:
 
     @staticmethod
     def _refund(state: _FlowState, usage: dict[str, int] | None) -> int | None:
-        """What upstream gives back of the reservation: the output it reserved and did not use.
+        """What upstream gives back of the reservation after its own report: the output it
+        reserved and did not use.
 
         Our input estimate may differ from upstream's count, and that difference is not
         refunded, so only the output part is (None: unknown, the limiter assumes all unused).
+        A whole (not streamed) answer's headers are written when it is complete, so its own
+        report may already show the refund: crediting it again would count it twice, and the
+        next report shows it anyway.
         """
+        if state.tap is None:
+            return 0
         if not usage or "completion_tokens" not in usage or not state.shape.understood:
             return None
         return max(state.estimate.output_tokens - usage["completion_tokens"], 0)
