@@ -122,9 +122,12 @@ def per_model_gate(text: str):
     import yaml
 
     from cooldown.config import parse_config
+    from cooldown.limiter import MemoryLimiter
 
     clock = FakeClock()
-    return Gate(parse_config(yaml.safe_load(text)), clock=clock), clock
+    # Exact arithmetic: without the sliver of each limit the upstream view keeps back.
+    limiter = MemoryLimiter(view_margin=0)
+    return Gate(parse_config(yaml.safe_load(text)), clock=clock, limiter=limiter), clock
 
 
 async def test_each_model_has_its_own_limits_and_windows():

@@ -1,4 +1,8 @@
-"""The limiter: the sliding window (selectable), the token bucket (default), upstream's view."""
+"""The limiter: the sliding window (selectable), the token bucket (default), upstream's view.
+
+Upstream's view keeps a sliver of each limit back by default (`VIEW_MARGIN`); the tests of its
+arithmetic turn that off (`view_margin=0`), and one test checks the margin itself.
+"""
 
 import pytest
 
@@ -28,7 +32,7 @@ def test_wait_time_is_when_enough_ages_out():
 
 
 def test_acquire_takes_one_request_and_the_tokens():
-    limiter = MemoryLimiter()
+    limiter = MemoryLimiter(view_margin=0)
     decision = limiter.try_acquire("k", (RPM, TPM), 60, now=0)
     assert decision.granted
     assert limiter.used("k", RPM, 0) == 1
@@ -37,7 +41,7 @@ def test_acquire_takes_one_request_and_the_tokens():
 
 
 def test_refusal_names_the_binding_limit_and_the_wait():
-    limiter = MemoryLimiter()
+    limiter = MemoryLimiter(view_margin=0)
     limiter.confirm(limiter.try_acquire("k", (RPM, TPM), 60, now=0).reservation, now=0)
     decision = limiter.try_acquire("k", (RPM, TPM), 60, now=10)
     assert not decision.granted
@@ -52,7 +56,7 @@ def test_refusal_names_the_binding_limit_and_the_wait():
 
 
 def test_settle_refunds_unused_tokens_but_not_the_request():
-    limiter = MemoryLimiter()
+    limiter = MemoryLimiter(view_margin=0)
     reservation = limiter.try_acquire("k", (RPM, TPM), 90, now=0).reservation
     limiter.settle(reservation, 25, now=1)
     assert limiter.used("k", TPM, 1) == 25
@@ -64,7 +68,7 @@ def test_settle_refunds_unused_tokens_but_not_the_request():
 
 
 def test_settle_above_the_estimate_charges_the_excess():
-    limiter = MemoryLimiter()
+    limiter = MemoryLimiter(view_margin=0)
     reservation = limiter.try_acquire("k", (RPM, TPM), 10, now=0).reservation
     limiter.settle(reservation, 70, now=1)
     assert limiter.used("k", TPM, 1) == 70
@@ -72,7 +76,7 @@ def test_settle_above_the_estimate_charges_the_excess():
 
 
 def test_release_gives_everything_back():
-    limiter = MemoryLimiter()
+    limiter = MemoryLimiter(view_margin=0)
     reservation = limiter.try_acquire("k", (RPM, TPM), 90, now=0).reservation
     limiter.release(reservation, now=1)
     assert limiter.used("k", TPM, 1) == 0
@@ -81,7 +85,7 @@ def test_release_gives_everything_back():
 
 
 def test_settle_after_the_entry_aged_out_does_not_go_negative():
-    limiter = MemoryLimiter()
+    limiter = MemoryLimiter(view_margin=0)
     reservation = limiter.try_acquire("k", (RPM, TPM), 90, now=0).reservation
     limiter.confirm(reservation, now=0)
     limiter.settle(reservation, 10, now=61)
@@ -90,7 +94,7 @@ def test_settle_after_the_entry_aged_out_does_not_go_negative():
 
 
 def test_a_request_larger_than_the_limit_is_charged_the_whole_limit_once_empty():
-    limiter = MemoryLimiter()
+    limiter = MemoryLimiter(view_margin=0)
     reservation = limiter.try_acquire("k", (RPM, TPM), 5000, now=0).reservation
     limiter.confirm(reservation, now=0)
     assert limiter.used("k", TPM, 0) == 100
@@ -100,14 +104,14 @@ def test_a_request_larger_than_the_limit_is_charged_the_whole_limit_once_empty()
 
 
 def test_keys_are_independent():
-    limiter = MemoryLimiter()
+    limiter = MemoryLimiter(view_margin=0)
     assert limiter.try_acquire("a", (RPM, TPM), 100, now=0).granted
     assert limiter.try_acquire("b", (RPM, TPM), 100, now=0).granted
     assert not limiter.try_acquire("a", (RPM, TPM), 1, now=0).granted
 
 
 def test_in_flight_counts_until_confirmed_then_ages_from_confirmation():
-    limiter = MemoryLimiter()
+    limiter = MemoryLimiter(view_margin=0)
     reservation = limiter.try_acquire("k", (RPM, TPM), 80, now=0).reservation
     # Unconfirmed: still counted long after release (upstream may not have counted it yet).
     assert limiter.used("k", TPM, 500) == 80
@@ -121,7 +125,7 @@ def test_in_flight_counts_until_confirmed_then_ages_from_confirmation():
 
 
 def test_release_before_confirmation_gives_back_the_in_flight_amount():
-    limiter = MemoryLimiter()
+    limiter = MemoryLimiter(view_margin=0)
     reservation = limiter.try_acquire("k", (RPM, TPM), 80, now=0).reservation
     limiter.release(reservation, now=1)
     assert limiter.used("k", TPM, 1) == 0
@@ -129,7 +133,7 @@ def test_release_before_confirmation_gives_back_the_in_flight_amount():
 
 
 def test_settle_confirms_at_settle_time():
-    limiter = MemoryLimiter()
+    limiter = MemoryLimiter(view_margin=0)
     reservation = limiter.try_acquire("k", (RPM, TPM), 80, now=0).reservation
     limiter.settle(reservation, 20, now=5)
     assert limiter.used("k", TPM, 64) == 20
@@ -143,7 +147,7 @@ PACED_TPM = Rate("tpm", "tokens", 600, 60.0, burst=0.25, algorithm="sliding_wind
 
 
 def test_pacing_allows_a_short_burst_then_the_limits_rate():
-    limiter = MemoryLimiter()
+    limiter = MemoryLimiter(view_margin=0)
     assert limiter.try_acquire("k", (PACED_TPM,), 150, now=0).granted
     decision = limiter.try_acquire("k", (PACED_TPM,), 50, now=0)
     assert not decision.granted
@@ -152,7 +156,7 @@ def test_pacing_allows_a_short_burst_then_the_limits_rate():
 
 
 def test_pacing_lets_a_request_larger_than_the_burst_go_once_the_bucket_is_full():
-    limiter = MemoryLimiter()
+    limiter = MemoryLimiter(view_margin=0)
     assert limiter.try_acquire("k", (PACED_TPM,), 400, now=0).granted  # bucket full: may go
     decision = limiter.try_acquire("k", (PACED_TPM,), 10, now=1)
     assert not decision.granted  # the bucket is 250 in debt, refilling at 10/s
@@ -160,14 +164,14 @@ def test_pacing_lets_a_request_larger_than_the_burst_go_once_the_bucket_is_full(
 
 
 def test_settling_below_the_estimate_refunds_the_pace():
-    limiter = MemoryLimiter()
+    limiter = MemoryLimiter(view_margin=0)
     reservation = limiter.try_acquire("k", (PACED_TPM,), 150, now=0).reservation
     limiter.settle(reservation, 30, now=0)
     assert limiter.try_acquire("k", (PACED_TPM,), 120, now=0).granted
 
 
 def test_release_refunds_the_pace():
-    limiter = MemoryLimiter()
+    limiter = MemoryLimiter(view_margin=0)
     reservation = limiter.try_acquire("k", (PACED_TPM,), 150, now=0).reservation
     limiter.release(reservation, now=0)
     assert limiter.try_acquire("k", (PACED_TPM,), 150, now=0).granted
@@ -177,7 +181,7 @@ def test_paced_releases_under_saturation_are_spread_not_one_burst_a_minute():
     """Saturated for 3 minutes: with pacing, releases in minutes 2 and 3 are spread evenly."""
     for burst, expect_spread in ((1.0, False), (0.25, True)):
         rate = Rate("tpm", "tokens", 600, 60.0, burst=burst, algorithm="sliding_window")
-        limiter = MemoryLimiter()
+        limiter = MemoryLimiter(view_margin=0)
         released = []
         now = 0.0
         while now < 180:
@@ -210,7 +214,7 @@ def test_bucket_refills_continuously_up_to_its_capacity():
 
 def test_bucket_admits_a_full_limit_then_the_refill():
     """Over T seconds a bucket that starts full admits limit x (1 + T / period)."""
-    limiter = MemoryLimiter()
+    limiter = MemoryLimiter(view_margin=0)
     released, now = 0, 0.0
     while now <= 60:
         decision = limiter.try_acquire("k", (B_TPM,), 50, now)
@@ -223,7 +227,7 @@ def test_bucket_admits_a_full_limit_then_the_refill():
 
 
 def test_bucket_wait_is_the_time_to_refill_the_shortfall():
-    limiter = MemoryLimiter()
+    limiter = MemoryLimiter(view_margin=0)
     limiter.confirm(limiter.try_acquire("k", (B_TPM,), 600, now=0).reservation, now=0)
     decision = limiter.try_acquire("k", (B_TPM,), 100, now=2)  # 20 back
     assert (decision.granted, decision.binding) == (False, "tpm")
@@ -232,7 +236,7 @@ def test_bucket_wait_is_the_time_to_refill_the_shortfall():
 
 
 def test_bucket_in_flight_amounts_earn_no_refill_until_confirmed():
-    limiter = MemoryLimiter()
+    limiter = MemoryLimiter(view_margin=0)
     reservation = limiter.try_acquire("k", (B_TPM,), 600, now=0).reservation
     # Upstream may count it at any moment until it answers: it must still find 600 then.
     assert not limiter.try_acquire("k", (B_TPM,), 10, now=500).granted
@@ -242,7 +246,7 @@ def test_bucket_in_flight_amounts_earn_no_refill_until_confirmed():
 
 
 def test_bucket_settle_refunds_and_overcharges():
-    limiter = MemoryLimiter()
+    limiter = MemoryLimiter(view_margin=0)
     reservation = limiter.try_acquire("k", (B_RPM, B_TPM), 500, now=0).reservation
     limiter.settle(reservation, 100, now=0)
     assert limiter.used("k", B_TPM, 0) == 100
@@ -254,7 +258,7 @@ def test_bucket_settle_refunds_and_overcharges():
 
 
 def test_bucket_release_gives_back_in_flight_and_confirmed_amounts():
-    limiter = MemoryLimiter()
+    limiter = MemoryLimiter(view_margin=0)
     flying = limiter.try_acquire("k", (B_RPM, B_TPM), 300, now=0).reservation
     answered = limiter.try_acquire("k", (B_RPM, B_TPM), 300, now=0).reservation
     limiter.confirm(answered, now=0)
@@ -266,7 +270,7 @@ def test_bucket_release_gives_back_in_flight_and_confirmed_amounts():
 
 
 def test_switching_algorithm_keeps_what_is_used_and_in_flight():
-    limiter = MemoryLimiter()
+    limiter = MemoryLimiter(view_margin=0)
     window_tpm = Rate("tpm", "tokens", 600, algorithm="sliding_window")
     limiter.confirm(limiter.try_acquire("k", (window_tpm,), 400, now=0).reservation, now=0)
     flying = limiter.try_acquire("k", (window_tpm,), 100, now=0).reservation
@@ -284,7 +288,7 @@ def report(remaining, limit=600, reset=0.0):
 
 
 def test_a_report_below_our_picture_holds_releases_back():
-    limiter = MemoryLimiter()
+    limiter = MemoryLimiter(view_margin=0)
     first = limiter.try_acquire("k", (B_TPM,), 100, now=0).reservation
     limiter.confirm(first, now=0)
     limiter.observe("k", report(remaining=150), now=0)  # others used 350
@@ -295,7 +299,7 @@ def test_a_report_below_our_picture_holds_releases_back():
 
 
 def test_requests_in_flight_stay_held_aside_on_top_of_a_report():
-    limiter = MemoryLimiter()
+    limiter = MemoryLimiter(view_margin=0)
     first = limiter.try_acquire("k", (B_TPM,), 100, now=0).reservation
     later = limiter.try_acquire("k", (B_TPM,), 200, now=0).reservation
     limiter.confirm(first, now=1)
@@ -308,7 +312,7 @@ def test_requests_in_flight_stay_held_aside_on_top_of_a_report():
 
 
 def test_a_request_counted_twice_is_counted_once_again_at_the_next_report():
-    limiter = MemoryLimiter()
+    limiter = MemoryLimiter(view_margin=0)
     flying = limiter.try_acquire("k", (B_TPM,), 200, now=0).reservation
     limiter.observe("k", report(remaining=400), now=0)  # upstream had counted it already
     assert limiter.used("k", B_TPM, 0) == 400  # 200 in the report + 200 held aside
@@ -319,7 +323,7 @@ def test_a_request_counted_twice_is_counted_once_again_at_the_next_report():
 
 def test_foreign_usage_is_learned_and_charged_between_reports():
     big = Rate("tpm", "tokens", 6_000)  # refills 100 tokens a second
-    limiter = MemoryLimiter()
+    limiter = MemoryLimiter(view_margin=0)
     now, left = 0.0, 1_000
     # Another client uses 20 tokens a second; we send nothing but read a report every 5 s.
     limiter.observe("k", report(remaining=left, limit=6_000), now=now)
@@ -342,7 +346,7 @@ def test_foreign_usage_is_learned_and_charged_between_reports():
 def test_refunds_reach_the_view_with_a_report_and_their_share_is_learnt():
     """An upstream may keep an unused reservation, or refund it a moment after the answer:
     the view takes refunds from reports only, and learns how much of them to expect."""
-    limiter = MemoryLimiter()
+    limiter = MemoryLimiter(view_margin=0)
     reservation = limiter.try_acquire("k", (B_TPM,), 500, now=0).reservation
     limiter.confirm(reservation, now=0)
     limiter.observe("k", report(remaining=100), now=0)
@@ -364,7 +368,7 @@ def test_refunds_reach_the_view_with_a_report_and_their_share_is_learnt():
 def test_others_usage_is_told_apart_from_refunds():
     """Intervals without settles show others' usage; the rest show upstream's refunds."""
     big = Rate("tpm", "tokens", 60_000)  # refills 1,000 a second
-    limiter = MemoryLimiter()
+    limiter = MemoryLimiter(view_margin=0)
     now, left = 0.0, 30_000.0
     limiter.observe("k", report(remaining=left, limit=60_000), now=now)
     for i in range(40):
@@ -381,7 +385,7 @@ def test_others_usage_is_told_apart_from_refunds():
 
 
 def test_a_refund_is_credited_a_moment_after_the_settle_once_upstream_is_known_to_refund():
-    limiter = MemoryLimiter()
+    limiter = MemoryLimiter(view_margin=0)
     big = Rate("tpm", "tokens", 60_000)  # refills 1,000 a second
     first = limiter.try_acquire("k", (big,), 5_000, now=0).reservation
     limiter.confirm(first, now=0)
@@ -403,7 +407,7 @@ def test_a_refund_is_credited_a_moment_after_the_settle_once_upstream_is_known_t
 def test_the_view_credits_no_more_than_upstream_refunds():
     """Our input estimate may exceed upstream's count; upstream only gives back the unused
     output reservation, so that is all the view credits."""
-    limiter = MemoryLimiter()
+    limiter = MemoryLimiter(view_margin=0)
     big = Rate("tpm", "tokens", 60_000)
     first = limiter.try_acquire("k", (big,), 5_000, now=0).reservation
     limiter.confirm(first, now=0)
@@ -416,3 +420,11 @@ def test_the_view_credits_no_more_than_upstream_refunds():
     # 20,000 unused by our count, but upstream reserved 1,500 less input than we estimated.
     limiter.settle(second, 10_000, now=0, refund=18_500)
     assert limiter.used("k", big, 0.25) == pytest.approx(60_000 - 29_250 - 18_500)
+
+
+def test_the_view_keeps_a_sliver_of_the_limit_in_reserve():
+    limiter = MemoryLimiter()  # the default margin: 0.5 % of the limit
+    limiter.observe("k", report(remaining=600), now=0)
+    assert limiter.used("k", B_TPM, 0) == pytest.approx(3)
+    assert not limiter.try_acquire("k", (B_TPM,), 598, now=0).granted
+    assert limiter.try_acquire("k", (B_TPM,), 597, now=0).granted

@@ -565,9 +565,7 @@ def test_upstream_never_refuses_when_its_reports_bind(run):
                     events, (released + count_at * to_headers, next(order), "count", ticket)
                 )
                 heapq.heappush(events, (released + to_headers, next(order), "headers", ticket))
-                heapq.heappush(
-                    events, (released + to_headers + to_end, next(order), "end", ticket)
-                )
+                heapq.heappush(events, (released + to_headers + to_end, next(order), "end", ticket))
 
     tickets = []
     arrivals = []

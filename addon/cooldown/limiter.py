@@ -63,6 +63,8 @@ FOREIGN_RESERVE_SECONDS = 1.0
 # ... learnt from reports unsure about at most this share of the limit (our requests in flight),
 # and without refunds due beyond it for the others' part.
 CLEAN_SHARE = 0.005
+# Upstream's view always keeps this share of the limit in reserve.
+VIEW_MARGIN = 0.005
 # Unused reservations are credited to upstream's view this long after their settle, once
 # upstream has been seen to refund at least this share of them.
 REFUND_CREDIT_DELAY = 0.25
@@ -482,7 +484,8 @@ class LimiterBackend(Protocol):
 class MemoryLimiter:
     """The in-process backend: one counter per (key, unit, period), plus upstream's view."""
 
-    def __init__(self) -> None:
+    def __init__(self, view_margin: float = VIEW_MARGIN) -> None:
+        self._view_margin = view_margin  # share of a limit the view keeps back (0: exact tests)
         self._counters: dict[Slot, Counter] = {}
         self._views: dict[Slot, UpstreamView] = {}
         self._drift: dict[Slot, UpstreamDrift] = {}
@@ -621,8 +624,12 @@ class MemoryLimiter:
             next(self._epochs),
             drift.share,
             # Others use the limit in lumps, not evenly: keep their largest recent lump (or a
-            # second of their usage) in reserve.
-            min(max(drift.lump(now), others * FOREIGN_RESERVE_SECONDS), limit / 2),
+            # second of their usage) in reserve, and a sliver of the limit for what is not
+            # learnt yet (a first lump, an estimate a little short of upstream's count).
+            min(
+                max(drift.lump(now), others * FOREIGN_RESERVE_SECONDS, limit * self._view_margin),
+                limit / 2,
+            ),
         )
         self._views[slot] = view
         return view.epoch
