@@ -245,11 +245,26 @@ class UpstreamDrift:
     like others' usage (the safe side).
     """
 
-    __slots__ = ("_quiet", "_settled", "share")
+    __slots__ = (
+        "_lumps",
+        "_q_dt",
+        "_q_gap",
+        "_quiet",
+        "_s_dt",
+        "_s_due",
+        "_s_gap",
+        "_settled",
+        "share",
+    )
 
     def __init__(self) -> None:
+        # Every report can add a sample (hundreds a second under load), so the window keeps
+        # running sums and a monotonic deque for its largest lump: O(1) per report, amortized.
         self._quiet: deque[tuple[float, float, float]] = deque()  # (at, dt, gap)
         self._settled: deque[tuple[float, float, float, float]] = deque()  # (.., refunds due)
+        self._lumps: deque[tuple[float, float]] = deque()  # (at, lump), lumps decreasing
+        self._q_dt = self._q_gap = 0.0
+        self._s_dt = self._s_gap = self._s_due = 0.0
         self.share = 0.0  # of refunds due that upstream makes: 0 until seen
 
     def add(
@@ -262,34 +277,54 @@ class UpstreamDrift:
         if refunds_due <= CLEAN_SHARE * limit:
             # More left than expected is no one's usage: a refund that a report shows later
             # than we settled it, or an estimate of ours above what upstream counted.
-            self._quiet.append((now, dt, min(0.0, gap - refunds_due * self.share)))
+            quiet_gap = min(0.0, gap - refunds_due * self.share)
+            self._quiet.append((now, dt, quiet_gap))
+            self._q_dt += dt
+            self._q_gap += quiet_gap
+            lumps = self._lumps
+            while lumps and lumps[-1][1] <= -quiet_gap:
+                lumps.pop()
+            lumps.append((now, -quiet_gap))
         else:
             self._settled.append((now, dt, gap, refunds_due))
+            self._s_dt += dt
+            self._s_gap += gap
+            self._s_due += refunds_due
         self._prune(now)
-        others = self.rate(now)
-        due = sum(entry[3] for entry in self._settled)
-        if due > 0:
-            made = sum(gap_ + others * dt_ for _, dt_, gap_, _ in self._settled)
-            self.share = min(max(made / due, 0.0), 1.0)
+        if self._s_due > 0:
+            made = self._s_gap + self.rate(now) * self._s_dt
+            self.share = min(max(made / self._s_due, 0.0), 1.0)
 
     def _prune(self, now: float) -> None:
-        for entries in (self._quiet, self._settled):
-            while entries and entries[0][0] <= now - FOREIGN_WINDOW:
-                entries.popleft()
+        cutoff = now - FOREIGN_WINDOW
+        quiet, settled, lumps = self._quiet, self._settled, self._lumps
+        while quiet and quiet[0][0] <= cutoff:
+            _, dt, gap = quiet.popleft()
+            self._q_dt -= dt
+            self._q_gap -= gap
+        while settled and settled[0][0] <= cutoff:
+            _, dt, gap, due = settled.popleft()
+            self._s_dt -= dt
+            self._s_gap -= gap
+            self._s_due -= due
+        while lumps and lumps[0][0] <= cutoff:
+            lumps.popleft()
+        if not quiet:
+            self._q_dt = self._q_gap = 0.0  # no rounding residue once empty
+        if not settled:
+            self._s_dt = self._s_gap = self._s_due = 0.0
 
     def rate(self, now: float) -> float:
         """Units per second used by others (>= 0)."""
         self._prune(now)
         if not self._quiet:
             return 0.0
-        seconds = sum(dt for _, dt, _ in self._quiet)
-        lost = -sum(gap for _, _, gap in self._quiet)
-        return max(0.0, lost / max(seconds, FOREIGN_MIN_SECONDS))
+        return max(0.0, -self._q_gap / max(self._q_dt, FOREIGN_MIN_SECONDS))
 
     def lump(self, now: float) -> float:
         """The most others took between two reports lately: what to keep in reserve."""
         self._prune(now)
-        return max((-gap for _, _, gap in self._quiet), default=0.0)
+        return self._lumps[0][1] if self._lumps else 0.0
 
 
 class UpstreamView:
