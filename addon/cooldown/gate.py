@@ -177,8 +177,10 @@ class Gate:
             self.scheduler.confirm(ticket, self.clock())
         if reports:
             self.observe(ticket.key, reports)  # re-syncs, then pumps
-        else:
-            self.pump()  # a probe's answer lets the rest go
+        elif status == 429:
+            self.pump()
+        # Otherwise nothing can go that could not before: a confirmed amount is charged, not
+        # freed, and a probe is over only when its answer ends (finish pumps).
 
     def finish(
         self,

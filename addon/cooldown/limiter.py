@@ -98,7 +98,22 @@ class Rate:
     algorithm: Algorithm = "token_bucket"
 
 
-class TokenBucket:
+class _InFlight:
+    """What both counters share: amounts released and not yet confirmed, held aside."""
+
+    __slots__ = ("in_flight",)
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+
+    def hold(self, amount: int) -> None:
+        self.in_flight += amount
+
+    def unhold(self, amount: int) -> None:
+        self.in_flight -= amount
+
+
+class TokenBucket(_InFlight):
     """Capacity `limit`, refilled at `limit / period` per second; in-flight amounts held aside.
 
     Kept as what is *used* (capacity minus level), so that a new limit (config reload, a lower
@@ -107,14 +122,14 @@ class TokenBucket:
     it then has to drain like upstream's own.
     """
 
-    __slots__ = ("_used", "at", "in_flight", "period")
+    __slots__ = ("_used", "at", "period")
     kind: Algorithm = "token_bucket"
 
     def __init__(self, period: float, used: float, now: float) -> None:
+        super().__init__()
         self.period = period
         self._used = used
         self.at = now
-        self.in_flight = 0
 
     def _drain(self, limit: int, now: float) -> float:
         if now > self.at:
@@ -135,12 +150,6 @@ class TokenBucket:
         # Refill is computed in floats: a wake-up at the computed moment must find room.
         return 0.0 if excess <= _EPSILON else excess * self.period / limit
 
-    def hold(self, amount: int) -> None:
-        self.in_flight += amount
-
-    def unhold(self, amount: int) -> None:
-        self.in_flight -= amount
-
     def count(self, amount: int, limit: int, now: float) -> None:
         """Upstream has counted `amount` by `now`: charge it, and let it refill from here."""
         self.in_flight -= amount
@@ -160,17 +169,17 @@ class _Entry:
     amount: int
 
 
-class SlidingWindow:
+class SlidingWindow(_InFlight):
     """In-flight amounts plus a log of counted ones; their sum stays <= limit in any period."""
 
-    __slots__ = ("_entries", "_used", "in_flight", "period")
+    __slots__ = ("_entries", "_used", "period")
     kind: Algorithm = "sliding_window"
 
     def __init__(self, period: float) -> None:
+        super().__init__()
         self.period = period
         self._entries: deque[_Entry] = deque()
         self._used = 0  # counted amounts inside the window
-        self.in_flight = 0
 
     def _expire(self, now: float) -> None:
         entries = self._entries
@@ -197,12 +206,6 @@ class SlidingWindow:
             if freed >= excess:
                 return entry.at + self.period - now
         return self.period
-
-    def hold(self, amount: int) -> None:
-        self.in_flight += amount
-
-    def unhold(self, amount: int) -> None:
-        self.in_flight -= amount
 
     def count(self, amount: int, limit: int, now: float) -> _Entry:
         self.in_flight -= amount
