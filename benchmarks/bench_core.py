@@ -10,9 +10,10 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+from tools.core_harness import count_operations, time_core, time_gate
+
 from .common import REPO, BenchResult, Figure
 from .context import Context
-from .core import count_operations, time_core, time_gate
 
 SIZES = [1, 100, 10_000]
 TARGET_RATE = 50_000  # decisions per second with 10,000 held
@@ -28,7 +29,7 @@ def _instructions(held: int, cycles: int) -> int | None:
         "--cachegrind-out-file=/dev/null",
         sys.executable,
         "-m",
-        "benchmarks.core",
+        "tools.core_harness",
         str(held),
         str(cycles),
     ]

@@ -1,7 +1,7 @@
 """Benchmark 6: "full speed" (issue 9): does the proxy use the limits fully, without 429s?
 
 Each scenario runs several paths side by side, at the same time, with the same requests: every
-path has its own mock of Cerebras (scripts/mock_cerebras.py: token buckets by Cerebras's rule,
+path has its own mock of Cerebras (tools/mock_cerebras.py: token buckets by Cerebras's rule,
 rpm 300, tpm 60,000) and, for the proxied paths, its own mitmdump + Cooldown with the mock's
 limits, forwarding to it (`cerebras_upstream`). Paths:
 
@@ -13,7 +13,7 @@ limits, forwarding to it (`cerebras_upstream`). Paths:
 
 Clients are the openai SDK (`AsyncOpenAI`), 24 workers per path in a closed loop (each sends
 its next request when the previous one ended), for T seconds; then a bounded drain. Worker w's
-k-th request is the same on every path: 70 % small / 30 % large bodies from scripts/loadgen.py's
+k-th request is the same on every path: 70 % small / 30 % large bodies from tools/loadgen.py's
 `plan_request`, 30 % of them (50 % in `tokenizer`) streamed with
 `stream_options.include_usage`, read to the end.
 
@@ -39,9 +39,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tools import loadgen, mock_cerebras
+
 from .bench_saturation import UNFINISHED, PathRun, utilization
 from .bench_saturation import Outcome as _Outcome
-from .common import BenchResult, Figure, load_script, percentile, start_mitmdump
+from .common import BenchResult, Figure, percentile, start_mitmdump
 from .context import Context
 
 RPM, TPM = 300, 60_000
@@ -601,8 +603,7 @@ def add_figures(result: BenchResult, name: str, data: dict[str, dict[str, Any]],
 
 def run(ctx: Context) -> BenchResult:
     result = BenchResult("fullspeed", "Full speed: bucket vs window vs direct, side by side")
-    mock_module = load_script("mock_cerebras")
-    loadgen = load_script("loadgen")
+    mock_module = mock_cerebras
     tables: list[str] = []
     for scenario in scenarios(ctx):
         t0 = time.monotonic()

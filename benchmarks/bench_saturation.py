@@ -1,10 +1,10 @@
 """Benchmark 5: under saturation, the proxy against what users have today.
 
-Three mocks of Cerebras (scripts/mock_cerebras.py, token buckets by Cerebras's rule) with the
+Three mocks of Cerebras (tools/mock_cerebras.py, token buckets by Cerebras's rule) with the
 same limits (rpm 600, tpm 60,000) get the same offered load at the same time: about twice the
 tokens-per-minute limit in admission cost (input + max_completion_tokens), with the seed's mix
 (70 % small requests of 100-1,000 tokens, 30 % large of 2,000-8,000; bodies built by
-scripts/loadgen.py's `plan_request`), Poisson arrivals with one fixed seed, so all paths see the
+tools/loadgen.py's `plan_request`), Poisson arrivals with one fixed seed, so all paths see the
 identical schedule and bodies. All use the openai SDK (`AsyncOpenAI`, its default
 `max_retries=2` with backoff and retry-after):
 
@@ -31,7 +31,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .common import BenchResult, Figure, load_script, percentile, start_mitmdump
+from tools import loadgen, mock_cerebras
+
+from .common import BenchResult, Figure, percentile, start_mitmdump
 from .context import Context
 
 RPM, TPM = 600, 60_000
@@ -178,8 +180,7 @@ def run(ctx: Context) -> BenchResult:
     result = BenchResult("saturation", "Under saturation: proxy vs openai SDK retries, direct")
     duration = ctx.pick(75.0, 240.0)
     drain = ctx.pick(25.0, 120.0)
-    mock_module = load_script("mock_cerebras")
-    loadgen = load_script("loadgen")
+    mock_module = mock_cerebras
     settings = loadgen.Settings(small_share=0.7)
     mean = _mean_size(loadgen, settings)
     rate = OFFERED_FACTOR * TPM / 60 / mean  # requests per second

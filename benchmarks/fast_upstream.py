@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A minimal, fast HTTP/1.1 stand-in for Cerebras on 127.0.0.1, for the proxy benchmarks.
 
-The mock (scripts/mock_cerebras.py) tokenizes every body in a thread per connection; measuring
+The mock (tools/mock_cerebras.py) tokenizes every body in a thread per connection; measuring
 the proxy's own cost needs an upstream much cheaper than the proxy, so this one answers every
 request with the same prepared chat completion (with `usage` and an `x-ratelimit-*` family far
 above any load, so the addon parses and learns from it as it would from Cerebras). Keep-alive,

@@ -1,4 +1,4 @@
-"""The load generator (scripts/loadgen.py) counts what really happened, and draws it.
+"""The load generator (tools/loadgen.py) counts what really happened, and draws it.
 
 A load test is only as good as its bookkeeping: if the generator mislabels a proxy refusal as
 an upstream 429, or loses requests, every conclusion about the proxy drawn from it is wrong. So
@@ -15,14 +15,14 @@ from typing import Any
 
 import pytest
 
-from .conftest import load_script
+from tools import loadgen as loadgen_module
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
 def loadgen() -> ModuleType:
-    return load_script("loadgen")
+    return loadgen_module
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The mock Cerebras upstream (scripts/mock_cerebras.py) behaves like the real one where the
+"""The mock Cerebras upstream (tools/mock_cerebras.py) behaves like the real one where the
 proxy cares: admission rule, token buckets, 429 bodies, usage, headers and streaming.
 
 The buckets run on a fake clock, so header values are exact and no test sleeps to wait for
@@ -25,7 +25,7 @@ import httpx
 import pytest
 import tiktoken
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "mock_cerebras.py"
+REPO = Path(__file__).resolve().parent.parent
 
 TOKENS_BODY = {
     "message": "Tokens per minute limit exceeded - too many tokens processed.",
@@ -669,9 +669,10 @@ def test_http_level_refusals_are_json_too(mock: Any) -> None:
 
 
 def test_cli_prints_url_serves_and_exits_zero_on_sigterm() -> None:
-    command = [sys.executable, str(SCRIPT), "--port", "0", "--rpm", "5", "--tpm", "0"]
+    command = [sys.executable, "-m", "tools.mock_cerebras", "--port", "0", "--rpm", "5"]
+    command += ["--tpm", "0"]
     with subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     ) as process:
         try:
             assert process.stdout is not None and process.stderr is not None

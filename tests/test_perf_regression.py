@@ -1,7 +1,7 @@
 """Performance regression check that is robust to noise: operation counts, never absolute times.
 
 A release decision must stay O(log n) in the number of held requests. With 10,000 held, one
-decision cycle (settle one, release one, submit one; see benchmarks/core.py) must do the same
+decision cycle (settle one, release one, submit one; see tools/core_harness.py) must do the same
 small, constant number of heap operations, limiter calls and Python-level function calls as
 with 100 held: an O(n) scan sneaking into the decision path (iterating the held tickets,
 rebuilding a heap, sorting) shows up as thousands of extra calls per decision. The counts are
@@ -14,7 +14,7 @@ Full figures: `.venv/bin/python benchmarks/run.py --only core` (docs/benchmarks.
 
 from __future__ import annotations
 
-from benchmarks.core import count_operations, time_core
+from tools.core_harness import count_operations, time_core
 
 CYCLES = 1_000
 

@@ -1,6 +1,6 @@
 """Accounting end to end: upstream made harder than the proxy's picture of it.
 
-The mock upstream (scripts/mock_cerebras.py) is switched so that the proxy's own accounting
+The mock upstream (tools/mock_cerebras.py) is switched so that the proxy's own accounting
 is wrong at first, in the three ways a real organization meets:
 
 1. the model's tokenizer counts more input tokens than tiktoken (``input_token_factor``);

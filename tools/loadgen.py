@@ -1,9 +1,8 @@
-#!/usr/bin/env python3
 """A load generator for Cooldown, with a picture.
 
 Claims about a rate limiter ("upstream never answers 429", "the limits are used close to
 100 %", "small requests get ahead") are only believable when you can watch them under load. This
-script offers a configurable mix of chat-completion requests to the proxy (``--target proxy``:
+module offers a configurable mix of chat-completion requests to the proxy (``--target proxy``:
 HTTPS to ``api.cerebras.ai`` through mitmproxy, trusting its CA) or, for comparison, straight to
 the local mock upstream (``--target direct``), and reports what came back:
 
@@ -38,10 +37,10 @@ only against the real API) and never written anywhere.
 Examples::
 
     # through the proxy (HTTPS to api.cerebras.ai via mitmproxy on 8080)
-    python scripts/loadgen.py --target proxy --rate 5 --duration 90 \\
+    python -m tools.loadgen --target proxy --rate 5 --duration 90 \\
         --tpm-limit 30000 --rpm-limit 60 --plot run.png --json run.json
     # straight to the mock, to see what the same load does without Cooldown
-    python scripts/loadgen.py --target direct --url http://127.0.0.1:8765/v1/chat/completions \\
+    python -m tools.loadgen --target direct --url http://127.0.0.1:8765/v1/chat/completions \\
         --rate 5 --duration 90 --tpm-limit 30000 --plot direct.png
 """
 

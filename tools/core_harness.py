@@ -17,6 +17,9 @@ and releases by priority). Nothing here reads a real clock or sleeps.
 Two layers are measured: the pure core (`Scheduler` + `MemoryLimiter`) and the `Gate` inside a
 running event loop (which also arms and cancels its `loop.call_later` timer, and yields to the
 loop once per cycle, as production does between hooks).
+
+Used by benchmarks/bench_core.py (timings, instruction counts under valgrind) and by
+tests/test_perf_regression.py (operation counts, which do not depend on timing noise).
 """
 
 from __future__ import annotations
@@ -370,7 +373,7 @@ def count_operations(held: int, cycles: int) -> OperationCounts:
 
 
 def _cachegrind_main(argv: list[str]) -> None:
-    """Entry point under valgrind: `python -m benchmarks.core HELD CYCLES` (0 = setup only)."""
+    """Entry point under valgrind: `python -m tools.core_harness HELD CYCLES` (0 = setup only)."""
     held, cycles = int(argv[0]), int(argv[1])
     harness = CoreHarness(held)
     if cycles:

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """A local stand-in for the Cerebras inference API.
 
 End-to-end tests, demos and benchmarks of Cooldown need an upstream that behaves like Cerebras
@@ -19,7 +18,8 @@ with an error. ``history`` records every completion request (status, cost, budge
 test can see when upstream refused and how close to the limit it ran.
 
 It is importable (``MockCerebras(...).start()`` serves in a daemon thread on 127.0.0.1) and
-runnable as a script (``python scripts/mock_cerebras.py --port 8765 --rpm 30 --tpm 60000``).
+runnable as a command from the repository root
+(``python -m tools.mock_cerebras --port 8765 --rpm 30 --tpm 60000``).
 Serving uses only the standard library; tiktoken counts tokens.
 """
 

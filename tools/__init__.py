@@ -1,0 +1,12 @@
+"""Development tools shared by the tests and the benchmarks; not part of the installed addon.
+
+* `tools.mock_cerebras`: a local stand-in for the Cerebras API (token buckets by Cerebras's
+  rule, 429 bodies, usage, streaming); `python -m tools.mock_cerebras --help`.
+* `tools.loadgen`: a load generator that offers a mix of chat requests to the proxy (or the
+  mock) and reports and draws what came back; `python -m tools.loadgen --help`.
+* `tools.core_harness`: the scheduler + limiter decision cycle with N held requests, measured
+  by the benchmarks and counted by the performance regression test.
+
+Run the commands from the repository root (which puts `tools` on the import path); the package
+is not installed (pyproject.toml installs only `cooldown`).
+"""
