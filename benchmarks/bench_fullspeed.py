@@ -40,10 +40,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tools import loadgen, mock_cerebras
+from tools.launch import Mitmdump
 
 from .bench_saturation import UNFINISHED, PathRun, utilization
 from .bench_saturation import Outcome as _Outcome
-from .common import BenchResult, Figure, percentile, start_mitmdump
+from .common import BenchResult, Figure, percentile, start_cooldown_before
 from .context import Context
 
 RPM, TPM = 300, 60_000
@@ -136,10 +137,9 @@ def _all_scenarios(ctx: Context) -> list[Scenario]:
 class Plans:
     """Worker w's k-th request (body, stream or not), the same for every path; built lazily."""
 
-    def __init__(self, loadgen: Any, stream_share: float, seed: int) -> None:
+    def __init__(self, stream_share: float, seed: int) -> None:
         import random
 
-        self._loadgen = loadgen
         self._random = random.Random
         self._settings = loadgen.Settings(small_share=0.7)
         self._stream_share = stream_share
@@ -150,7 +150,7 @@ class Plans:
         key = (worker, k)
         if key not in self._cache:
             rng = self._random(f"{self._seed}-{worker}-{k}")
-            planned = self._loadgen.plan_request(worker * MAX_PER_WORKER + k, self._settings, rng)
+            planned = loadgen.plan_request(worker * MAX_PER_WORKER + k, self._settings, rng)
             self._cache[key] = (planned, rng.random() < self._stream_share)
         return self._cache[key]
 
@@ -299,40 +299,37 @@ def _tokens_left(mock: Any) -> int:
 # One scenario
 
 
-def run_scenario(ctx: Context, scenario: Scenario, mock_module: Any, loadgen: Any) -> dict:
-    settings = mock_module.MockSettings(rpm=RPM, tpm=TPM, **scenario.mock)
-    mocks = {p: mock_module.MockCerebras(settings).start() for p in scenario.paths}
-    proxies: dict[str, tuple[Any, int]] = {}
+def run_scenario(ctx: Context, scenario: Scenario) -> dict:
+    settings = mock_cerebras.MockSettings(rpm=RPM, tpm=TPM, **scenario.mock)
+    proxies: dict[str, Mitmdump] = {}
     timeout = scenario.client_timeout or LONG_TIMEOUT
-    plans = Plans(loadgen, scenario.stream_share, SEED)
+    plans = Plans(scenario.stream_share, SEED)
     foreign: dict[str, int] = {}
-    try:
+    with contextlib.ExitStack() as stack:  # stops the proxies, then the mocks
+        mocks = {
+            p: stack.enter_context(mock_cerebras.MockCerebras(settings)) for p in scenario.paths
+        }
         for path in scenario.paths:
             if path in PROXY_LIMITS:
-                proxies[path] = start_mitmdump(
-                    ctx.workdir,
-                    f"fullspeed-{scenario.name}-{path}",
-                    addon_config={
-                        "cerebras_limits": {
-                            "rpm_limit": RPM,
-                            "tpm_limit": TPM,
-                            "max_queue_depth": 5_000,
-                            "request_timeout": "10m",
-                            **PROXY_LIMITS[path],
-                        },
-                        "cerebras_upstream": mocks[path].url,
-                    },
+                proxies[path] = stack.enter_context(
+                    start_cooldown_before(
+                        ctx.workdir,
+                        f"fullspeed-{scenario.name}-{path}",
+                        mocks[path].url,
+                        RPM,
+                        TPM,
+                        PROXY_LIMITS[path],
+                    )
                 )
 
         def client_for(path: str) -> Any:
             if path not in proxies:
                 return make_client(f"{mocks[path].url}/v1", timeout)
-            ca = ctx.workdir / f"confdir-fullspeed-{scenario.name}-{path}" / "mitmproxy-ca-cert.pem"
             return make_client(
                 "https://api.cerebras.ai/v1",
                 timeout,
-                proxy=f"http://127.0.0.1:{proxies[path][1]}",
-                ca=ca,
+                proxy=proxies[path].url,
+                ca=proxies[path].ca_file,
             )
 
         async def main() -> tuple[dict[str, PathRun], float]:
@@ -365,11 +362,6 @@ def run_scenario(ctx: Context, scenario: Scenario, mock_module: Any, loadgen: An
             return {p: c[1] for p, c in clients.items()}, start_mono
 
         runs, start_mono = asyncio.run(main())
-    finally:
-        for proc, _ in proxies.values():
-            proc.stop()
-        for mock in mocks.values():
-            mock.stop()
 
     return {
         path: path_figures(
@@ -603,7 +595,6 @@ def add_figures(result: BenchResult, name: str, data: dict[str, dict[str, Any]],
 
 def run(ctx: Context) -> BenchResult:
     result = BenchResult("fullspeed", "Full speed: bucket vs window vs direct, side by side")
-    mock_module = mock_cerebras
     tables: list[str] = []
     for scenario in scenarios(ctx):
         t0 = time.monotonic()
@@ -612,7 +603,7 @@ def run(ctx: Context) -> BenchResult:
             f"{scenario.duration:g} s (+ drain <= {scenario.drain:g} s)",
             flush=True,
         )
-        data = run_scenario(ctx, scenario, mock_module, loadgen)
+        data = run_scenario(ctx, scenario)
         text = table(scenario.name, data)
         print(text, flush=True)
         print(f"   ({time.monotonic() - t0:.0f} s)", flush=True)

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tools.launch import rss_kib
+
 from .common import (
     HOST,
     BenchResult,
@@ -28,7 +30,6 @@ from .common import (
     RawConnection,
     build_request,
     raise_nofile,
-    rss_kib,
     start_fast_upstream,
     start_mitmdump,
 )
@@ -163,18 +164,16 @@ def _settled_rss(pid: int) -> int:
 
 
 def measure(ctx: Context, name: str, levels: list[int], tls: bool) -> dict[str, Any]:
-    upstream, up_port = start_fast_upstream(ctx.workdir)
-    procs = [upstream]
-    try:
+    with contextlib.ExitStack() as stack:
+        upstream, up_port = start_fast_upstream(ctx.workdir)
+        stack.enter_context(upstream)
         up_url = f"http://{HOST}:{up_port}"
-        proxy, port = start_mitmdump(
-            ctx.workdir, name, addon_config=held_config(up_url if tls else None)
+        proxy = stack.enter_context(
+            start_mitmdump(ctx.workdir, name, addon_config=held_config(up_url if tls else None))
         )
-        procs.append(proxy)
+        port = proxy.port
         if tls:
-            target = SSLTarget(
-                "api.cerebras.ai", ctx.workdir / f"confdir-{name}" / "mitmproxy-ca-cert.pem"
-            )
+            target = SSLTarget("api.cerebras.ai", proxy.ca_file)
             url = "/v1/chat/completions"
         else:
             target = None
@@ -206,9 +205,6 @@ def measure(ctx: Context, name: str, levels: list[int], tls: bool) -> dict[str, 
 
         asyncio.run(main())
         return out
-    finally:
-        for proc in reversed(procs):
-            proc.stop()
 
 
 def run(ctx: Context) -> BenchResult:

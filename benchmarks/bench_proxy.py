@@ -118,17 +118,18 @@ def run(ctx: Context) -> BenchResult:
     rounds = int(ctx.pick(2, 4))
     seconds = ctx.pick(4.0, 8.0)
     latency_count = int(ctx.pick(300, 800))
-    upstream, up_port = start_fast_upstream(ctx.workdir)
-    procs = [upstream]
-    try:
-        bare, bare_port = start_mitmdump(ctx.workdir, "proxy-bare", addon_config=None)
-        procs.append(bare)
-        addon, addon_port = start_mitmdump(ctx.workdir, "proxy-addon", addon_config=addon_config())
-        procs.append(addon)
-        noop, noop_port = start_mitmdump(
-            ctx.workdir, "proxy-noop", addon_config=None, extra=["-s", str(NOOP_ADDON)]
+    with contextlib.ExitStack() as stack:
+        upstream, up_port = start_fast_upstream(ctx.workdir)
+        stack.enter_context(upstream)
+        bare = stack.enter_context(start_mitmdump(ctx.workdir, "proxy-bare", addon_config=None))
+        addon = stack.enter_context(
+            start_mitmdump(ctx.workdir, "proxy-addon", addon_config=addon_config())
         )
-        procs.append(noop)
+        noop = stack.enter_context(
+            start_mitmdump(
+                ctx.workdir, "proxy-noop", addon_config=None, extra=["-s", str(NOOP_ADDON)]
+            )
+        )
         body = json.dumps(CHAT).encode()
         url = f"http://{HOST}:{up_port}/v1/chat/completions"
         via_proxy = build_request(
@@ -142,9 +143,9 @@ def run(ctx: Context) -> BenchResult:
             {"Content-Type": "application/json"},
         )
         targets = {
-            "bare": (bare, bare_port),
-            "addon": (addon, addon_port),
-            "noop": (noop, noop_port),
+            "bare": (bare, bare.port),
+            "addon": (addon, addon.port),
+            "noop": (noop, noop.port),
         }
         runs: dict[str, list[dict]] = {name: [] for name in targets}
         latencies: dict[str, list[float]] = {name: [] for name in [*targets, "direct"]}
@@ -180,16 +181,13 @@ def run(ctx: Context) -> BenchResult:
         if ctx.profile or missed:
             out = ctx.workdir / "proxy-addon.pyspy.txt"
             recorder = start_record(addon.pid, seconds, out)
-            asyncio.run(closed_loop(addon_port, via_proxy, CONNECTIONS, seconds + 1))
+            asyncio.run(closed_loop(addon.port, via_proxy, CONNECTIONS, seconds + 1))
             with contextlib.suppress(Exception):
                 recorder.wait(timeout=30)
             if out.exists():
                 summary = summarize(out)
                 result.details["profile_addon_mitmdump"] = summary
                 profile_text = render(summary)
-    finally:
-        for proc in reversed(procs):
-            proc.stop()
 
     def total(name: str, key: str) -> float:
         return sum(r[key] for r in runs[name])

@@ -32,8 +32,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tools import loadgen, mock_cerebras
+from tools.launch import Mitmdump
 
-from .common import BenchResult, Figure, percentile, start_mitmdump
+from .common import BenchResult, Figure, percentile, start_cooldown_before
 from .context import Context
 
 RPM, TPM = 600, 60_000
@@ -66,7 +67,7 @@ class PathRun:
     outcomes: list[Outcome] = field(default_factory=list)
 
 
-def _mean_size(loadgen: Any, settings: Any) -> float:
+def _mean_size(settings: loadgen.Settings) -> float:
     small = (settings.small.low + settings.small.high) / 2
     large = (settings.large.low + settings.large.high) / 2
     return settings.small_share * small + (1 - settings.small_share) * large
@@ -180,9 +181,8 @@ def run(ctx: Context) -> BenchResult:
     result = BenchResult("saturation", "Under saturation: proxy vs openai SDK retries, direct")
     duration = ctx.pick(75.0, 240.0)
     drain = ctx.pick(25.0, 120.0)
-    mock_module = mock_cerebras
     settings = loadgen.Settings(small_share=0.7)
-    mean = _mean_size(loadgen, settings)
+    mean = _mean_size(settings)
     rate = OFFERED_FACTOR * TPM / 60 / mean  # requests per second
     rng = random.Random(SEED)
     schedule: list[tuple[float, Any]] = []
@@ -192,24 +192,17 @@ def run(ctx: Context) -> BenchResult:
         at += rng.expovariate(rate)
     offered = sum(p.estimated_tokens for _, p in schedule)
 
-    mock_settings = mock_module.MockSettings(rpm=RPM, tpm=TPM)
-    mocks = {name: mock_module.MockCerebras(mock_settings).start() for name in PATHS}
-    proxies: dict[str, tuple[Any, int]] = {}
-    try:
+    mock_settings = mock_cerebras.MockSettings(rpm=RPM, tpm=TPM)
+    proxies: dict[str, Mitmdump] = {}
+    with contextlib.ExitStack() as stack:  # stops the proxies, then the mocks
+        mocks = {
+            name: stack.enter_context(mock_cerebras.MockCerebras(mock_settings)) for name in PATHS
+        }
         for name, extra_limits in PROXIED.items():
-            proxies[name] = start_mitmdump(
-                ctx.workdir,
-                f"saturation-{name}",
-                addon_config={
-                    "cerebras_limits": {
-                        "rpm_limit": RPM,
-                        "tpm_limit": TPM,
-                        "max_queue_depth": 5_000,
-                        "request_timeout": "10m",
-                        **extra_limits,
-                    },
-                    "cerebras_upstream": mocks[name].url,
-                },
+            proxies[name] = stack.enter_context(
+                start_cooldown_before(
+                    ctx.workdir, f"saturation-{name}", mocks[name].url, RPM, TPM, extra_limits
+                )
             )
         limits = httpx2.Limits(max_connections=5_000, max_keepalive_connections=100)
         timeout = httpx2.Timeout(900.0, connect=30.0)
@@ -221,13 +214,12 @@ def run(ctx: Context) -> BenchResult:
                     base_url=f"{mocks[name].url}/v1",
                     http_client=httpx2.AsyncClient(timeout=timeout, limits=limits, trust_env=False),
                 )
-            ca = ctx.workdir / f"confdir-saturation-{name}" / "mitmproxy-ca-cert.pem"
             return openai.AsyncOpenAI(
                 api_key="bench",
                 base_url="https://api.cerebras.ai/v1",
                 http_client=httpx2.AsyncClient(
-                    proxy=f"http://127.0.0.1:{proxies[name][1]}",
-                    verify=ssl.create_default_context(cafile=str(ca)),
+                    proxy=proxies[name].url,
+                    verify=ssl.create_default_context(cafile=str(proxies[name].ca_file)),
                     timeout=timeout,
                     limits=limits,
                     trust_env=False,
@@ -250,11 +242,6 @@ def run(ctx: Context) -> BenchResult:
             return {k: v[1] for k, v in runs.items()}, start_mono
 
         runs, start_mono = asyncio.run(main())
-    finally:
-        for proc, _ in proxies.values():
-            proc.stop()
-        for mock in mocks.values():
-            mock.stop()
 
     data: dict[str, Any] = {}
     for name, mock in mocks.items():

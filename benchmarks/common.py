@@ -9,9 +9,6 @@ import os
 import platform
 import re
 import resource
-import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -21,11 +18,12 @@ from typing import Any
 
 import yaml
 
+from tools import launch
+from tools.launch import Mitmdump, Process
+
 REPO = Path(__file__).resolve().parent.parent
-SCRIPT = REPO / "addon" / "cerebras.py"
 BIN = Path(sys.executable).parent
-MITMDUMP = BIN / "mitmdump"
-HOST = "127.0.0.1"
+HOST = launch.HOST
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
 
@@ -160,20 +158,7 @@ def raise_nofile(wanted: int = 65_536) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Processes
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+# Processes (started and stopped by tools.launch)
 
 
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -186,63 +171,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
-class Process:
-    """A child process with its output in a log file; stopped with SIGTERM, then SIGKILL."""
-
-    def __init__(self, command: list[str], log_path: Path, cwd: Path | None = None) -> None:
-        self.command = command
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=cwd,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def wait_for_log(self, pattern: str, timeout: float = START_TIMEOUT) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        regex = re.compile(pattern)
-        while time.monotonic() < deadline:
-            match = regex.search(self.log_text())
-            if match:
-                return match
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise RuntimeError(
-            f"{self.command[0]} not ready (exit {self.process.poll()}):\n{self.log_text()[-4000:]}"
-        )
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=STOP_TIMEOUT)
-        self._log.close()
-
-
 def start_fast_upstream(workdir: Path) -> tuple[Process, int]:
-    proc = Process(
+    proc = Process.spawn(
         [sys.executable, str(REPO / "benchmarks" / "fast_upstream.py"), "--port", "0"],
         workdir / "fast-upstream.log",
+        name="fast-upstream",
+        stop_timeout=STOP_TIMEOUT,
     )
-    port = int(proc.wait_for_log(r"listening on (\d+)").group(1))
+    port = int(proc.wait_for_log(r"listening on (\d+)", START_TIMEOUT).group(1))
     return proc, port
 
 
@@ -252,32 +188,44 @@ def start_mitmdump(
     *,
     addon_config: dict[str, Any] | None,
     extra: Sequence[str] = (),
-) -> tuple[Process, int]:
-    """mitmdump on a free 127.0.0.1 port; with `addon_config`, with the Cooldown addon."""
-    port = free_port()
-    confdir = workdir / f"confdir-{name}"
-    confdir.mkdir(exist_ok=True)
-    command = [
-        str(MITMDUMP),
-        "--listen-host",
-        HOST,
-        "-p",
-        str(port),
-        "--set",
-        f"confdir={confdir}",
-        "--set",
-        "flow_detail=0",
-        "--set",
-        "connection_strategy=lazy",
-        *extra,
-    ]
+) -> Mitmdump:
+    """mitmdump on a free 127.0.0.1 port, its CA dir, config and log in `workdir`; with
+    `addon_config`, with the Cooldown addon. Use it as a context manager to stop it."""
+    config_path = None
     if addon_config is not None:
         config_path = workdir / f"cooldown-{name}.yaml"
         config_path.write_text(yaml.safe_dump(addon_config), encoding="utf-8")
-        command += ["-s", str(SCRIPT), "--set", f"cerebras_config={config_path}"]
-    proc = Process(command, workdir / f"mitmdump-{name}.log", cwd=workdir)
-    proc.wait_for_log(r"proxy listening")
-    return proc, port
+    return launch.start_mitmdump(
+        confdir=workdir / f"confdir-{name}",
+        log_path=workdir / f"mitmdump-{name}.log",
+        config_path=config_path,
+        options=["flow_detail=0", "connection_strategy=lazy"],
+        args=extra,
+        cwd=workdir,
+        start_timeout=START_TIMEOUT,
+        stop_timeout=STOP_TIMEOUT,
+    )
+
+
+def start_cooldown_before(
+    workdir: Path, name: str, upstream: str, rpm: int, tpm: int, limits: dict[str, Any]
+) -> Mitmdump:
+    """mitmdump + Cooldown forwarding to `upstream` (a mock) with the mock's rpm and tpm, a
+    queue that does not fill and a request timeout no run reaches; `limits` adds to them."""
+    return start_mitmdump(
+        workdir,
+        name,
+        addon_config={
+            "cerebras_limits": {
+                "rpm_limit": rpm,
+                "tpm_limit": tpm,
+                "max_queue_depth": 5_000,
+                "request_timeout": "10m",
+                **limits,
+            },
+            "cerebras_upstream": upstream,
+        },
+    )
 
 
 # ---------------------------------------------------------------------------------------------

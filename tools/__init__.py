@@ -4,6 +4,7 @@
   rule, 429 bodies, usage, streaming); `python -m tools.mock_cerebras --help`.
 * `tools.loadgen`: a load generator that offers a mix of chat requests to the proxy (or the
   mock) and reports and draws what came back; `python -m tools.loadgen --help`.
+* `tools.launch`: starts and stops mitmdump (with or without Cooldown) for tests and benchmarks.
 * `tools.core_harness`: the scheduler + limiter decision cycle with N held requests, measured
   by the benchmarks and counted by the performance regression test.
 

@@ -15,15 +15,11 @@ import http.server
 import json
 import os
 import re
-import signal
-import socket
 import socketserver
 import ssl
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -33,57 +29,22 @@ import httpx
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "addon" / "cerebras.py"
-# The mitmdump of the interpreter running the tests, so the venv in use is the one tested.
-MITMDUMP = Path(sys.executable).parent / "mitmdump"
+from tools.launch import Mitmdump, StartError
+
+# mitmdump's start-up and shutdown limits in these tests (tools.launch does the waiting).
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
-LOG_TAIL_CHARS = 60_000
 
 CEREBRAS_CHAT = "https://api.cerebras.ai/v1/chat/completions"
 CEREBRAS_MODELS = "https://api.cerebras.ai/v1/models"
 
 
-def mitmdump_command(
-    port: int, confdir: Path, config_path: Path, verbosity: str = "debug"
-) -> list[str]:
-    """mitmdump with the addon on 127.0.0.1:`port`, its own CA dir and config."""
-    return [
-        str(MITMDUMP),
-        "-s",
-        str(SCRIPT),
-        "--listen-host",
-        "127.0.0.1",
-        "-p",
-        str(port),
-        "--set",
-        f"confdir={confdir}",
-        "--set",
-        f"cerebras_config={config_path}",
-        "--set",
-        f"termlog_verbosity={verbosity}",
-    ]
-
-
-def spawn_mitmdump(command: list[str], log_path: Path, cwd: Path) -> subprocess.Popen[bytes]:
-    """Start mitmdump with its output (stdout and stderr) in `log_path`."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with open(log_path, "wb") as log_file:
-        return subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            cwd=cwd,
-            env=env,
-        )
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def write_config(path: Path, config: dict[str, Any] | str) -> None:
+    """Replace the config file in one step (the addon polls it once a second)."""
+    text = config if isinstance(config, str) else yaml.safe_dump(config)
+    partial = path.with_suffix(".tmp")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
 
 
 def wait_until(condition: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:
@@ -128,24 +89,14 @@ _SERVER_CONNECT = re.compile(r"server connect(?:ion to)? (\S+)")
 _HTTPCORE_CONNECT = re.compile(r"connect_tcp\.started host='([^']+)' port=(\d+)")
 
 
-@dataclass
-class Proxy:
-    """A running mitmdump with the Cooldown addon; its log is a file, read on demand."""
+@dataclass(kw_only=True)
+class Proxy(Mitmdump):
+    """A running mitmdump with the Cooldown addon (see tools.launch), and clients through it.
 
-    port: int
-    confdir: Path
+    Its log is a file, read on demand (`log_text`, `log_tail`)."""
+
     config_path: Path
-    log_path: Path
-    process: subprocess.Popen[bytes]
     _clients: list[httpx.Client] = field(default_factory=list)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ca_file(self) -> Path:
-        return self.confdir / "mitmproxy-ca-cert.pem"
 
     def ssl_context(self) -> ssl.SSLContext:
         # Same as verify=<ca path>; httpx 0.28 deprecates passing the path as a string.
@@ -165,16 +116,6 @@ class Proxy:
             proxy=self.url, verify=self.ssl_context(), timeout=timeout, trust_env=False
         )
 
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_tail(self) -> str:
-        text = self.log_text()
-        return text if len(text) <= LOG_TAIL_CHARS else "[...]\n" + text[-LOG_TAIL_CHARS:]
-
     def upstream_targets(self) -> set[str]:
         """Every host:port the proxy opened (or tried to open) an upstream connection to."""
         text = self.log_text()
@@ -188,21 +129,15 @@ class Proxy:
         for marker in ("Addon error", "Traceback", "Error in hook"):
             assert marker not in text, f"{marker!r} in the mitmdump log:\n{self.log_tail()}"
 
-    def stop(self) -> str | None:
-        """Close clients, SIGTERM, wait, then kill. Returns a problem description, if any."""
+    def close_clients(self) -> None:
         for client in self._clients:
             client.close()
         self._clients.clear()
-        if self.process.poll() is not None:
-            return f"mitmdump had already exited with status {self.process.returncode}"
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=STOP_TIMEOUT)
-            return f"mitmdump did not exit within {STOP_TIMEOUT:g}s of SIGTERM; killed"
-        return None
+
+    def stop(self) -> str | None:
+        """Close clients, SIGTERM, wait, then kill. Returns a problem description, if any."""
+        self.close_clients()
+        return super().stop()
 
 
 _PROXIES = pytest.StashKey[list[Proxy]]()
@@ -236,52 +171,63 @@ def mock_upstream(mock_cerebras_module: ModuleType) -> Iterator[Any]:
         mock.stop()
 
 
+def start_proxy(
+    request: pytest.FixtureRequest,
+    directory: Path,
+    started: list[Proxy],
+    config: dict[str, Any],
+    *,
+    verbosity: str = "debug",
+    options: Sequence[str] = (),
+    args: Sequence[str] = (),
+) -> Proxy:
+    """mitmdump + Cooldown with `config` (files and log in `directory`), once it listens.
+
+    `options` are more `--set name=value`, `args` more command-line arguments. The proxy is
+    added to `started` (the calling fixture stops it) and to the test's list of proxies whose
+    logs a failed test's report shows. A proxy that does not come up fails the test.
+    """
+    every: list[Proxy] = request.node.stash.setdefault(_PROXIES, [])
+    index = len(every)
+    config_path = directory / f"cooldown-{index}.yaml"
+    write_config(config_path, config)
+    try:
+        proxy = Proxy.start(
+            confdir=directory / f"confdir-{index}",
+            log_path=directory / f"mitmdump-{index}.log",
+            config_path=config_path,
+            options=(f"termlog_verbosity={verbosity}", *options),
+            args=args,
+            cwd=directory,
+            start_timeout=START_TIMEOUT,
+            stop_timeout=STOP_TIMEOUT,
+        )
+    except StartError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    every.append(proxy)
+    started.append(proxy)
+    return proxy
+
+
 @pytest.fixture
 def proxy(
     request: pytest.FixtureRequest, tmp_path: Path, mock_upstream: Any
 ) -> Iterator[Callable[..., Proxy]]:
     """Factory: `proxy(limits, circuit_breaker=...)` starts mitmdump and waits until it listens."""
     started: list[Proxy] = []
-    request.node.stash[_PROXIES] = started
 
     def start(
         limits: dict[str, Any] | None = None,
         *,
         circuit_breaker: dict[str, Any] | None = None,
     ) -> Proxy:
-        index = len(started)
         config: dict[str, Any] = {
             "cerebras_limits": limits or {},
             "cerebras_upstream": mock_upstream.url,
         }
         if circuit_breaker is not None:
             config["circuit_breaker"] = circuit_breaker
-        config_path = tmp_path / f"cooldown-{index}.yaml"
-        config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
-        confdir = tmp_path / f"confdir-{index}"
-        confdir.mkdir()
-        log_path = tmp_path / f"mitmdump-{index}.log"
-        port = free_port()
-        command = mitmdump_command(port, confdir, config_path)
-        process = spawn_mitmdump(command, log_path, tmp_path)
-        proxy = Proxy(port, confdir, config_path, log_path, process)
-        started.append(proxy)
-
-        def ready() -> bool:
-            return "proxy listening" in proxy.log_text() and proxy.ca_file.is_file()
-
-        if not wait_until(lambda: ready() or process.poll() is not None, START_TIMEOUT):
-            pytest.fail(
-                f"mitmdump did not come up within {START_TIMEOUT:g}s:\n{proxy.log_tail()}",
-                pytrace=False,
-            )
-        if not ready():
-            pytest.fail(
-                f"mitmdump exited with status {process.returncode} during start-up:\n"
-                f"{proxy.log_tail()}",
-                pytrace=False,
-            )
-        return proxy
+        return start_proxy(request, tmp_path, started, config)
 
     yield start
 

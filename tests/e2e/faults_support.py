@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import socket
 import ssl
 import struct
@@ -35,18 +34,8 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 
-from .conftest import (
-    _PROXIES,
-    START_TIMEOUT,
-    STOP_TIMEOUT,
-    Proxy,
-    free_port,
-    mitmdump_command,
-    spawn_mitmdump,
-    wait_until,
-)
+from .conftest import Proxy, start_proxy, wait_until
 
 METRICS_JSON = "http://cooldown.local/metrics.json"
 METRICS_TEXT = "http://cooldown.local/metrics"
@@ -80,20 +69,13 @@ def cooldown_config(
     return config
 
 
-def write_config(path: Path, config: dict[str, Any] | str) -> None:
-    """Replace the config file in one step (the addon polls it once a second)."""
-    text = config if isinstance(config, str) else yaml.safe_dump(config)
-    partial = path.with_suffix(".tmp")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
-
-
 class Launcher:
     """Starts mitmdump + Cooldown processes for one test; the fixture stops them."""
 
-    def __init__(self, tmp_path: Path, started: list[Proxy]) -> None:
+    def __init__(self, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+        self.request = request
         self.tmp_path = tmp_path
-        self.started = started
+        self.started: list[Proxy] = []
         self._stopped_by_test: set[int] = set()
 
     def __call__(
@@ -103,31 +85,9 @@ class Launcher:
         verbosity: str = "debug",
         options: tuple[str, ...] = (),
     ) -> Proxy:
-        index = len(self.started)
-        config_path = self.tmp_path / f"faults-{index}.yaml"
-        write_config(config_path, config)
-        confdir = self.tmp_path / f"faults-confdir-{index}"
-        confdir.mkdir()
-        log_path = self.tmp_path / f"faults-mitmdump-{index}.log"
-        port = free_port()
-        command = mitmdump_command(port, confdir, config_path, verbosity)
-        for option in options:
-            command += ["--set", option]
-        process = spawn_mitmdump(command, log_path, self.tmp_path)
-        proxy = Proxy(port, confdir, config_path, log_path, process)
-        self.started.append(proxy)
-
-        def ready() -> bool:
-            return "proxy listening" in proxy.log_text() and proxy.ca_file.is_file()
-
-        if not wait_until(lambda: ready() or process.poll() is not None, START_TIMEOUT):
-            pytest.fail(f"mitmdump did not come up:\n{proxy.log_tail()}", pytrace=False)
-        if not ready():
-            pytest.fail(
-                f"mitmdump exited with {process.returncode} at start:\n{proxy.log_tail()}",
-                pytrace=False,
-            )
-        return proxy
+        return start_proxy(
+            self.request, self.tmp_path, self.started, config, verbosity=verbosity, options=options
+        )
 
     def stopped_by_test(self, proxy: Proxy) -> None:
         """The test ends this process itself (a signal): its exit is not a teardown problem."""
@@ -137,11 +97,8 @@ class Launcher:
         problems = []
         for proxy in self.started:
             if id(proxy) in self._stopped_by_test:
-                for client in proxy._clients:
-                    client.close()
-                if proxy.process.poll() is None:
-                    proxy.process.kill()
-                    proxy.process.wait(timeout=STOP_TIMEOUT)
+                proxy.close_clients()
+                if proxy.kill():
                     problems.append(f"mitmdump {proxy.port} was still running at teardown")
                 continue
             problem = proxy.stop()
@@ -153,8 +110,7 @@ class Launcher:
 def launcher(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Launcher]:
     """The body of a `launch` fixture (wrap it with `yield from` in the test module):
     `launch(config_dict)` starts mitmdump + Cooldown; failed tests get the logs attached."""
-    started: list[Proxy] = request.node.stash.setdefault(_PROXIES, [])
-    launcher = Launcher(tmp_path, started)
+    launcher = Launcher(request, tmp_path)
     yield launcher
     problems = launcher.stop_all()
     if problems:
@@ -185,14 +141,6 @@ def assert_clean_log(proxy: Proxy, *, at_exit: bool = False) -> None:
             and all(any(frame in line for line in stack) for frame in _EXIT_NOISE_FRAMES)
         )
         assert noise, f"a traceback in the mitmdump log:\n{proxy.log_tail()}"
-
-
-def rss_kib(pid: int, field_name: str = "VmRSS") -> int:
-    """Resident memory of a process from /proc (VmRSS now, VmHWM the peak), in KiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{field_name}:"):
-            return int(line.split()[1])
-    raise LookupError(field_name)
 
 
 # ---------------------------------------------------------------------------------------------

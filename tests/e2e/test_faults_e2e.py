@@ -46,8 +46,9 @@ import pytest
 from backports import zstd
 
 from cooldown.estimate import estimate_request
+from tools.launch import rss_kib
 
-from .conftest import CEREBRAS_CHAT, CEREBRAS_MODELS, PlainServer, chat_body
+from .conftest import CEREBRAS_CHAT, CEREBRAS_MODELS, PlainServer, chat_body, write_config
 from .faults_support import (
     METRICS_JSON,
     METRICS_TEXT,
@@ -68,13 +69,11 @@ from .faults_support import (
     request_head,
     reset,
     respond,
-    rss_kib,
     sse_chunk,
     sse_then_close,
     status_client,
     wait_metric,
     wait_settled,
-    write_config,
 )
 
 pytestmark = pytest.mark.e2e

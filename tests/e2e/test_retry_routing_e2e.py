@@ -31,18 +31,13 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-import yaml
 
 from .conftest import (
-    _PROXIES,
     CEREBRAS_CHAT,
-    START_TIMEOUT,
     Proxy,
     chat_body,
-    free_port,
-    mitmdump_command,
     serving,
-    spawn_mitmdump,
+    start_proxy,
     wait_until,
 )
 from .faults_support import assert_clean_log, metrics, wait_settled
@@ -62,29 +57,10 @@ SOCKET_TIMEOUT = 10.0
 @pytest.fixture
 def launch(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
     """`launch(config, *extra_args)`: mitmdump + Cooldown with `config` and more arguments."""
-    started: list[Proxy] = request.node.stash.setdefault(_PROXIES, [])
+    started: list[Proxy] = []
 
     def start(config: dict[str, Any], *extra_args: str) -> Proxy:
-        index = len(started)
-        config_path = tmp_path / f"retry-{index}.yaml"
-        config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
-        confdir = tmp_path / f"retry-confdir-{index}"
-        confdir.mkdir()
-        log_path = tmp_path / f"retry-mitmdump-{index}.log"
-        port = free_port()
-        command = mitmdump_command(port, confdir, config_path) + list(extra_args)
-        process = spawn_mitmdump(command, log_path, tmp_path)
-        proxy = Proxy(port, confdir, config_path, log_path, process)
-        started.append(proxy)
-
-        def ready() -> bool:
-            # "HTTP(S) proxy listening at", "HTTP(S) proxy (upstream mode) listening at"
-            return " listening at " in proxy.log_text() and proxy.ca_file.is_file()
-
-        wait_until(lambda: ready() or process.poll() is not None, START_TIMEOUT)
-        if not ready():
-            pytest.fail(f"mitmdump did not start:\n{proxy.log_tail()}", pytrace=False)
-        return proxy
+        return start_proxy(request, tmp_path, started, config, args=extra_args)
 
     yield start
     # A test that stops mitmdump itself checks how it exited; the rest must still be running.
