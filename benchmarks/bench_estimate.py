@@ -23,8 +23,9 @@ from collections.abc import Callable
 import tiktoken
 from mitmproxy.test import tflow
 
-from cooldown.addon import OFFLOAD_BODY_BYTES, Cooldown, prepare_request
 from cooldown.estimate import ENCODING_NAME, parse_request
+from cooldown.flows import prepare_request
+from cooldown.metering import OFFLOAD_BODY_BYTES, Metering
 
 from .common import BenchResult, Figure
 from .context import Context
@@ -152,7 +153,6 @@ def stalls(quick: bool) -> dict[str, list[tuple[float, float]]]:
     text = make_text(100_000, seed=7)
     bodies = {"plain": chat_body(text), "stream": chat_body(text, stream=True)}
     assert all(len(b) > OFFLOAD_BODY_BYTES for b in bodies.values())
-    addon = Cooldown()
     rounds = 5 if quick else 12
     out: dict[str, list[tuple[float, float]]] = {}
 
@@ -170,7 +170,7 @@ def stalls(quick: bool) -> dict[str, list[tuple[float, float]]]:
                 out.setdefault("idle", []).append(await _stall(None))
                 f = flow_with(body)
                 out.setdefault(f"offloaded-{kind}", []).append(
-                    await _stall(lambda f=f: addon._prepare(f))  # type: ignore[arg-type]
+                    await _stall(lambda f=f: Metering.prepare(f))  # type: ignore[arg-type]
                 )
                 out.setdefault(f"inline-{kind}", []).append(
                     await _stall(lambda b=body: prepare_request(PATH, b))

@@ -248,6 +248,14 @@ async def test_burst_setting_paces_only_per_minute_limits():
     assert bursts == {"rpm": 0.25, "tpm": 0.25, "tpd": 1.0}
 
 
+# Upstream's report after others used 900 of its 1000 tokens per minute.
+HEADERS_900_OF_1000_USED = {
+    "x-ratelimit-limit-tokens-minute": "1000",
+    "x-ratelimit-remaining-tokens-minute": "100",
+    "x-ratelimit-reset-tokens-minute": "54",
+}
+
+
 async def test_a_429_is_settled_and_its_report_read_before_anything_else_is_released():
     """The 429's own report re-syncs the limiter before the queue moves: releasing on the
     picture the 429 just proved wrong would draw another."""
@@ -259,7 +267,7 @@ async def test_a_429_is_settled_and_its_report_read_before_anything_else_is_rele
     assert first.outcome is Outcome.RELEASED and held.held
     # Upstream refused `first` (others had used 900 of 1000): giving `first` back alone would
     # let `held` go; with the report read first it keeps waiting.
-    gate.confirm(first, [RateReport("tokens", 60.0, 1000, 100, 54.0)], status=429)
+    gate.confirm(first, 429, HEADERS_900_OF_1000_USED)
     assert first.finished
     assert held.held and held.wait_reason == "tpm"
     assert gate.status()["upstream_429s"] == 1

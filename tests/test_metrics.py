@@ -20,10 +20,10 @@ def addon_ctx(tmp_path):
         "cerebras_limits:\n  rpm_limit: 10\n  tpm_limit: 1000\n  max_queue_depth: 1\n"
         "  max_retries: 0\n"
     )
-    addon = Cooldown()
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon, cerebras_config=str(path))
-        yield addon
+    cooldown = Cooldown()
+    with taddons.context(*cooldown.addons) as tctx:
+        tctx.configure(cooldown.settings, cerebras_config=str(path))
+        yield cooldown
 
 
 async def scripted_sequence(addon):
@@ -44,7 +44,7 @@ async def scripted_sequence(addon):
     await addon.request(big)  # in flight: 20 + 953 of 1000 used
     held = cerebras_flow({"model": "m", "messages": [], "max_completion_tokens": 500})
     task = asyncio.ensure_future(addon.request(held))
-    await until(lambda: addon.gate.scheduler.depth == 1)
+    await until(lambda: addon.runtime.gate.depth == 1)
     refused = cerebras_flow({"model": "m", "messages": [], "max_completion_tokens": 1})
     await addon.request(refused)
     assert refused.response.status_code == 429
@@ -52,8 +52,8 @@ async def scripted_sequence(addon):
 
 
 async def test_json_view_after_a_scripted_sequence(addon_ctx):
-    task = await scripted_sequence(addon_ctx)
-    snapshot = addon_ctx.metrics.snapshot()
+    task = await scripted_sequence(addon_ctx.metering)
+    snapshot = addon_ctx.runtime.metrics.snapshot()
     assert snapshot["cerebras_queue_depth"] == 1
     # The 429 is not counted. The buckets refill a little during the 1 s cooldown that the 429
     # causes (real clock): 1000 tokens and 10 requests a minute.
@@ -75,9 +75,10 @@ async def test_json_view_after_a_scripted_sequence(addon_ctx):
 
 
 async def test_prometheus_text_parses_and_carries_the_series(addon_ctx):
-    task = await scripted_sequence(addon_ctx)
+    task = await scripted_sequence(addon_ctx.metering)
     families = {
-        f.name: f for f in text_string_to_metric_families(addon_ctx.metrics.prometheus().decode())
+        f.name: f
+        for f in text_string_to_metric_families(addon_ctx.runtime.metrics.prometheus().decode())
     }
     assert families["cooldown_requests"].type == "counter"
     samples = {
@@ -105,10 +106,10 @@ async def test_prometheus_text_parses_and_carries_the_series(addon_ctx):
 
 async def test_forwarded_responses_carry_the_proxys_rate_limit_headers(addon_ctx):
     f = cerebras_flow({"model": "m", "messages": [], "max_completion_tokens": 97})
-    await addon_ctx.request(f)
+    await addon_ctx.metering.request(f)
     f.response = ok_response(total_tokens=50)
     f.response.headers["x-ratelimit-remaining-tokens-minute"] = "123456"  # upstream's, untouched
-    addon_ctx.responseheaders(f)
+    addon_ctx.metering.responseheaders(f)
     headers = f.response.headers
     assert headers["X-RateLimit-Limit-RPM"] == "10"
     assert headers["X-RateLimit-Limit-TPM"] == "1000"
@@ -135,7 +136,9 @@ async def test_reserved_host_answers_status_pages_read_only(addon_ctx, method, p
     f.request.port = 80
     f.request.method = method
     f.request.path = path
-    await addon_ctx.request(f)
+    addon_ctx.pages.request(f)
+    assert f.response is not None
+    await addon_ctx.metering.request(f)  # answered already: not metered
     assert f.response.status_code == status
     assert f.response.headers["content-type"].startswith(ctype)
     if status == 405:
@@ -145,15 +148,15 @@ async def test_reserved_host_answers_status_pages_read_only(addon_ctx, method, p
 async def test_separate_listener_serves_metrics(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("metrics_listen: 127.0.0.1:0\n")
-    addon = Cooldown()
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon, cerebras_config=str(path))
-        addon.running()
+    cooldown = Cooldown()
+    with taddons.context(*cooldown.addons) as tctx:
+        tctx.configure(cooldown.settings, cerebras_config=str(path))
+        cooldown.pages.running()
         await until(
-            lambda: addon._listener is not None and addon._listener._server is not None,
+            lambda: cooldown.pages.listener is not None and cooldown.pages.listener.serving,
             steps=10_000,
         )
-        port = addon._listener.port
+        port = cooldown.pages.listener.port
         async with httpx.AsyncClient(trust_env=False) as client:
             metrics = await client.get(f"http://127.0.0.1:{port}/metrics")
             as_json = await client.get(f"http://127.0.0.1:{port}/metrics.json")
@@ -161,11 +164,11 @@ async def test_separate_listener_serves_metrics(tmp_path):
         assert metrics.status_code == 200 and b"cooldown_queue_depth" in metrics.content
         assert as_json.json()["cerebras_queue_depth"] == 0
         assert post.status_code == 405
-        addon.done()
+        cooldown.pages.done()
 
 
 def test_status_command_prints_json(addon_ctx):
-    status = json.loads(addon_ctx.status_command())
+    status = json.loads(addon_ctx.pages.status_command())
     assert status["cerebras_queue_depth"] == 0
     assert status["breaker_state"] == "closed"
 

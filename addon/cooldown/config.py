@@ -244,7 +244,8 @@ def _upstream_url(key: str, value: Any) -> str | None:
         parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError:
         raise _fail(key, value, "a base URL with a valid port") from None
-    return value.rstrip("/")
+    url: str = value
+    return url.rstrip("/")
 
 
 def _mapping(key: str, value: Any) -> Mapping[str, Any]:

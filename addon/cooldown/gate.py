@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +21,7 @@ from .breaker import CircuitBreaker
 from .config import Config
 from .limiter import LimiterBackend, MemoryLimiter, Rate, Unit
 from .scheduler import Outcome, Scheduler, Ticket
-from .upstream import RateReport
+from .upstream import RateReport, parse_rate_headers
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +79,13 @@ class Gate:
         rates = self._rates.get(key)
         if rates is None:
             limits = self.config.model_limits(key)
-            configured = {
+            configured: dict[tuple[Unit, float], int | None] = {
                 (unit, period): getattr(limits, f"{name}_limit")
                 for name, (unit, period) in RATE_NAMES.items()
             }
-            for slot, limit in self.limiter.learned_limits(key).items():
+            for slot, learned in self.limiter.learned_limits(key).items():
                 if configured.get(slot) is None:
-                    configured[slot] = limit  # enforced by the upstream view's lower limit
+                    configured[slot] = learned  # enforced by the upstream view's lower limit
             # Pacing only within a minute: spreading a day's quota over the day would throttle
             # a user who wants to spend it now.
             burst = self.config.cerebras_limits.burst
@@ -104,7 +104,7 @@ class Gate:
         self.config = config
         self.scheduler.limits = config.cerebras_limits
         self.scheduler.forget_upstream_state()
-        self.scheduler.generation += 1
+        self.scheduler.invalidate()
         self.breaker.config = config.circuit_breaker
         self._rates.clear()
         self.pump()
@@ -114,7 +114,7 @@ class Gate:
         if not reports:
             return
         self.keys.add(key)
-        self.scheduler.generation += 1
+        self.scheduler.invalidate()
         known = self.limiter.learned_limits(key)
         self.limiter.observe(key, reports, self.clock())
         if any(known.get((r.unit, r.period)) != r.limit for r in reports):
@@ -128,13 +128,16 @@ class Gate:
 
     # -- the request's life ----------------------------------------------------------------------
 
-    def submit(
-        self, tokens: int, key: str = DEFAULT_KEY, meta: Any = None, requeue: bool = False
-    ) -> Ticket:
+    @property
+    def depth(self) -> int:
+        """Requests held now."""
+        return self.scheduler.depth
+
+    def submit(self, tokens: int, key: str = DEFAULT_KEY, requeue: bool = False) -> Ticket:
         """Queue a request; `requeue` is for one already admitted once (a retry after a 429),
         which must not be turned away because the queue filled up meanwhile."""
         self.stats.submitted += 1
-        ticket = self.scheduler.submit(key, tokens, self.clock(), meta, requeue=requeue)
+        ticket = self.scheduler.submit(key, tokens, self.clock(), requeue=requeue)
         if ticket.held:
             self.pump()
         return ticket
@@ -162,14 +165,24 @@ class Gate:
             self.pump()
         return cancelled
 
+    def resize(self, sizes: Iterable[tuple[Ticket, int]]) -> None:
+        """New estimates for held tickets (calibration learnt); a smaller one may fit now."""
+        for ticket, tokens in sizes:
+            if ticket.held:
+                ticket.tokens = max(int(tokens), 1)
+        self.scheduler.invalidate()
+        self.pump()
+
     def confirm(
-        self, ticket: Ticket, reports: Sequence[RateReport] = (), status: int = 200
+        self, ticket: Ticket, status: int = 200, headers: Mapping[str, str] | Any = None
     ) -> None:
-        """Upstream's answer to `ticket` has begun: its status and `x-ratelimit-*` reports.
+        """Upstream's answer to `ticket` has begun: its status, and the `x-ratelimit-*`
+        reports in its `headers` (any case-insensitive mapping), read in the same step.
 
         A 429 is settled before its report is read: upstream refused the request before any
         work, so the report does not count it and neither may the limiter.
         """
+        reports = parse_rate_headers(headers) if headers is not None else ()
         if status == 429:
             # Not finish(): its pump would release more on the picture the 429 just proved wrong.
             self._finish(ticket, 429, None)

@@ -33,6 +33,10 @@ class MetricsListener:
             self.port = sockets[0].getsockname()[1]
         log.info("Cooldown metrics listening at http://%s:%d/metrics", self.host, self.port)
 
+    @property
+    def serving(self) -> bool:
+        return self._server is not None
+
     def close(self) -> None:
         if self._server is not None:
             self._server.close()

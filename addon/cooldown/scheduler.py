@@ -38,7 +38,6 @@ import math
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from .breaker import BreakerState, CircuitBreaker
 from .config import CerebrasLimits
@@ -77,7 +76,6 @@ class Ticket:
     tokens: int
     enqueued_at: float
     deadline: float
-    meta: Any = None
     outcome: Outcome | None = None
     resolved_at: float | None = None
     retry_after: float = 0.0  # for refusals: when trying again makes sense
@@ -169,8 +167,14 @@ class Scheduler:
         # Probe first: when upstream last answered per key, and the probe now in flight.
         self._synced_at: dict[str, float] = {}
         self._probes: dict[str, tuple[Ticket, float]] = {}
-        # Bumped whenever capacity may have come back or limits changed (see _KeyQueue.refused).
-        self.generation = 0
+        # Bumped whenever capacity may have come back or limits changed (see _KeyQueue.refused);
+        # only through invalidate(), so no change can forget it.
+        self._generation = 0
+
+    def invalidate(self) -> None:
+        """Forget every cached refusal: capacity may have come back, a limit or an estimate
+        changed. Whoever changes what a refusal was computed from calls this."""
+        self._generation += 1
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -218,9 +222,7 @@ class Scheduler:
         ticket.retry_after = retry_after
         self.on_resolved(ticket)
 
-    def submit(
-        self, key: str, tokens: int, now: float, meta: Any = None, requeue: bool = False
-    ) -> Ticket:
+    def submit(self, key: str, tokens: int, now: float, requeue: bool = False) -> Ticket:
         """Queue a request; it may be refused at once (queue full, breaker open)."""
         ticket = Ticket(
             id=next(self._ids),
@@ -228,7 +230,6 @@ class Scheduler:
             tokens=max(int(tokens), 1),
             enqueued_at=now,
             deadline=now + self.limits.request_timeout,
-            meta=meta,
         )
         if self.breaker.state(now) is BreakerState.OPEN:
             self._finalize(ticket, Outcome.BREAKER_OPEN, now, self.breaker.retry_after(now))
@@ -334,7 +335,7 @@ class Scheduler:
             if (
                 refused is not None
                 and refused[0] == ticket.id
-                and refused[1] == self.generation
+                and refused[1] == self._generation
                 and now < refused[2]
             ):
                 head_until = refused[2]
@@ -346,7 +347,7 @@ class Scheduler:
                 ticket.wait_reason = decision.binding
                 self._last_wait[key] = decision.wait
                 head_until = now + decision.wait
-                queue.refused = (ticket.id, self.generation, head_until)
+                queue.refused = (ticket.id, self._generation, head_until)
             if tight and not half_open and self._backfill(key, queue, ticket, rates, now):
                 continue
             return head_until
@@ -397,7 +398,7 @@ class Scheduler:
         """Upstream has started answering, so it has counted the request by now."""
         if ticket.reservation is not None and not ticket.finished:
             self.limiter.confirm(ticket.reservation, now)
-            self.generation += 1
+            self.invalidate()
         if ticket.outcome is Outcome.RELEASED:
             self._synced_at[ticket.key] = now
 
@@ -415,7 +416,7 @@ class Scheduler:
         if ticket.outcome is not Outcome.RELEASED or ticket.finished:
             return
         ticket.finished = True
-        self.generation += 1
+        self.invalidate()
         self._synced_at[ticket.key] = now  # upstream answered: its state is known
         if status == 429:
             self.breaker.record_429(now)
@@ -438,7 +439,7 @@ class Scheduler:
         if ticket.outcome is not Outcome.RELEASED or ticket.finished:
             return
         ticket.finished = True
-        self.generation += 1
+        self.invalidate()
         if ticket.probe:
             self.breaker.probe_aborted()
         if ticket.reservation is None:

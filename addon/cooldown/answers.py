@@ -1,0 +1,95 @@
+"""Every error answer the proxy makes itself, built one way.
+
+Each is OpenAI-style JSON (`{"error": {"message", "type", "code"}}`) that clients already
+parse, says in its message that the proxy answered and not Cerebras, and carries
+`X-Cooldown-Refused: <code>` so that scripts and mitmweb users can tell it from upstream's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+from mitmproxy import http
+
+from .scheduler import Outcome
+
+PROXY_NAME = "Cooldown proxy"
+
+
+@dataclass(frozen=True)
+class ProxyError:
+    status: int
+    type: str
+    code: str
+    message: str
+
+    def response(self, retry_after: float = 0.0, detail: str = "") -> http.Response:
+        message = f"{self.message}{detail} (answered by the {PROXY_NAME}, not by Cerebras)"
+        body = {"error": {"message": message, "type": self.type, "code": self.code}}
+        headers = {"Content-Type": "application/json", "X-Cooldown-Refused": self.code}
+        if retry_after > 0:
+            headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+        return http.Response.make(self.status, json.dumps(body).encode(), headers)
+
+
+REFUSALS = {
+    Outcome.QUEUE_FULL: ProxyError(
+        429,
+        "cooldown_queue_full",
+        "queue_full",
+        "The Cooldown proxy is already holding its maximum number of requests "
+        "(max_queue_depth); retry later.",
+    ),
+    Outcome.TIMEOUT: ProxyError(
+        429,
+        "cooldown_queue_timeout",
+        "queue_timeout",
+        "The request waited in the Cooldown proxy's queue longer than request_timeout "
+        "without fitting the rate limits; retry later.",
+    ),
+    Outcome.BREAKER_OPEN: ProxyError(
+        503,
+        "cooldown_circuit_open",
+        "circuit_open",
+        "Cerebras answered 429 repeatedly, so the Cooldown proxy is pausing requests "
+        "(circuit breaker open); retry after the indicated time.",
+    ),
+    Outcome.SHUTDOWN: ProxyError(
+        503,
+        "cooldown_shutdown",
+        "proxy_shutting_down",
+        "The Cooldown proxy is shutting down; retry shortly.",
+    ),
+}
+
+RETRY_FAILED = ProxyError(
+    502, "cooldown_retry_failed", "retry_failed", "Retry after upstream 429 failed"
+)
+
+
+def refusal(outcome: Outcome, retry_after: float) -> http.Response:
+    """The answer to a request the proxy will not forward."""
+    return REFUSALS[outcome].response(retry_after)
+
+
+def retry_failed(reason: str) -> http.Response:
+    """The answer to a request whose retry after an upstream 429 got no answer."""
+    return RETRY_FAILED.response(detail=f": {reason}")
+
+
+def label(f: http.HTTPFlow) -> str:
+    """How Cooldown's comment on a flow begins; a retry's copy names the flow it retries."""
+    retry_of = f.metadata.get("cooldown_retry_of")
+    if retry_of is None:
+        return "Cooldown: "
+    return f"Cooldown: retry of flow {retry_of} (attempt {f.metadata.get('cooldown_attempt')}), "
+
+
+def refuse(f: http.HTTPFlow, outcome: Outcome, retry_after: float) -> None:
+    """Answer `f` with the proxy's refusal, marked as such in mitmweb."""
+    f.metadata["cooldown_refused"] = outcome.value
+    f.comment = f"{label(f)}refused ({outcome.value})"
+    f.marked = ":no_entry:"
+    f.response = refusal(outcome, retry_after)

@@ -1,0 +1,162 @@
+"""One metered flow's life in one object, and the table that finds it by flow or by client.
+
+A metered flow is tracked from the moment the metering addon takes it until it has ended in
+any way: answered, refused, failed, cancelled, or retried to the end. Its entry leaves the
+table in one place (`FlowTable.remove`), so nothing about a finished flow can be left behind
+in a second map.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import enum
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from mitmproxy import http
+
+from .estimate import Estimate, RequestShape, parse_request
+from .scheduler import Ticket
+from .upstream import SSEUsageTap
+
+
+class Phase(enum.Enum):
+    ADMITTING = "admitting"  # being estimated or submitted
+    HELD = "held"  # paused, waiting for the gate
+    IN_FLIGHT = "in_flight"  # released, upstream's answer not settled yet
+    RETRYING = "retrying"  # drew a 429; waits for a copy re-sent through mitmproxy
+    ENDED = "ended"  # a retry's copy that has ended; its entry goes when its replay is over
+
+
+@dataclass(eq=False)
+class Retry:
+    """A copy of a flow, re-sent through mitmproxy after the flow drew an upstream 429."""
+
+    copy: http.HTTPFlow
+    done: asyncio.Future[None]  # the copy ended (answered, failed or refused), or was stopped
+    handler: Any = None  # its replay handler (see retry.py)
+    task: asyncio.Task[None] | None = None
+    stopped: str | None = None  # why it was stopped: "client_gone", "killed", "shutdown"
+
+
+@dataclass(eq=False)
+class MeteredFlow:
+    """Everything Cooldown knows about one metered flow (or one retry's copy of it)."""
+
+    flow: http.HTTPFlow
+    key: str  # the limiter key: the model, bounded (see Metering.key_for)
+    shape: RequestShape
+    retries_left: int
+    attempt: int = 1  # 1 for the client's own flow; 2, 3, ... for a retry's copies
+    parent: MeteredFlow | None = None  # for a copy: the flow it retries
+    phase: Phase = Phase.ADMITTING
+    estimate: Estimate | None = None
+    ticket: Ticket | None = None
+    tap: SSEUsageTap | None = None  # reads usage from a streamed answer on its way through
+    # The request as it was released (before routing and later addons): what a retry re-sends.
+    # Only kept while retries are left.
+    request: http.Request | None = None
+    retry: Retry | None = None  # while RETRYING: the copy it waits for
+    stopped: str | None = field(default=None)  # for a copy: why nobody waits for it any more
+
+    @property
+    def id(self) -> str:
+        return self.flow.id
+
+    @property
+    def client_id(self) -> str | None:
+        """The client connection whose leaving ends this flow; a copy has none of its own
+        (its original, waiting for it, is stopped instead, and stops it)."""
+        return self.flow.client_conn.id if self.parent is None else None
+
+
+class FlowTable:
+    """Metered flows by flow id, and by client connection (a disconnect finds them at once)."""
+
+    def __init__(self) -> None:
+        self._by_flow: dict[str, MeteredFlow] = {}
+        self._by_client: dict[str, dict[str, MeteredFlow]] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_flow)
+
+    def __iter__(self) -> Iterator[MeteredFlow]:
+        return iter(list(self._by_flow.values()))
+
+    def get(self, flow_id: str) -> MeteredFlow | None:
+        return self._by_flow.get(flow_id)
+
+    def add(self, metered: MeteredFlow) -> None:
+        self._by_flow[metered.id] = metered
+        client = metered.client_id
+        if client is not None:
+            self._by_client.setdefault(client, {})[metered.id] = metered
+
+    def remove(self, metered: MeteredFlow) -> None:
+        """Forget `metered` (idempotent; an entry that was replaced stays)."""
+        if self._by_flow.get(metered.id) is not metered:
+            return
+        del self._by_flow[metered.id]
+        client = metered.client_id
+        siblings = self._by_client.get(client) if client is not None else None
+        if siblings is not None:
+            siblings.pop(metered.id, None)
+            if not siblings:
+                del self._by_client[client]  # type: ignore[arg-type]
+
+    def of_client(self, client_id: str) -> list[MeteredFlow]:
+        return list(self._by_client.get(client_id, {}).values())
+
+    def counts(self) -> dict[str, int]:
+        """How many flows are in each phase (every phase listed)."""
+        counts = {phase.value: 0 for phase in Phase}
+        for metered in self._by_flow.values():
+            counts[metered.phase.value] += 1
+        return counts
+
+    def copies(self) -> int:
+        """Retries' copies whose replay is not over yet."""
+        return sum(1 for metered in self._by_flow.values() if metered.parent is not None)
+
+
+def prepare_request(path: str, body: bytes) -> tuple[RequestShape, bytes | None]:
+    """Tokenize once and, for a stream that does not ask for usage, ask for it.
+
+    Upstream reports `usage` in a stream only with `stream_options.include_usage`; without it
+    the reservation could only be settled at its estimate. Returns the new body, or None when
+    the body stays as it is. The client then sees `usage` in the stream's last data chunk
+    (the one with `finish_reason`), a field OpenAI-compatible clients ignore unless asked.
+    """
+    shape = parse_request(path, body)
+    if not (shape.understood and shape.stream):
+        return shape, None
+    try:
+        document = json.loads(body)
+        options = document.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage") is True:
+            return shape, None
+        document["stream_options"] = {
+            **(options if isinstance(options, dict) else {}),
+            "include_usage": True,
+        }
+        return shape, json.dumps(document, ensure_ascii=False).encode()
+    except (ValueError, TypeError, RecursionError):
+        return shape, None
+
+
+def snapshot_request(request: http.Request) -> http.Request:
+    """A copy of `request` as it is now that later changes to `request` do not reach.
+
+    Cheap enough for every metered flow (a few microseconds; `Request.copy()` serializes the
+    whole message): mitmproxy never changes a header list or a body in place, it replaces
+    the (immutable) tuple or bytes, so copying the containers is enough.
+    """
+    snapshot = copy.copy(request)
+    snapshot.data = copy.copy(request.data)
+    snapshot.data.headers = copy.copy(request.data.headers)
+    if request.data.trailers is not None:
+        snapshot.data.trailers = copy.copy(request.data.trailers)
+    return snapshot

@@ -1,0 +1,378 @@
+"""The metering addon: Cerebras requests held until the gate releases them, then settled.
+
+It decides which flows are metered, estimates them (off the event loop when the body is
+large), holds each one paused in an `async def request` hook until the gate releases it, and
+settles the reservation when the response (or an error) comes back. mitmproxy never
+interrupts a waiting hook, so the addon listens for the events that mean a held flow is gone
+(client disconnect, kill from the UI) and cancels its ticket itself. Each hook is a lookup in
+the flow table and one step of that flow's life (flows.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import logging
+import math
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+from mitmproxy import connection, ctx, flow, hooks, http
+from mitmproxy.utils import asyncio_utils
+
+from . import answers
+from .estimate import Estimate, RequestShape
+from .flows import FlowTable, MeteredFlow, Phase, prepare_request, snapshot_request
+from .gate import DEFAULT_KEY
+from .retry import Retries
+from .runtime import Runtime
+from .scheduler import Outcome, base_priority
+from .settle import account, add_proxy_headers, cool_down, settle_error
+from .upstream import SSEUsageTap, classify_429
+
+log = logging.getLogger(__name__)
+
+METERED_PATHS = ("/v1/chat/completions", "/v1/completions")
+MAX_MODELS = 64
+OTHER_MODELS_KEY = "(other models)"
+# Tokenizing is fast but not free (roughly 1 ms per 4K tokens); above this many body bytes,
+# estimate in a worker thread so other flows keep moving.
+OFFLOAD_BODY_BYTES = 32 * 1024
+_QUEUE_FULL_LOG_INTERVAL = 10.0
+
+OUTCOME_LABELS = {
+    Outcome.RELEASED: "forwarded",
+    Outcome.QUEUE_FULL: "refused_queue_full",
+    Outcome.TIMEOUT: "refused_timeout",
+    Outcome.BREAKER_OPEN: "refused_breaker_open",
+    Outcome.SHUTDOWN: "refused_shutdown",
+    Outcome.CANCELLED: "cancelled",
+}
+_WAITING_FOR = {
+    None: "its turn",
+    "rpm": "requests per minute",
+    "rph": "requests per hour",
+    "rpd": "requests per day",
+    "tpm": "tokens per minute",
+    "tph": "tokens per hour",
+    "tpd": "tokens per day",
+}
+
+
+def is_metered_path(request: http.Request) -> bool:
+    return request.method == "POST" and request.path.split("?", 1)[0].rstrip("/") in METERED_PATHS
+
+
+class Metering:
+    # An addon is named after its class; give it a name no built-in addon uses.
+    name = "cooldown"
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.table = FlowTable()
+        self.retries = Retries(runtime, self.table)
+        self._queue_full_logged_at = -math.inf
+        self._shutdown_task: asyncio.Task[None] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def running(self) -> None:
+        self._shutdown_task = asyncio_utils.create_task(
+            self._answer_held_on_exit(), name="cooldown shutdown watcher", keep_ref=True
+        )
+
+    def done(self) -> None:
+        if self._shutdown_task is not None:
+            self._shutdown_task.cancel()
+            self._shutdown_task = None
+        self.retries.stop_all("shutdown")
+        self.runtime.gate.shutdown()
+
+    async def _answer_held_on_exit(self) -> None:
+        # Without this, held flows would wait for their timeout while the loop is torn down.
+        await ctx.master.should_exit.wait()
+        self.runtime.stopping = True  # from now on new requests are answered at once
+        held = self.runtime.gate.shutdown()
+        if held:
+            log.info("shutting down: answered %d held request(s) with 503", held)
+
+    # -- which flows are ours --------------------------------------------------------------------
+
+    def _is_cerebras(self, f: http.HTTPFlow) -> bool:
+        host = f.request.pretty_host.lower()
+        return any(fnmatch.fnmatchcase(host, p) for p in self.runtime.config.cerebras_hosts)
+
+    def _route(self, f: http.HTTPFlow) -> None:
+        """Point the flow at the configured test upstream, if any."""
+        upstream = self.runtime.config.cerebras_upstream
+        if upstream is None:
+            return
+        parts = urlsplit(upstream)
+        f.request.scheme = parts.scheme
+        f.request.host = parts.hostname or f.request.host
+        f.request.port = parts.port or (443 if parts.scheme == "https" else 80)
+
+    def key_for(self, model: str | None) -> str:
+        """The limiter key for a model name, which comes from the client.
+
+        Every key has its own buckets, queue and metric series; past MAX_MODELS distinct names
+        not in the config, further ones share one key, so a client inventing names cannot
+        grow the proxy without bound.
+        """
+        if model is None:
+            return DEFAULT_KEY
+        gate = self.runtime.gate
+        if model in gate.keys or model in self.runtime.config.models:
+            return model
+        return model if len(gate.keys) < MAX_MODELS else OTHER_MODELS_KEY
+
+    # -- admission -------------------------------------------------------------------------------
+
+    async def request(self, f: http.HTTPFlow) -> None:
+        if f.response or f.error or not f.live:
+            return
+        metered = self.table.get(f.id)  # a retry's copy is entered when it is started
+        if metered is None:
+            if not self._is_cerebras(f):
+                return
+            if not is_metered_path(f.request):
+                self._route(f)
+                return
+            shape = await self.prepare(f)
+            limits = self.runtime.config.cerebras_limits
+            metered = MeteredFlow(f, self.key_for(shape.model), shape, limits.max_retries)
+            self.table.add(metered)
+        await self._admit(metered)
+
+    @staticmethod
+    async def prepare(f: http.HTTPFlow) -> RequestShape:
+        """Tokenize the request (see prepare_request), in a worker thread if it is large."""
+        body = f.request.get_content(strict=False) or b""
+        if len(body) > OFFLOAD_BODY_BYTES:
+            shape, new_body = await asyncio.to_thread(prepare_request, f.request.path, body)
+        else:
+            shape, new_body = prepare_request(f.request.path, body)
+        if new_body is not None:
+            f.request.content = new_body  # re-encoded as the content-encoding says
+            f.metadata["cooldown_added_include_usage"] = True
+        return shape
+
+    def estimate(self, metered: MeteredFlow) -> Estimate:
+        config = self.runtime.config
+        limits = config.model_limits(metered.key)
+        return metered.shape.estimate(
+            limits.context_length or config.cerebras_limits.context_length,
+            limits.output_reservation,
+            self.runtime.calibration.factor(metered.key),
+        )
+
+    async def _admit(self, metered: MeteredFlow) -> None:
+        """Hold the flow until the gate releases it, then send it on; or answer it."""
+        f, gate, is_copy = metered.flow, self.runtime.gate, metered.parent is not None
+        if metered.stopped:
+            self._end(metered)
+            f.kill()  # the flow it retries needs no answer
+            return
+        if self.runtime.stopping:
+            self._end(metered)
+            self._refuse(f, Outcome.SHUTDOWN, 5.0)
+            return
+        estimate = metered.estimate = self.estimate(metered)
+        # A retry was admitted once already: a queue that filled up meanwhile does not refuse it.
+        ticket = metered.ticket = gate.submit(estimate.total, key=metered.key, requeue=is_copy)
+        f.metadata["cooldown_estimate"] = estimate.total
+        outcome = await self._hold(metered) if ticket.held else ticket.outcome
+        f.metadata["cooldown_waited"] = round(ticket.waited, 3)
+        # A retry that goes out is counted by cooldown_retries_total, not as a new request.
+        if outcome is not None and (not is_copy or outcome is not Outcome.RELEASED):
+            self.runtime.metrics.request_outcome(
+                metered.key, OUTCOME_LABELS[outcome], ticket.waited
+            )
+        if outcome is Outcome.RELEASED:
+            if not f.live or f.error or metered.stopped:
+                gate.abort(ticket, reached_upstream=False)
+                self._end(metered)
+                if is_copy and f.killable:
+                    f.kill()
+                return
+            metered.phase = Phase.IN_FLIGHT
+            if metered.retries_left > 0:
+                metered.request = snapshot_request(f.request)  # before routing and later addons
+            self._route(f)
+            if self.runtime.debug:
+                log.debug(
+                    "flow %s (%s) released after %.3fs, estimate %d tokens",
+                    f.id,
+                    metered.key,
+                    ticket.waited,
+                    ticket.tokens,
+                )
+            return
+        self._end(metered)
+        if outcome is Outcome.CANCELLED or outcome is None:
+            if self.runtime.debug:
+                log.debug("flow %s left the queue (client gone or killed)", f.id)
+            if is_copy and f.killable:
+                f.kill()  # a copy has no client to leave
+            return
+        self._refuse(f, outcome, ticket.retry_after)
+
+    async def _hold(self, metered: MeteredFlow) -> Outcome | None:
+        f, ticket, estimate = metered.flow, metered.ticket, metered.estimate
+        assert ticket is not None and estimate is not None
+        metered.phase = Phase.HELD
+        f.intercept()
+        f.comment = (
+            f"{answers.label(f)}held for {ticket.key} (#{self.runtime.gate.depth} in queue), "
+            f"waiting for {_WAITING_FOR.get(ticket.wait_reason, ticket.wait_reason)}; "
+            f"estimate {estimate.total} tokens "
+            f"({estimate.input_tokens} in + {estimate.output_tokens} out), "
+            f"priority {base_priority(estimate.total):g}"
+        )
+        self._trigger_update(f)
+        try:
+            if f.client_conn.state is connection.ConnectionState.CLOSED:
+                self.runtime.gate.cancel(ticket)  # the client left while we were estimating
+            return await self.runtime.gate.wait(ticket)
+        finally:
+            metered.phase = Phase.ADMITTING
+            if ticket.tokens != max(estimate.total, 1):
+                metered.estimate = self.estimate(metered)  # calibration learnt while it waited
+            if f.intercepted:
+                f.resume()
+            if ticket.outcome is Outcome.RELEASED:
+                f.comment = (
+                    f"{answers.label(f)}waited {ticket.waited:.3f}s, "
+                    f"estimate {ticket.tokens} tokens"
+                )
+            self._trigger_update(f)
+
+    def _refuse(self, f: http.HTTPFlow, outcome: Outcome, retry_after: float) -> None:
+        answers.refuse(f, outcome, retry_after)
+        if self.runtime.debug:
+            log.debug("flow %s refused: %s", f.id, outcome.value)
+        if outcome is Outcome.QUEUE_FULL:
+            now = time.monotonic()
+            if now - self._queue_full_logged_at >= _QUEUE_FULL_LOG_INTERVAL:
+                self._queue_full_logged_at = now
+                log.info(
+                    "queue full (%d held): refusing new requests with 429", self.runtime.gate.depth
+                )
+
+    def _end(self, metered: MeteredFlow) -> None:
+        """`metered` will not go upstream again. A copy's entry stays until its replay is over
+        (retry.py removes it): the flow it retries learns of its end through it."""
+        if metered.parent is None:
+            self.table.remove(metered)
+        else:
+            metered.phase = Phase.ENDED
+
+    def re_estimate_held(self, key: str) -> None:
+        """Apply what calibration just learnt to the requests still waiting for `key`."""
+        sizes = []
+        for metered in self.table:
+            if metered.phase is Phase.HELD and metered.key == key and metered.ticket is not None:
+                estimate = self.estimate(metered)
+                metered.flow.metadata["cooldown_estimate"] = estimate.total
+                sizes.append((metered.ticket, estimate.total))
+        self.runtime.gate.resize(sizes)
+
+    @staticmethod
+    def _trigger_update(f: http.HTTPFlow) -> None:
+        # Tells mitmweb/mitmproxy to redraw the flow (paused or resumed).
+        ctx.master.addons.trigger(hooks.UpdateHook([f]))
+
+    # -- flows that leave while held -------------------------------------------------------------
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        for metered in self.table.of_client(client.id):
+            if metered.phase is Phase.HELD and metered.ticket is not None:
+                self.runtime.gate.cancel(metered.ticket)
+            elif metered.phase is Phase.RETRYING:
+                self.retries.stop(metered, "client_gone")
+
+    def update(self, flows: list[flow.Flow]) -> None:
+        for f in flows:
+            metered = self.table.get(f.id)
+            if metered is None:
+                continue
+            killed = f.error is not None and f.error.msg == flow.Error.KILLED_MESSAGE
+            if metered.phase is Phase.RETRYING and killed:
+                self.retries.stop(metered, "killed")
+            elif metered.phase is not Phase.HELD or metered.ticket is None:
+                continue
+            elif killed:
+                self.runtime.gate.cancel(metered.ticket)
+            elif not f.intercepted and metered.ticket.held:
+                # Resumed by hand (mitmweb): the limiter still decides, so it stays paused.
+                f.intercept()
+                log.info("flow %s resumed by hand; held until the limiter releases it", f.id)
+                self._trigger_update(metered.flow)
+
+    # -- the answer ------------------------------------------------------------------------------
+
+    def responseheaders(self, f: http.HTTPFlow) -> None:
+        metered = self.table.get(f.id)
+        if metered is None or metered.phase is not Phase.IN_FLIGHT or f.response is None:
+            return
+        assert metered.ticket is not None
+        # Upstream counts a request before it answers: from now on its reservation ages (a
+        # 429 was not counted: its reservation is given back before the report is read).
+        self.runtime.gate.confirm(metered.ticket, f.response.status_code, f.response.headers)
+        add_proxy_headers(self.runtime.gate, f.response, metered)
+        if f.response.headers.get("content-type", "").startswith("text/event-stream"):
+            if metered.parent is not None:
+                # A retry's copy: buffered whole, to be handed to the flow it retries (whose
+                # client then gets the stream at once); usage is read from the whole body.
+                return
+            # Pass the stream through unbuffered, reading usage from it on the way.
+            metered.tap = SSEUsageTap()
+            f.response.stream = metered.tap
+
+    async def response(self, f: http.HTTPFlow) -> None:
+        metered = self.table.get(f.id)
+        if metered is None:
+            return
+        try:
+            if metered.phase is not Phase.IN_FLIGHT or f.response is None:
+                return
+            if f.response.status_code == 429:
+                verdict = classify_429(f.response.get_content(strict=False))
+                self.runtime.metrics.upstream_429(metered.key, verdict.kind)
+                cooldown = cool_down(self.runtime, metered, f.response, verdict)
+                if self.retries.may_retry(metered):
+                    await self.retries.run(metered, cooldown)
+                    return
+            if account(self.runtime, metered, f.response):
+                self.re_estimate_held(metered.key)
+        finally:
+            self._end(metered)
+            if metered.parent is not None:
+                self.retries.copy_ended(metered)
+
+    def error(self, f: http.HTTPFlow) -> None:
+        metered = self.table.get(f.id)
+        if metered is None:
+            return
+        try:
+            if metered.phase is Phase.HELD and metered.ticket is not None:
+                self.runtime.gate.cancel(metered.ticket)  # its request hook then ends it
+            elif metered.phase is Phase.IN_FLIGHT:
+                settle_error(self.runtime.gate, metered)
+                self._end(metered)
+        finally:
+            if metered.parent is not None:
+                self.retries.copy_ended(metered)
+
+    # -- status ----------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        counts = self.table.counts()
+        return {
+            "held_flows": counts[Phase.HELD.value],
+            "in_flight_flows": counts[Phase.IN_FLIGHT.value],
+            "retrying_flows": self.table.copies(),  # retries' copies not yet over
+            "tracked_flows": len(self.table),
+            **self.runtime.gate.status(),
+        }

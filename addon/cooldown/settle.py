@@ -1,0 +1,129 @@
+"""Settling a metered flow's reservation from upstream's answer, and learning from it.
+
+What upstream charged is its `usage` (from the JSON body, or from the stream as it passed);
+what it gives back is the output it reserved and did not use; an upstream 429 pauses the
+model. Called by the metering addon; no hooks here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from mitmproxy import http
+
+from .flows import MeteredFlow
+from .gate import Gate
+from .runtime import Runtime
+from .upstream import SSEUsageTap, Upstream429, parse_retry_after, usage_from_json
+
+log = logging.getLogger(__name__)
+
+
+def add_proxy_headers(gate: Gate, response: http.Response, metered: MeteredFlow) -> None:
+    """The proxy's own view, beside upstream's x-ratelimit-* (which pass unchanged)."""
+    assert metered.ticket is not None and metered.estimate is not None
+    added: list[tuple[bytes, bytes]] = []
+    for name, (limit, remaining) in gate.rate_view(metered.key).items():
+        added.append((f"X-RateLimit-Limit-{name.upper()}".encode(), str(limit).encode()))
+        added.append((f"X-RateLimit-Remaining-{name.upper()}".encode(), str(remaining).encode()))
+    added.append((b"X-Cooldown-Wait", f"{metered.ticket.waited:.3f}".encode()))
+    added.append((b"X-Cooldown-Estimated-Tokens", str(metered.estimate.total).encode()))
+    # One rebuild of the header tuple instead of a scan-and-rebuild per header.
+    names = {name.lower() for name, _ in added}
+    response.headers.fields = (
+        *(field for field in response.headers.fields if field[0].lower() not in names),
+        *added,
+    )
+
+
+def usage_of(metered: MeteredFlow, response: http.Response) -> dict[str, int] | None:
+    """What upstream says the request used (None: it did not say)."""
+    if metered.tap is not None:
+        return metered.tap.usage
+    if response.raw_content is None:
+        return None
+    content = response.get_content(strict=False)
+    if response.headers.get("content-type", "").startswith("text/event-stream"):
+        tap = SSEUsageTap()  # a stream that was buffered (a retry's copy)
+        tap(content or b"")
+        tap(b"")
+        return tap.usage
+    return usage_from_json(content)
+
+
+def refund(metered: MeteredFlow, usage: dict[str, int] | None) -> int | None:
+    """What upstream gives back of the reservation after its own report: the output it
+    reserved and did not use.
+
+    Our input estimate may differ from upstream's count, and that difference is not
+    refunded, so only the output part is (None: unknown, the limiter assumes all unused).
+    A whole (not streamed) answer's headers are written when it is complete, so its own
+    report may already show the refund: crediting it again would count it twice, and the
+    next report shows it anyway.
+    """
+    if metered.tap is None:
+        return 0
+    if not usage or "completion_tokens" not in usage or not metered.shape.understood:
+        return None
+    assert metered.estimate is not None
+    return max(metered.estimate.output_tokens - usage["completion_tokens"], 0)
+
+
+def account(runtime: Runtime, metered: MeteredFlow, response: http.Response) -> bool:
+    """Settle the last attempt's reservation, learn from it, and note it on the flow.
+
+    True when the input calibration changed (held requests of the model may be re-sized).
+    """
+    assert metered.ticket is not None and metered.estimate is not None
+    f, key = metered.flow, metered.key
+    usage = usage_of(metered, response)
+    total = usage.get("total_tokens") if usage else None
+    runtime.gate.finish(metered.ticket, response.status_code, total, refund(metered, usage))
+    learnt = False
+    if usage and "prompt_tokens" in usage and metered.shape.understood:
+        calibration = runtime.calibration
+        before = calibration.factor(key)
+        calibration.observe(key, metered.shape.input_tokens, usage["prompt_tokens"])
+        learnt = calibration.factor(key) != before
+    if total is not None:
+        runtime.metrics.estimate_vs_actual(key, metered.estimate.total, total)
+        f.metadata["cooldown_actual_tokens"] = total
+        f.comment = f"{f.comment}, actual {total} tokens"
+    if response.status_code == 429:
+        log.info("upstream answered 429 for flow %s (%s); no retries left", f.id, key)
+    return learnt
+
+
+def settle_error(gate: Gate, metered: MeteredFlow) -> None:
+    """A released flow failed (connection error, killed, stream broken)."""
+    assert metered.ticket is not None
+    usage = metered.tap.usage if metered.tap is not None else None
+    if usage is not None:
+        # The stream broke after upstream reported usage: that is what it charged.
+        gate.finish(metered.ticket, 200, usage["total_tokens"])
+        return
+    server = metered.flow.server_conn
+    reached = server is not None and server.timestamp_tcp_setup is not None
+    gate.abort(metered.ticket, reached_upstream=reached)
+
+
+def cool_down(
+    runtime: Runtime, metered: MeteredFlow, response: http.Response, verdict: Upstream429
+) -> float:
+    """Pause the model after a 429: for `retry-after` if upstream sent a sane one."""
+    retry_after = parse_retry_after(response.headers.get("retry-after"), time.time())
+    # Without retry-after, a short pause; the upstream view, re-synced from the 429's own
+    # headers, then holds releases until upstream's bucket has room. A retry-after longer
+    # than anyone may wait in the queue is capped there.
+    cooldown = retry_after if retry_after is not None else 1.0
+    cooldown = min(cooldown, runtime.config.cerebras_limits.request_timeout)
+    runtime.gate.pause(metered.key, cooldown)
+    log.info(
+        "upstream 429 (%s%s) for %s: cooling down %.1fs",
+        verdict.kind,
+        f", {verdict.unit}" if verdict.unit else "",
+        metered.key,
+        cooldown,
+    )
+    return cooldown
