@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,6 +46,44 @@ def _encoding() -> tiktoken.Encoding:
 _EXACT_COUNT_MAX_CHARS = 2_000_000
 
 
+# Counts of recently seen texts. Requests repeat most of their text (the role names, a system
+# prompt, the conversation so far on every turn), and tokenizing costs far more than hashing
+# the string (cl100k: roughly 0.1-0.3 us per character against ~1 ns). Bounded by the number of
+# entries and by the characters kept, so a client sending only fresh texts costs a little
+# memory and one dictionary miss per text. Only exact text is reused: the count is the same.
+_COUNT_CACHE: dict[str, int] = {}
+_COUNT_CACHE_MAX_ENTRIES = 4096
+_COUNT_CACHE_MAX_TEXT = 64 * 1024  # characters; longer texts are tokenized every time
+_COUNT_CACHE_MAX_CHARS = 4 * 1024 * 1024  # all cached texts together
+_count_cache_chars = 0
+_count_cache_lock = threading.Lock()  # large bodies are estimated in worker threads
+
+
+def _remember_count(text: str, count: int) -> None:
+    global _count_cache_chars
+    with _count_cache_lock:
+        if text in _COUNT_CACHE:
+            return
+        cache = _COUNT_CACHE
+        while cache and (
+            len(cache) >= _COUNT_CACHE_MAX_ENTRIES
+            or _count_cache_chars + len(text) > _COUNT_CACHE_MAX_CHARS
+        ):
+            oldest = next(iter(cache))  # insertion order: the oldest first
+            del cache[oldest]
+            _count_cache_chars -= len(oldest)
+        cache[text] = count
+        _count_cache_chars += len(text)
+
+
+def clear_count_cache() -> None:
+    """Forget the remembered counts (tests, or a change of encoding)."""
+    global _count_cache_chars
+    with _count_cache_lock:
+        _COUNT_CACHE.clear()
+        _count_cache_chars = 0
+
+
 def count_text_tokens(text: str) -> int:
     """Tokens in plain text; special-token markers in user text are counted as text.
 
@@ -53,9 +92,15 @@ def count_text_tokens(text: str) -> int:
     """
     if not text:
         return 0
-    if len(text) > _EXACT_COUNT_MAX_CHARS:
-        return len(text.encode("utf-8", "surrogatepass"))
-    return len(_encoding().encode_ordinary(text))
+    if len(text) > _COUNT_CACHE_MAX_TEXT:
+        if len(text) > _EXACT_COUNT_MAX_CHARS:
+            return len(text.encode("utf-8", "surrogatepass"))
+        return len(_encoding().encode_ordinary(text))
+    count = _COUNT_CACHE.get(text)
+    if count is None:
+        count = len(_encoding().encode_ordinary(text))
+        _remember_count(text, count)
+    return count
 
 
 @dataclass(frozen=True)
@@ -91,6 +136,27 @@ def _texts(value: Any, depth: int = 0) -> Iterator[str]:
             yield from _texts(value["function"], depth + 1)
 
 
+def _text_tokens(value: Any, depth: int = 0) -> int:
+    """The tokens of `_texts(value)`, walked the same way without a generator per level."""
+    if depth > _MAX_DEPTH:
+        return 0
+    if isinstance(value, str):
+        return count_text_tokens(value)
+    total = 0
+    if isinstance(value, list):
+        for item in value:
+            total += _text_tokens(item, depth + 1)
+    elif isinstance(value, dict):
+        for key in _TEXT_KEYS:
+            if key in value:
+                total += _text_tokens(value[key], depth + 1)
+        if "tool_calls" in value:
+            total += _text_tokens(value["tool_calls"], depth + 1)
+        if "function" in value:
+            total += _text_tokens(value["function"], depth + 1)
+    return total
+
+
 def _schema_tokens(value: Any) -> int:
     """Tools and response_format schemas are rendered into the prompt; count their JSON."""
     if value is None:
@@ -107,7 +173,7 @@ def _chat_input_tokens(body: dict[str, Any]) -> int | None:
         return None
     total = TOKENS_PER_REPLY
     for message in messages:
-        total += TOKENS_PER_MESSAGE + sum(count_text_tokens(t) for t in _texts(message))
+        total += TOKENS_PER_MESSAGE + _text_tokens(message)
     total += _schema_tokens(body.get("tools"))
     total += _schema_tokens(body.get("functions"))
     response_format = body.get("response_format")

@@ -126,15 +126,33 @@ class Metrics:
         self._429s: Counter[tuple[str, str]] = Counter()
         self._waits: dict[str, deque[float]] = {}
         self._ratios: dict[str, deque[float]] = {}
+        # The labelled children and sample deques each event updates, found with one lookup
+        # (prometheus_client's `labels()` validates and locks on every call). Created at the
+        # same first event as before, so the exposition is unchanged.
+        self._outcome_children: dict[tuple[str, str], tuple[Any, Any, deque[float] | None]] = {}
+        self._ratio_children: dict[str, tuple[Any, deque[float]]] = {}
 
     # -- events --------------------------------------------------------------------------------
 
     def request_outcome(self, model: str, outcome: str, waited: float) -> None:
-        self._counts[(model, outcome)] += 1
-        self._requests.labels(model, outcome).inc()
-        if outcome != "cancelled":
-            self._wait.labels(model).observe(waited)
-            self._waits.setdefault(model, deque(maxlen=_SAMPLES)).append(waited)
+        key = (model, outcome)
+        self._counts[key] += 1
+        children = self._outcome_children.get(key)
+        if children is None:
+            if outcome != "cancelled":
+                children = (
+                    self._requests.labels(model, outcome),
+                    self._wait.labels(model),
+                    self._waits.setdefault(model, deque(maxlen=_SAMPLES)),
+                )
+            else:
+                children = (self._requests.labels(model, outcome), None, None)
+            self._outcome_children[key] = children
+        requests, wait, waits = children
+        requests.inc()
+        if wait is not None:
+            wait.observe(waited)
+            waits.append(waited)  # type: ignore[union-attr]
 
     def upstream_429(self, model: str, kind: str) -> None:
         self._429s[(model, kind)] += 1
@@ -147,8 +165,14 @@ class Metrics:
         if actual <= 0:
             return
         ratio = estimated / actual
-        self._estimate_ratio.labels(model).observe(ratio)
-        self._ratios.setdefault(model, deque(maxlen=_SAMPLES)).append(ratio)
+        children = self._ratio_children.get(model)
+        if children is None:
+            children = self._ratio_children[model] = (
+                self._estimate_ratio.labels(model),
+                self._ratios.setdefault(model, deque(maxlen=_SAMPLES)),
+            )
+        children[0].observe(ratio)
+        children[1].append(ratio)
 
     # -- views ---------------------------------------------------------------------------------
 

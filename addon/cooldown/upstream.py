@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -21,9 +21,6 @@ from .limiter import Unit
 log = logging.getLogger(__name__)
 
 PERIODS = {"minute": 60.0, "hour": 3600.0, "day": 86400.0}
-_RATE_HEADER = re.compile(
-    r"x-ratelimit-(limit|remaining|reset)-(requests|tokens)-(minute|hour|day)"
-)
 
 
 def _number(value: str) -> float | None:
@@ -34,18 +31,17 @@ def _number(value: str) -> float | None:
     return number if math.isfinite(number) and number >= 0 else None
 
 
-def _header_pairs(headers: Any) -> Iterator[tuple[str, str]]:
-    """(name, value) once per header line, cheaply for mitmproxy's Headers.
-
-    mitmproxy's `Headers.items()` looks every name up again (a scan per name); its raw
-    `fields` are read once.
-    """
-    fields = getattr(headers, "fields", None)
-    if fields is not None:
-        for name, value in fields:
-            yield name.decode("latin-1"), value.decode("latin-1")
-    else:
-        yield from headers.items()
+# Every name of the family, lower-case, with what it says: a dictionary lookup per header
+# instead of a regex.
+_RATE_NAMES: dict[str, tuple[str, str, str]] = {
+    f"x-ratelimit-{kind}-{unit}-{period}": (kind, unit, period)
+    for kind in ("limit", "remaining", "reset")
+    for unit in ("requests", "tokens")
+    for period in ("minute", "hour", "day")
+}
+_RATE_NAMES_BYTES = {name.encode(): parts for name, parts in _RATE_NAMES.items()}
+_PREFIX = "x-ratelimit-"
+_PREFIX_BYTES = _PREFIX.encode()
 
 
 def parse_rate_headers(headers: Mapping[str, str] | Any) -> list[RateReport]:
@@ -56,16 +52,32 @@ def parse_rate_headers(headers: Mapping[str, str] | Any) -> list[RateReport]:
     or remaining is skipped; a missing reset is taken as a full period (the safe side).
     """
     found: dict[tuple[str, str], dict[str, float]] = {}
-    for name, value in _header_pairs(headers):
-        if not name[:12].lower().startswith("x-ratelimit-"):
-            continue
-        match = _RATE_HEADER.fullmatch(name.lower())
-        if match is None:
-            continue
-        number = _number(value)
-        if number is not None:
-            kind, unit, period = match.groups()
-            found.setdefault((unit, period), {})[kind] = number
+    fields = getattr(headers, "fields", None)
+    if fields is not None:
+        # mitmproxy's raw (name, value) byte pairs: only the family's few lines are decoded.
+        # (A non-ASCII latin-1 name never lower-cases to an ASCII one, so comparing
+        # ASCII-lower-cased bytes finds exactly the names the decoded comparison would.)
+        for name, value in fields:
+            if name[:12].lower() != _PREFIX_BYTES:
+                continue
+            parts = _RATE_NAMES_BYTES.get(name.lower())
+            if parts is None:
+                continue
+            number = _number(value.decode("latin-1"))
+            if number is not None:
+                kind, unit, period = parts
+                found.setdefault((unit, period), {})[kind] = number
+    else:
+        for name, value in headers.items():
+            if not name[:12].lower().startswith(_PREFIX):
+                continue
+            parts = _RATE_NAMES.get(name.lower())
+            if parts is None:
+                continue
+            number = _number(value)
+            if number is not None:
+                kind, unit, period = parts
+                found.setdefault((unit, period), {})[kind] = number
     reports = []
     for (unit, period), values in sorted(found.items()):
         if "limit" not in values or "remaining" not in values:
