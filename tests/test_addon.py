@@ -865,9 +865,9 @@ async def test_after_shutdown_new_requests_are_answered_at_once(addon_ctx):
 
 
 async def test_invented_model_names_share_one_key_past_the_cap(config_file, monkeypatch):
-    import cooldown.metering as addon_module
+    import cooldown.routing as routing
 
-    monkeypatch.setattr(addon_module, "MAX_MODELS", 3)
+    monkeypatch.setattr(routing, "MAX_MODELS", 3)
     cooldown = Cooldown()
     addon = cooldown.metering
     with taddons.context(*cooldown.addons) as tctx:

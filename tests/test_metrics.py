@@ -196,3 +196,29 @@ def test_foreign_usage_is_shown_per_model():
     (sample,) = families["cooldown_foreign_tokens_per_minute"].samples
     assert sample.labels == {"model": "m"}
     assert sample.value == pytest.approx(1_200, rel=0.05)
+
+
+async def test_the_scrape_listener_refuses_an_oversized_request_head():
+    """It buffers at most 16 KiB of request head: more is answered 431 and closed, so a
+    client cannot make it hold megabytes (mitmproxy's own listener is another matter)."""
+    from cooldown.listener import MetricsListener
+
+    listener = MetricsListener("127.0.0.1", 0, lambda path: (200, "text/plain", b"ok\n"))
+    await listener.start()
+    try:
+
+        async def ask(head: bytes) -> bytes:
+            reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+            writer.write(head)
+            await writer.drain()
+            answer = await reader.read()
+            writer.close()
+            return answer
+
+        padding = b"X-Pad: " + b"a" * 40_000 + b"\r\n"
+        huge = await ask(b"GET /metrics HTTP/1.1\r\n" + padding + b"\r\n")
+        normal = await ask(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    finally:
+        listener.close()
+    assert huge.startswith(b"HTTP/1.1 431 ")
+    assert normal.startswith(b"HTTP/1.1 200 ") and normal.endswith(b"ok\n")

@@ -41,11 +41,23 @@ def make(limits=LIMITS, breaker=None):
 def test_fitting_request_is_released_at_once():
     scheduler, resolved = make()
     ticket = scheduler.submit("k", 100, now=0)
-    assert scheduler.pump(0) == ticket.deadline  # nothing waits on limits; only deadlines remain
-    assert ticket.outcome is Outcome.RELEASED
+    assert ticket.outcome is Outcome.RELEASED  # at submit: nothing of "k" was waiting
+    assert scheduler.pump(0) is None  # nothing held: no deadline, no wake-up
     assert ticket.reservation is not None
     assert resolved == [ticket]
     assert scheduler.depth == 0
+
+
+def test_a_request_behind_a_waiting_one_queues_even_if_it_would_fit():
+    """Releasing at submit is only for a key with nothing held: a small request that fits
+    must not jump a held one (FIFO while not tight; the size rule decides when tight)."""
+    scheduler, _ = make()
+    first = scheduler.submit("k", 9_000, now=0)
+    big = scheduler.submit("k", 5_000, now=0)
+    small = scheduler.submit("k", 50, now=0)
+    assert first.outcome is Outcome.RELEASED
+    assert big.held and small.held
+    assert scheduler.submit("other", 50, now=0).outcome is Outcome.RELEASED  # its own queue
 
 
 def test_waits_until_the_limit_frees_and_reports_why():

@@ -37,9 +37,10 @@ class CerebrasLimits:
     max_queue_depth: int = 100
     request_timeout: float = 600.0
     priority_threshold: float = 0.7
-    # Beyond the seed: the context length assumed when a request sets no output limit
-    # (Cerebras then reserves context length minus input), and how fast a waiting request's
-    # priority grows so that a large request cannot starve behind a stream of small ones.
+    # Beyond the original Cooldown Proxy's keys: the context length assumed when a request
+    # sets no output limit (Cerebras then reserves context length minus input), and how fast
+    # a waiting request's priority grows, so that a large request cannot starve behind a
+    # stream of small ones.
     context_length: int = 131_072
     priority_aging: float = 30.0
     # Hour and day limits (Cerebras has them too); None means not enforced locally.
@@ -103,7 +104,7 @@ class Config:
     # For tests, demos and benchmarks only: send intercepted requests to this base URL
     # (e.g. a local mock of Cerebras) instead of the host the client asked for.
     cerebras_upstream: str | None = None
-    # Accepted for compatibility with the seed's config; enforced in a later version.
+    # The original Cooldown Proxy's per-domain pacing: accepted and validated, not yet enforced.
     rate_limits: tuple[DomainRateLimit, ...] = ()
     default_rate_limit: float | None = 10.0
     models: Mapping[str, ModelLimits] = field(default_factory=dict)
@@ -344,8 +345,9 @@ def _listen_address(key: str, value: Any) -> tuple[str, int] | None:
 
 
 def _server(key: str, value: Any) -> None:
-    # The seed's Go plan had its own listener settings; mitmproxy's --listen-host and
-    # --listen-port play that role here. Accept the section so old files keep loading.
+    # The original Cooldown Proxy (a Go program) had its own listener settings; mitmproxy's
+    # --listen-host and --listen-port play that role here. Accept the section so old files
+    # keep loading.
     if _mapping(key, value):
         log.warning("%s: ignored; use mitmproxy's --listen-host/--listen-port instead", key)
 

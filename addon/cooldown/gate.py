@@ -20,20 +20,13 @@ from typing import Any
 from .breaker import CircuitBreaker
 from .config import Config
 from .limiter import LimiterBackend, MemoryLimiter, Rate, Unit
+from .periods import RATE_NAMES
 from .scheduler import Outcome, Scheduler, Ticket
 from .upstream import RateReport, parse_rate_headers
 
 log = logging.getLogger(__name__)
 
 DEFAULT_KEY = "default"  # requests that name no model
-RATE_NAMES: dict[str, tuple[Unit, float]] = {
-    "rpm": ("requests", 60.0),
-    "rph": ("requests", 3600.0),
-    "rpd": ("requests", 86400.0),
-    "tpm": ("tokens", 60.0),
-    "tph": ("tokens", 3600.0),
-    "tpd": ("tokens", 86400.0),
-}
 _MIN_TIMER_DELAY = 0.001
 
 

@@ -49,7 +49,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-Unit = Literal["requests", "tokens"]
+from .periods import Unit as Unit  # re-exported: the limiter's callers name it here
+
 Algorithm = Literal["token_bucket", "sliding_window"]
 Slot = tuple[str, Unit, float]  # (limiter key, unit, period)
 _EPSILON = 1e-6  # units; amounts are whole, refill is float

@@ -27,7 +27,10 @@ class MetricsListener:
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        # `limit` bounds what readuntil buffers: a longer head is refused, not accumulated.
+        self._server = await asyncio.start_server(
+            self._handle, self.host, self.port, limit=_MAX_REQUEST_HEAD
+        )
         sockets = self._server.sockets or ()
         if sockets:
             self.port = sockets[0].getsockname()[1]
@@ -44,7 +47,15 @@ class MetricsListener:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _READ_TIMEOUT)
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _READ_TIMEOUT)
+            except asyncio.LimitOverrunError:
+                writer.write(
+                    b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\n"
+                    b"Connection: close\r\n\r\n"
+                )
+                await writer.drain()
+                return
             request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
             parts = request_line.split()
             if len(parts) != 3:
@@ -63,7 +74,7 @@ class MetricsListener:
                 + body
             )
             await writer.drain()
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
+        except (asyncio.IncompleteReadError, TimeoutError):
             pass  # a client that sends no complete request head gets nothing
         except ConnectionError:
             pass  # the scraper went away; nothing to answer

@@ -11,12 +11,10 @@ the flow table and one step of that flow's life (flows.py).
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import logging
 import math
 import time
 from typing import Any
-from urllib.parse import urlsplit
 
 from mitmproxy import connection, ctx, flow, hooks, http
 from mitmproxy.utils import asyncio_utils
@@ -24,8 +22,9 @@ from mitmproxy.utils import asyncio_utils
 from . import answers
 from .estimate import Estimate, RequestShape
 from .flows import FlowTable, MeteredFlow, Phase, prepare_request, snapshot_request
-from .gate import DEFAULT_KEY
+from .periods import describe
 from .retry import Retries
+from .routing import is_cerebras, is_metered_path, key_for, route
 from .runtime import Runtime
 from .scheduler import Outcome, base_priority
 from .settle import account, add_proxy_headers, cool_down, settle_error
@@ -33,9 +32,6 @@ from .upstream import SSEUsageTap, classify_429
 
 log = logging.getLogger(__name__)
 
-METERED_PATHS = ("/v1/chat/completions", "/v1/completions")
-MAX_MODELS = 64
-OTHER_MODELS_KEY = "(other models)"
 # Tokenizing is fast but not free (roughly 1 ms per 4K tokens); above this many body bytes,
 # estimate in a worker thread so other flows keep moving.
 OFFLOAD_BODY_BYTES = 32 * 1024
@@ -49,19 +45,6 @@ OUTCOME_LABELS = {
     Outcome.SHUTDOWN: "refused_shutdown",
     Outcome.CANCELLED: "cancelled",
 }
-_WAITING_FOR = {
-    None: "its turn",
-    "rpm": "requests per minute",
-    "rph": "requests per hour",
-    "rpd": "requests per day",
-    "tpm": "tokens per minute",
-    "tph": "tokens per hour",
-    "tpd": "tokens per day",
-}
-
-
-def is_metered_path(request: http.Request) -> bool:
-    return request.method == "POST" and request.path.split("?", 1)[0].rstrip("/") in METERED_PATHS
 
 
 class Metering:
@@ -72,6 +55,7 @@ class Metering:
         self.runtime = runtime
         self.table = FlowTable()
         self.retries = Retries(runtime, self.table)
+        runtime.metrics.tracked_flows = self.table.__len__
         self._queue_full_logged_at = -math.inf
         self._shutdown_task: asyncio.Task[None] | None = None
 
@@ -97,36 +81,6 @@ class Metering:
         if held:
             log.info("shutting down: answered %d held request(s) with 503", held)
 
-    # -- which flows are ours --------------------------------------------------------------------
-
-    def _is_cerebras(self, f: http.HTTPFlow) -> bool:
-        host = f.request.pretty_host.lower()
-        return any(fnmatch.fnmatchcase(host, p) for p in self.runtime.config.cerebras_hosts)
-
-    def _route(self, f: http.HTTPFlow) -> None:
-        """Point the flow at the configured test upstream, if any."""
-        upstream = self.runtime.config.cerebras_upstream
-        if upstream is None:
-            return
-        parts = urlsplit(upstream)
-        f.request.scheme = parts.scheme
-        f.request.host = parts.hostname or f.request.host
-        f.request.port = parts.port or (443 if parts.scheme == "https" else 80)
-
-    def key_for(self, model: str | None) -> str:
-        """The limiter key for a model name, which comes from the client.
-
-        Every key has its own buckets, queue and metric series; past MAX_MODELS distinct names
-        not in the config, further ones share one key, so a client inventing names cannot
-        grow the proxy without bound.
-        """
-        if model is None:
-            return DEFAULT_KEY
-        gate = self.runtime.gate
-        if model in gate.keys or model in self.runtime.config.models:
-            return model
-        return model if len(gate.keys) < MAX_MODELS else OTHER_MODELS_KEY
-
     # -- admission -------------------------------------------------------------------------------
 
     async def request(self, f: http.HTTPFlow) -> None:
@@ -134,14 +88,15 @@ class Metering:
             return
         metered = self.table.get(f.id)  # a retry's copy is entered when it is started
         if metered is None:
-            if not self._is_cerebras(f):
+            config = self.runtime.config
+            if not is_cerebras(config, f):
                 return
             if not is_metered_path(f.request):
-                self._route(f)
+                route(config, f)
                 return
             shape = await self.prepare(f)
-            limits = self.runtime.config.cerebras_limits
-            metered = MeteredFlow(f, self.key_for(shape.model), shape, limits.max_retries)
+            key = key_for(config, self.runtime.gate.keys, shape.model)
+            metered = MeteredFlow(f, key, shape, config.cerebras_limits.max_retries)
             self.table.add(metered)
         await self._admit(metered)
 
@@ -199,7 +154,7 @@ class Metering:
             metered.phase = Phase.IN_FLIGHT
             if metered.retries_left > 0:
                 metered.request = snapshot_request(f.request)  # before routing and later addons
-            self._route(f)
+            route(self.runtime.config, f)
             if self.runtime.debug:
                 log.debug(
                     "flow %s (%s) released after %.3fs, estimate %d tokens",
@@ -225,7 +180,7 @@ class Metering:
         f.intercept()
         f.comment = (
             f"{answers.label(f)}held for {ticket.key} (#{self.runtime.gate.depth} in queue), "
-            f"waiting for {_WAITING_FOR.get(ticket.wait_reason, ticket.wait_reason)}; "
+            f"waiting for {describe(ticket.wait_reason) if ticket.wait_reason else 'its turn'}; "
             f"estimate {estimate.total} tokens "
             f"({estimate.input_tokens} in + {estimate.output_tokens} out), "
             f"priority {base_priority(estimate.total):g}"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -122,6 +122,9 @@ class Metrics:
             buckets=RATIO_BUCKETS,
             registry=self.registry,
         )
+        # How many flows the metering addon still tracks (0 when nothing is held, in flight
+        # or retrying: a flow that ended left nothing behind). Set by the metering addon.
+        self.tracked_flows: Callable[[], int] = lambda: 0
         self._counts: Counter[tuple[str, str]] = Counter()
         self._429s: Counter[tuple[str, str]] = Counter()
         self._waits: dict[str, deque[float]] = {}
@@ -180,7 +183,7 @@ class Metrics:
         return generate_latest(self.registry)
 
     def snapshot(self) -> dict[str, Any]:
-        """The JSON view: the seed's fields first, then the detail."""
+        """The JSON view: the contract's fields first (docs: Metrics), then the detail."""
         status = self.gate.status()
         usage = status["usage"]
 
@@ -200,6 +203,7 @@ class Metrics:
             "cerebras_circuit_breaker_open": status["breaker"] == "open",
             "breaker_state": status["breaker"],
             "open_reservations": status["open_reservations"],
+            "tracked_flows": self.tracked_flows(),
             "usage": usage,
             "algorithm": status["algorithm"],
             "foreign_tokens_per_minute": status["foreign_tokens_per_minute"],

@@ -5,9 +5,10 @@ when it next needs to be called. `gate.py` turns that into futures and timers.
 
 Ordering. While usage of every limit is at or below `priority_threshold`, held requests leave
 in arrival order (FIFO): capacity is not tight, so reordering would only add unfairness. Above
-it, the seed's rule applies: under 1,000 estimated tokens priority 2.0, over 5,000 priority
-0.5, else 1.0; equal priority is FIFO. Waiting adds `1 / priority_aging` priority per second,
-so a large request overtakes fresh small ones after a bounded wait instead of starving.
+it, the original Cooldown Proxy's size rule applies: under 1,000 estimated tokens priority
+2.0, over 5,000 priority 0.5, else 1.0; equal priority is FIFO. Waiting adds
+`1 / priority_aging` priority per second, so a large request overtakes fresh small ones after
+a bounded wait instead of starving.
 Because every held request ages at the same rate, the order between two requests never
 changes while they wait: the heap key `enqueued_at / aging - base` is fixed at submission and
 both orders are kept as heaps (O(log n) per decision, stale entries skipped lazily).
@@ -42,6 +43,7 @@ from dataclasses import dataclass, field
 from .breaker import BreakerState, CircuitBreaker
 from .config import CerebrasLimits
 from .limiter import LimiterBackend, Rate, Reservation
+from .probe import ProbeFirst
 
 log = logging.getLogger(__name__)
 
@@ -164,9 +166,7 @@ class Scheduler:
         self._depth = 0
         self._last_wait: dict[str, float] = {}
         self._paused_until: dict[str, float] = {}
-        # Probe first: when upstream last answered per key, and the probe now in flight.
-        self._synced_at: dict[str, float] = {}
-        self._probes: dict[str, tuple[Ticket, float]] = {}
+        self.probes = ProbeFirst()
         # Bumped whenever capacity may have come back or limits changed (see _KeyQueue.refused);
         # only through invalidate(), so no change can forget it.
         self._generation = 0
@@ -239,12 +239,35 @@ class Scheduler:
             log.debug("queue full (%d held): refusing ticket %d", self._depth, ticket.id)
             return ticket
         queue = self._queues.get(key)
+        if (queue is None or queue.live == 0) and self._release_at_once(key, ticket, now):
+            return ticket
         if queue is None:
             queue = self._queues[key] = _KeyQueue()
         queue.push(ticket, self.limits.priority_aging)
         heapq.heappush(self._deadlines, (ticket.deadline, ticket.id, ticket))
         self._depth += 1
         return ticket
+
+    def _release_at_once(self, key: str, ticket: Ticket, now: float) -> bool:
+        """Nothing of `key` waits: release `ticket` now if everything allows it.
+
+        The same decision a pump would make for a lone head (no pause, no probe out, breaker
+        closed, the limiter grants), without the queue, deadline and timer work: the path of
+        most requests when capacity is not tight.
+        """
+        if self.paused_until(key, now) is not None or self.probes.wait(key, now) is not None:
+            return False
+        if self.breaker.state(now) is not BreakerState.CLOSED:
+            return False
+        rates = self.rates_for(key)
+        decision = self.limiter.try_acquire(key, rates, ticket.tokens, now)
+        if not decision.granted:
+            return False
+        ticket.reservation = decision.reservation
+        if self.limits.probe_first:
+            self.probes.maybe_start(key, rates, ticket, now, self.limits.probe_timeout)
+        self._finalize(ticket, Outcome.RELEASED, now, 0.0)
+        return True
 
     def cancel(self, ticket: Ticket, now: float) -> bool:
         """The client left or the flow was killed while held: leave the queue, take nothing."""
@@ -283,32 +306,7 @@ class Scheduler:
 
     def forget_upstream_state(self) -> None:
         """Upstream's state is unknown again (new limits): probe before the next wave."""
-        self._synced_at.clear()
-
-    def _probe_wait(self, key: str, now: float) -> float | None:
-        """While a probe for `key` is out, until when to wait for it; None to go on.
-
-        The probe is over when its answer is complete (the headers have re-synced the limits,
-        and its usage has calibrated the estimates) or after `probe_timeout`.
-        """
-        probe = self._probes.get(key)
-        if probe is None:
-            return None
-        ticket, until = probe
-        if not ticket.finished and now < until:
-            return until
-        del self._probes[key]
-        if not ticket.finished and key not in self._synced_at:
-            log.debug("probe for %s not answered in time; releasing without it", key)
-            self._synced_at[key] = now
-        # A probe that failed without an answer leaves the state unknown: the next one probes.
-        return None
-
-    def _needs_probe(self, key: str, rates: Sequence[Rate], now: float) -> bool:
-        if not self.limits.probe_first or not rates:
-            return False
-        synced = self._synced_at.get(key)
-        return synced is None or now - synced > min(rate.period for rate in rates)
+        self.probes.forget()
 
     def _release_from(self, key: str, queue: _KeyQueue, now: float) -> float | None:
         paused = self.paused_until(key, now)
@@ -325,7 +323,7 @@ class Scheduler:
             if ticket is None:
                 self._last_wait.pop(key, None)
                 return None
-            probe_until = self._probe_wait(key, now)
+            probe_until = self.probes.wait(key, now)
             if probe_until is not None:
                 return probe_until
             half_open = self.breaker.state(now) is BreakerState.HALF_OPEN
@@ -382,9 +380,8 @@ class Scheduler:
             ticket.probe = True
         ticket.reservation = reservation
         ticket.wait_reason = None
-        if self._needs_probe(key, rates, now):
-            self._synced_at.pop(key, None)
-            self._probes[key] = (ticket, now + self.limits.probe_timeout)
+        if self.limits.probe_first:
+            self.probes.maybe_start(key, rates, ticket, now, self.limits.probe_timeout)
         self._resolve(ticket, Outcome.RELEASED, now)
 
     def _expire(self, now: float) -> None:
@@ -400,7 +397,7 @@ class Scheduler:
             self.limiter.confirm(ticket.reservation, now)
             self.invalidate()
         if ticket.outcome is Outcome.RELEASED:
-            self._synced_at[ticket.key] = now
+            self.probes.synced(ticket.key, now)
 
     def finish(
         self,
@@ -417,7 +414,7 @@ class Scheduler:
             return
         ticket.finished = True
         self.invalidate()
-        self._synced_at[ticket.key] = now  # upstream answered: its state is known
+        self.probes.synced(ticket.key, now)  # upstream answered: its state is known
         if status == 429:
             self.breaker.record_429(now)
         else:

@@ -15,12 +15,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .limiter import RateReport as RateReport  # parsed here, defined with the limits
+from .limiter import RateReport as RateReport
 from .limiter import Unit
+from .periods import PERIODS  # parsed here, defined with the limits
 
 log = logging.getLogger(__name__)
-
-PERIODS = {"minute": 60.0, "hour": 3600.0, "day": 86400.0}
 
 
 def _number(value: str) -> float | None:

@@ -11,7 +11,8 @@
   mitmproxy's CA), for clients that misbehave below HTTP (close mid-upload).
 * `metrics` / `wait_settled`: the addon's JSON metrics through the proxy, and a bounded poll
   until nothing is held and no reservation is open.
-* `Ledger`: counts of injected faults, lost requests and leaked reservations for the run.
+* `Ledger`: counts of injected faults, lost requests and leaked reservations or flow entries
+  for the run.
 
 Everything binds and connects to 127.0.0.1 only.
 """
@@ -181,7 +182,8 @@ async def async_wait_metric(
 
 
 def wait_settled(proxy: Proxy, timeout: float = SETTLE_TIMEOUT) -> dict[str, Any]:
-    """Poll until nothing is held and no reservation is open (or `timeout`); the last snapshot.
+    """Poll until nothing is held, no reservation is open and no flow is tracked (or
+    `timeout`); the last snapshot.
 
     Settlement may lag the client's answer by a moment (the response hook runs after the last
     byte is sent), so a test asserts on what this returns rather than on a single read.
@@ -189,7 +191,11 @@ def wait_settled(proxy: Proxy, timeout: float = SETTLE_TIMEOUT) -> dict[str, Any
     deadline = time.monotonic() + timeout
     while True:
         snapshot = metrics(proxy)
-        settled = snapshot["cerebras_queue_depth"] == 0 and snapshot["open_reservations"] == 0
+        settled = (
+            snapshot["cerebras_queue_depth"] == 0
+            and snapshot["open_reservations"] == 0
+            and snapshot["tracked_flows"] == 0
+        )
         if settled or time.monotonic() >= deadline:
             return snapshot
         time.sleep(0.05)
@@ -217,6 +223,7 @@ def charged_tokens(snapshot: dict[str, Any], model: str, tpm_limit: int) -> int:
 def assert_settled(snapshot: dict[str, Any], *, breaker_closed: bool = True) -> None:
     assert snapshot["cerebras_queue_depth"] == 0, snapshot
     assert snapshot["open_reservations"] == 0, snapshot
+    assert snapshot["tracked_flows"] == 0, snapshot  # every flow that ended left nothing behind
     if breaker_closed:
         assert snapshot["breaker_state"] == "closed", snapshot
         assert snapshot["upstream_429s"] == {}, snapshot
@@ -526,7 +533,8 @@ def sse_then_close(events: list[bytes], *, chunked: bool) -> Behaviour:
 
 @dataclass
 class Ledger:
-    """Faults injected, requests lost and reservations leaked, summed over the test module."""
+    """Faults injected, requests lost and reservations or flow entries leaked, summed over the
+    test module."""
 
     cases: set[str] = field(default_factory=set)
     faults: int = 0

@@ -173,9 +173,10 @@ def book(
     lost: int = 0,
     breaker_closed: bool = True,
 ) -> None:
-    """Record the case, then assert: no client lost, nothing held, no reservation open and
-    (unless the case is about the breaker) the breaker closed and no upstream 429 counted."""
-    leaked = snapshot["open_reservations"]
+    """Record the case, then assert: no client lost, nothing held, no reservation open, no
+    flow still tracked and (unless the case is about the breaker) the breaker closed and no
+    upstream 429 counted."""
+    leaked = snapshot["open_reservations"] + snapshot["tracked_flows"]
     ledger.record(case, faults=faults, requests=requests, lost=lost, leaked=leaked)
     assert lost == 0, f"{lost} client(s) of {case} got no answer"
     assert snapshot["cerebras_queue_depth"] == 0, snapshot
