@@ -113,20 +113,30 @@ class Config:
     source: str = "built-in defaults"
 
     def model_limits(self, model: str) -> ModelLimits:
-        """The limits that apply to `model`: its own entry, else `cerebras_limits`."""
-        own = self.models.get(model, _NO_OVERRIDES)
-        defaults = self.cerebras_limits
-        return ModelLimits(
-            **{
-                name: value
-                if (value := getattr(own, name)) is not None
-                else getattr(defaults, name)
-                for name in ModelLimits.__dataclass_fields__
-            }
-        )
+        """The limits that apply to `model`: its own entry, else `cerebras_limits`.
+
+        Asked on every request; the answer is kept per model for this (immutable) config.
+        """
+        cache: dict[str, ModelLimits] = self.__dict__.setdefault("_model_limits", {})
+        limits = cache.get(model)
+        if limits is None:
+            own = self.models.get(model, _NO_OVERRIDES)
+            defaults = self.cerebras_limits
+            limits = ModelLimits(
+                **{
+                    name: value
+                    if (value := getattr(own, name)) is not None
+                    else getattr(defaults, name)
+                    for name in ModelLimits.__dataclass_fields__
+                }
+            )
+            if len(cache) < _MODEL_LIMITS_KEPT:  # model names come from clients: bounded
+                cache[model] = limits
+        return limits
 
 
 _NO_OVERRIDES = ModelLimits()
+_MODEL_LIMITS_KEPT = 256
 
 # ---------------------------------------------------------------------------------------------
 # Value parsers. Each takes the dotted key (for the message) and the raw YAML value.

@@ -9,7 +9,6 @@ in a second map.
 from __future__ import annotations
 
 import asyncio
-import copy
 import enum
 import json
 from collections.abc import Iterator
@@ -154,9 +153,16 @@ def snapshot_request(request: http.Request) -> http.Request:
     whole message): mitmproxy never changes a header list or a body in place, it replaces
     the (immutable) tuple or bytes, so copying the containers is enough.
     """
-    snapshot = copy.copy(request)
-    snapshot.data = copy.copy(request.data)
-    snapshot.data.headers = copy.copy(request.data.headers)
-    if request.data.trailers is not None:
-        snapshot.data.trailers = copy.copy(request.data.trailers)
+    snapshot = _shallow(request)
+    snapshot.data = data = _shallow(request.data)
+    data.headers = _shallow(data.headers)
+    if data.trailers is not None:
+        data.trailers = _shallow(data.trailers)
     return snapshot
+
+
+def _shallow[T](obj: T) -> T:
+    """`copy.copy` for plain objects, without its generic dispatch (this runs per request)."""
+    twin = object.__new__(type(obj))
+    twin.__dict__.update(obj.__dict__)
+    return twin

@@ -65,6 +65,8 @@ class Gate:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._rates: dict[str, tuple[Rate, ...]] = {}
+        # The last limit upstream reported per (key, unit, period): a change rebuilds the rates.
+        self._reported_limits: dict[tuple[str, Unit, float], int] = {}
         self.keys: set[str] = set()  # every model seen, for status and metrics
 
     def rates_for(self, key: str) -> Sequence[Rate]:
@@ -108,10 +110,12 @@ class Gate:
             return
         self.keys.add(key)
         self.scheduler.invalidate()
-        known = self.limiter.learned_limits(key)
         self.limiter.observe(key, reports, self.clock())
-        if any(known.get((r.unit, r.period)) != r.limit for r in reports):
-            self._rates.pop(key, None)  # a limit appeared or changed: rebuild the rates
+        reported = self._reported_limits
+        for r in reports:
+            if r.limit > 0 and reported.get((key, r.unit, r.period)) != r.limit:
+                reported[(key, r.unit, r.period)] = r.limit
+                self._rates.pop(key, None)  # a limit appeared or changed: rebuild the rates
         self.pump()
 
     def pause(self, key: str, seconds: float) -> None:

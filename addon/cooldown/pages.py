@@ -48,7 +48,9 @@ class StatusPages:
         return 404, "text/plain", b"Cooldown: /metrics (Prometheus) or /metrics.json\n"
 
     def request(self, f: http.HTTPFlow) -> None:
-        if f.response or f.error or f.request.pretty_host.lower() != STATUS_HOST:
+        # The destination (absolute-form through the proxy); not the Host header, which
+        # costs a parse on every flow and names no real host here.
+        if f.response or f.error or f.request.host.lower() != STATUS_HOST:
             return
         if f.request.method not in ("GET", "HEAD"):
             status, ctype, body = 405, "text/plain", b"read-only: GET only\n"

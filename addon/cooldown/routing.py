@@ -16,11 +16,24 @@ from .gate import DEFAULT_KEY
 METERED_PATHS = ("/v1/chat/completions", "/v1/completions")
 MAX_MODELS = 64
 OTHER_MODELS_KEY = "(other models)"
+_HOST_VERDICTS_KEPT = 1024
 
 
 def is_cerebras(config: Config, f: http.HTTPFlow) -> bool:
-    host = f.request.pretty_host.lower()
-    return any(fnmatch.fnmatchcase(host, pattern) for pattern in config.cerebras_hosts)
+    """Whether the flow goes to a Cerebras host: its destination, or (transparent mode, where
+    the destination is an address) the Host header, matches one of `cerebras_hosts`."""
+    return _matches(config, f.request.host) or _matches(config, f.request.pretty_host)
+
+
+def _matches(config: Config, host: str) -> bool:
+    verdicts: dict[str, bool] = config.__dict__.setdefault("_cerebras_hosts_seen", {})
+    verdict = verdicts.get(host)
+    if verdict is None:
+        name = host.lower()
+        verdict = any(fnmatch.fnmatchcase(name, pattern) for pattern in config.cerebras_hosts)
+        if len(verdicts) < _HOST_VERDICTS_KEPT:  # host names come from clients: bounded
+            verdicts[host] = verdict
+    return verdict
 
 
 def is_metered_path(request: http.Request) -> bool:

@@ -14,6 +14,7 @@ from mitmproxy import http
 
 from .flows import MeteredFlow
 from .gate import Gate
+from .periods import RATE_NAMES
 from .runtime import Runtime
 from .upstream import SSEUsageTap, Upstream429, parse_retry_after, usage_from_json
 
@@ -25,16 +26,32 @@ def add_proxy_headers(gate: Gate, response: http.Response, metered: MeteredFlow)
     assert metered.ticket is not None and metered.estimate is not None
     added: list[tuple[bytes, bytes]] = []
     for name, (limit, remaining) in gate.rate_view(metered.key).items():
-        added.append((f"X-RateLimit-Limit-{name.upper()}".encode(), str(limit).encode()))
-        added.append((f"X-RateLimit-Remaining-{name.upper()}".encode(), str(remaining).encode()))
+        limit_name, remaining_name = _RATE_HEADERS[name]
+        added.append((limit_name, str(limit).encode()))
+        added.append((remaining_name, str(remaining).encode()))
     added.append((b"X-Cooldown-Wait", f"{metered.ticket.waited:.3f}".encode()))
     added.append((b"X-Cooldown-Estimated-Tokens", str(metered.estimate.total).encode()))
-    # One rebuild of the header tuple instead of a scan-and-rebuild per header.
-    names = {name.lower() for name, _ in added}
+    # One rebuild of the header tuple instead of a scan-and-rebuild per header. Upstream's
+    # own X-RateLimit-* names differ from ours, so a client-visible clash is rare: only then
+    # is anything dropped.
     response.headers.fields = (
-        *(field for field in response.headers.fields if field[0].lower() not in names),
+        *(field for field in response.headers.fields if field[0].lower() not in _OURS),
         *added,
     )
+
+
+# Our header names per limit ("tpm" -> X-RateLimit-Limit-TPM, X-RateLimit-Remaining-TPM).
+_RATE_HEADERS = {
+    name: (
+        f"X-RateLimit-Limit-{name.upper()}".encode(),
+        f"X-RateLimit-Remaining-{name.upper()}".encode(),
+    )
+    for name in RATE_NAMES
+}
+_OURS = frozenset(
+    [b"x-cooldown-wait", b"x-cooldown-estimated-tokens"]
+    + [header.lower() for pair in _RATE_HEADERS.values() for header in pair]
+)
 
 
 def usage_of(metered: MeteredFlow, response: http.Response) -> dict[str, int] | None:
