@@ -14,6 +14,7 @@ running) is the noise floor.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import random
 import statistics
@@ -21,6 +22,7 @@ import time
 from collections.abc import Callable
 
 import tiktoken
+from mitmproxy import http
 from mitmproxy.test import tflow
 
 from cooldown.estimate import ENCODING_NAME, parse_request
@@ -86,6 +88,10 @@ def _best(fn: Callable[[], object], loops: int, samples: int) -> float:
     return best
 
 
+def _encode_each(enc: tiktoken.Encoding, texts: list[str]) -> list[list[int]]:
+    return [enc.encode_ordinary(x) for x in texts]
+
+
 def per_token_costs(quick: bool) -> list[dict[str, float]]:
     enc = tiktoken.get_encoding(ENCODING_NAME)
     rows = []
@@ -97,11 +103,10 @@ def per_token_costs(quick: bool) -> list[dict[str, float]]:
         rounds = 5 if quick else 9
         parse_best = bare_best = float("inf")
         for _ in range(rounds):  # alternate, so both see the same noise
-            parse_best = min(parse_best, _best(lambda b=body: parse_request(PATH, b), loops, 1))
-            bare_best = min(
-                bare_best,
-                _best(lambda t=texts: [enc.encode_ordinary(x) for x in t], loops, 1),
+            parse_best = min(
+                parse_best, _best(functools.partial(parse_request, PATH, body), loops, 1)
             )
+            bare_best = min(bare_best, _best(functools.partial(_encode_each, enc, texts), loops, 1))
         counted = parse_request(PATH, body).input_tokens
         rows.append(
             {
@@ -156,7 +161,7 @@ def stalls(quick: bool) -> dict[str, list[tuple[float, float]]]:
     rounds = 5 if quick else 12
     out: dict[str, list[tuple[float, float]]] = {}
 
-    def flow_with(body: bytes) -> object:
+    def flow_with(body: bytes) -> http.HTTPFlow:
         f = tflow.tflow()
         f.request.method = "POST"
         f.request.host = "api.cerebras.ai"
@@ -170,10 +175,10 @@ def stalls(quick: bool) -> dict[str, list[tuple[float, float]]]:
                 out.setdefault("idle", []).append(await _stall(None))
                 f = flow_with(body)
                 out.setdefault(f"offloaded-{kind}", []).append(
-                    await _stall(lambda f=f: Metering.prepare(f))  # type: ignore[arg-type]
+                    await _stall(functools.partial(Metering.prepare, f))
                 )
                 out.setdefault(f"inline-{kind}", []).append(
-                    await _stall(lambda b=body: prepare_request(PATH, b))
+                    await _stall(functools.partial(prepare_request, PATH, body))
                 )
 
     asyncio.run(main())

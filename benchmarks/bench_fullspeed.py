@@ -238,7 +238,7 @@ async def _one(client: Any, planned: Any, stream: bool, out: Outcome, clock: Any
 
 
 async def closed_loop(
-    clients: dict[str, tuple[Any, PathRun]],
+    clients: dict[str, tuple[Any, PathRun[Outcome]]],
     plans: Plans,
     duration: float,
     drain: float,
@@ -246,7 +246,7 @@ async def closed_loop(
 ) -> None:
     """WORKERS workers per path send back-to-back until `duration`; bounded drain; cancel."""
 
-    async def worker(client: Any, run: PathRun, w: int) -> None:
+    async def worker(client: Any, run: PathRun[Outcome], w: int) -> None:
         for k in range(MAX_PER_WORKER):
             if clock() >= duration:
                 return
@@ -332,8 +332,8 @@ def run_scenario(ctx: Context, scenario: Scenario) -> dict:
                 ca=proxies[path].ca_file,
             )
 
-        async def main() -> tuple[dict[str, PathRun], float]:
-            clients = {p: (client_for(p), PathRun(p)) for p in scenario.paths}
+        async def main() -> tuple[dict[str, PathRun[Outcome]], float]:
+            clients = {p: (client_for(p), PathRun[Outcome](p)) for p in scenario.paths}
             loop = asyncio.get_running_loop()
             for mock in mocks.values():
                 mock.reset()
@@ -387,7 +387,7 @@ def path_figures(
     ok = [o for o in outcomes if o.ok and o.done is not None]
 
     def latencies(cls: str) -> list[float]:
-        return [o.done - o.sent for o in ok if o.size_class == cls]  # type: ignore[operator]
+        return [o.done - o.sent for o in ok if o.size_class == cls and o.done is not None]
 
     def held(cls: str) -> list[float]:
         return [o.held for o in ok if o.size_class == cls and o.held is not None]

@@ -62,9 +62,11 @@ class Outcome:
 
 
 @dataclass
-class PathRun:
+class PathRun[O: Outcome]:
+    """One path's requests; `O` is the Outcome (sub)class the benchmark records."""
+
     name: str
-    outcomes: list[Outcome] = field(default_factory=list)
+    outcomes: list[O] = field(default_factory=list)
 
 
 def _mean_size(settings: loadgen.Settings) -> float:
@@ -102,7 +104,7 @@ async def _one(client: Any, planned: Any, out: Outcome, clock: Any) -> None:
 
 
 async def drive(
-    runs: dict[str, tuple[Any, PathRun]],
+    runs: dict[str, tuple[Any, PathRun[Outcome]]],
     planned: list[tuple[float, Any]],
     drain: float,
     clock: Any,
@@ -226,8 +228,8 @@ def run(ctx: Context) -> BenchResult:
                 ),
             )
 
-        async def main() -> tuple[dict[str, PathRun], float]:
-            runs = {name: (client_for(name), PathRun(name)) for name in PATHS}
+        async def main() -> tuple[dict[str, PathRun[Outcome]], float]:
+            runs = {name: (client_for(name), PathRun[Outcome](name)) for name in PATHS}
             loop = asyncio.get_running_loop()
             start = loop.time()
             for mock in mocks.values():

@@ -112,11 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.render:
         data = json.loads(args.render.read_text(encoding="utf-8"))
-        results = []
+        loaded = []
         for raw in data.pop("results"):
             figures = [Figure(**f) for f in raw.pop("figures")]
-            results.append(BenchResult(**raw, figures=figures))
-        args.render.with_suffix(".md").write_text(markdown(results, data), encoding="utf-8")
+            loaded.append(BenchResult(**raw, figures=figures))
+        args.render.with_suffix(".md").write_text(markdown(loaded, data), encoding="utf-8")
         return 0
 
     out = args.out or REPO / "benchmarks" / "results" / (

@@ -16,13 +16,14 @@ from cooldown.estimate import _texts, count_text_tokens, parse_request
 from cooldown.gate import Gate
 from cooldown.limiter import RateReport
 from cooldown.metrics import Metrics
-from cooldown.upstream import PERIODS, _number, parse_rate_headers
+from cooldown.upstream import _number, parse_rate_headers
 
 # -- x-ratelimit-* parsing: the table lookup finds what the regex found -------------------------
 
 _RATE_HEADER = re.compile(
     r"x-ratelimit-(limit|remaining|reset)-(requests|tokens)-(minute|hour|day)"
 )
+_PERIOD_SECONDS = {"minute": 60.0, "hour": 3600.0, "day": 86400.0}
 
 
 def reference_rate_headers(pairs: list[tuple[str, str]]) -> list[RateReport]:
@@ -40,7 +41,7 @@ def reference_rate_headers(pairs: list[tuple[str, str]]) -> list[RateReport]:
     for (unit, period), values in sorted(found.items()):
         if "limit" not in values or "remaining" not in values:
             continue
-        seconds = PERIODS[period]
+        seconds = _PERIOD_SECONDS[period]
         reports.append(
             RateReport(
                 unit=unit,  # type: ignore[arg-type]

@@ -101,7 +101,7 @@ def header_int(response: httpx.Response, name: str) -> int:
 
 
 def test_chat_answer_has_usage_and_consistent_headers(client: httpx.Client) -> None:
-    messages = [
+    messages: list[dict[str, Any]] = [
         {"role": "system", "content": "Be brief."},
         {
             "role": "user",

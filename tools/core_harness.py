@@ -25,6 +25,7 @@ tests/test_perf_regression.py (operation counts, which do not depend on timing n
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import heapq
 import random
@@ -34,6 +35,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from unittest import mock
 
 from cooldown import scheduler as scheduler_module
 from cooldown.breaker import CircuitBreaker
@@ -285,7 +287,7 @@ def time_core(sizes: list[int], cycles: int, repeats: int) -> dict[int, Timing]:
     for round_ in range(repeats):
         order = sizes if round_ % 2 == 0 else list(reversed(sizes))
         for n in order:
-            wall, cpu, decisions = _timed(lambda h=harnesses[n]: h.run(cycles))
+            wall, cpu, decisions = _timed(functools.partial(harnesses[n].run, cycles))
             assert decisions > 0
             previous = best.get(n)
             per_wall, per_cpu = wall / decisions, cpu / decisions
@@ -343,9 +345,7 @@ def count_operations(held: int, cycles: int) -> OperationCounts:
     function calls / C calls (sys.setprofile). None of them depends on timing noise."""
     limiter = CountingLimiter()
     heap = CountingHeapq()
-    original = scheduler_module.heapq
-    scheduler_module.heapq = heap  # type: ignore[assignment]
-    try:
+    with mock.patch.object(scheduler_module, "heapq", heap):
         harness = CoreHarness(held, limiter=limiter)
         heap.ops.clear()
         limiter.calls.clear()
@@ -359,8 +359,6 @@ def count_operations(held: int, cycles: int) -> OperationCounts:
             decisions = harness.run(cycles)
         finally:
             sys.setprofile(None)
-    finally:
-        scheduler_module.heapq = original  # type: ignore[assignment]
     per = {f"heap.{k}": v / decisions for k, v in heap.ops.items()}
     per["heap.total_ops"] = sum(v for k, v in heap.ops.items() if k != "heapify_elements") / (
         decisions

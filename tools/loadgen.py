@@ -477,7 +477,7 @@ def summarize(
     span = max(duration if duration is not None else last, 1e-9)
     ok_records = [r for r in records if r.outcome == OK]
     ok_tokens = sum(r.total_tokens or 0 for r in ok_records)
-    by_class = {}
+    by_class: dict[str, ClassStats] = {}
     for size_class in SIZE_CLASSES:
         mine = [r for r in records if r.size_class == size_class]
         latencies = [r.latency for r in mine if r.outcome == OK and r.latency is not None]

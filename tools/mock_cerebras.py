@@ -1151,7 +1151,7 @@ class MockCerebras:
         self._server: MockServer | None = None
         self._thread: threading.Thread | None = None
 
-    def start(self) -> MockCerebras:
+    def start(self) -> Self:
         """Bind 127.0.0.1 and serve in a daemon thread; the tokenizer is loaded first."""
         if self._server is not None:
             return self
