@@ -5,7 +5,7 @@ messages, tokenizing) against bare `tiktoken.encode_ordinary` on the same text, 
 alternating samples.
 
 Stalls: a ticker coroutine sleeps 1 ms at a time and records how late each wake-up is. While it
-runs, a 100K-token body goes through the addon's own path (`Cooldown._prepare`, which sends
+runs, a 100K-token body goes through the addon's own path (`cooldown.flows.prepare`, which sends
 bodies over 32 KiB to a worker thread), and, in the same run, through `prepare_request` called
 inline on the loop (what the addon would do without the offload). The idle ticker (nothing else
 running) is the noise floor.
@@ -26,8 +26,7 @@ from mitmproxy import http
 from mitmproxy.test import tflow
 
 from cooldown.estimate import ENCODING_NAME, parse_request
-from cooldown.flows import prepare_request
-from cooldown.metering import OFFLOAD_BODY_BYTES, Metering
+from cooldown.flows import OFFLOAD_BODY_BYTES, prepare, prepare_request
 
 from .common import BenchResult, Figure
 from .context import Context
@@ -175,7 +174,7 @@ def stalls(quick: bool) -> dict[str, list[tuple[float, float]]]:
                 out.setdefault("idle", []).append(await _stall(None))
                 f = flow_with(body)
                 out.setdefault(f"offloaded-{kind}", []).append(
-                    await _stall(functools.partial(Metering.prepare, f))
+                    await _stall(functools.partial(prepare, f))
                 )
                 out.setdefault(f"inline-{kind}", []).append(
                     await _stall(functools.partial(prepare_request, PATH, body))
@@ -222,7 +221,7 @@ def run(ctx: Context) -> BenchResult:
         off, inline = summary[f"offloaded-{kind}"], summary[f"inline-{kind}"]
         result.add(
             Figure(
-                f"longest loop stall, 100K-token {kind} body via Cooldown._prepare",
+                f"longest loop stall, 100K-token {kind} body via flows.prepare",
                 off["max_stall_ms"],
                 "ms",
                 inline["max_stall_ms"],

@@ -795,7 +795,7 @@ async def test_a_huge_body_is_estimated_off_the_event_loop(config_file, monkeypa
     work ran, not by timing it."""
     import threading
 
-    import cooldown.metering as metering_module
+    import cooldown.flows as metering_module
 
     ran_on: list[threading.Thread] = []
     real = metering_module.prepare_request
@@ -902,7 +902,7 @@ async def test_a_huge_retry_after_is_capped_at_the_request_timeout(config_file):
         )
         await addon.response(f)
         now = addon.runtime.gate.clock()
-        assert addon.runtime.gate.scheduler.paused_until("m", now) == pytest.approx(now + 30, abs=1)
+        assert addon.runtime.gate.scheduler.pauses.until("m", now) == pytest.approx(now + 30, abs=1)
 
 
 def test_the_refund_credited_is_the_unused_output_and_only_for_streams():

@@ -354,7 +354,7 @@ def test_refunds_reach_the_view_with_a_report_and_their_share_is_learnt():
     assert limiter.used("k", B_TPM, 0) == 500  # the view: not refunded yet
     limiter.observe("k", report(remaining=500), now=0)  # upstream did refund
     assert limiter.used("k", B_TPM, 0) == 100
-    assert limiter._drift[("k", "tokens", 60.0)].share == 1.0
+    assert limiter._views.drift(("k", "tokens", 60.0)).share == 1.0
     # This upstream then keeps a reservation: the view follows the report, and the share of
     # refunds it is expected to make drops (so that is not taken for others' usage).
     reservation = limiter.try_acquire("k", (B_TPM,), 300, now=0).reservation
@@ -362,7 +362,7 @@ def test_refunds_reach_the_view_with_a_report_and_their_share_is_learnt():
     limiter.settle(reservation, 100, now=0)
     limiter.observe("k", report(remaining=200), now=0)
     assert limiter.used("k", B_TPM, 0) == 400
-    assert limiter._drift[("k", "tokens", 60.0)].share == pytest.approx(400 / 600)
+    assert limiter._views.drift(("k", "tokens", 60.0)).share == pytest.approx(400 / 600)
 
 
 def test_others_usage_is_told_apart_from_refunds():
@@ -381,7 +381,7 @@ def test_others_usage_is_told_apart_from_refunds():
             left -= 1_000
         limiter.observe("k", report(remaining=round(left), limit=60_000), now=now)
     assert limiter.foreign_rate("k", "tokens", 60.0, now) == pytest.approx(100, rel=0.05)
-    assert limiter._drift[("k", "tokens", 60.0)].share == pytest.approx(1.0, abs=0.02)
+    assert limiter._views.drift(("k", "tokens", 60.0)).share == pytest.approx(1.0, abs=0.02)
 
 
 def test_a_refund_is_credited_a_moment_after_the_settle_once_upstream_is_known_to_refund():

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 from mitmproxy import http
 
-from .scheduler import Outcome
+from .estimate import Estimate
+from .periods import describe
+from .tickets import Outcome, Ticket, base_priority
 
 PROXY_NAME = "Cooldown proxy"
 
@@ -93,3 +95,14 @@ def refuse(f: http.HTTPFlow, outcome: Outcome, retry_after: float) -> None:
     f.comment = f"{label(f)}refused ({outcome.value})"
     f.marked = ":no_entry:"
     f.response = refusal(outcome, retry_after)
+
+
+def held_comment(f: http.HTTPFlow, ticket: Ticket, estimate: Estimate, depth: int) -> str:
+    """What mitmweb shows on a held flow: what it waits for and why it is where it is."""
+    reason = describe(ticket.wait_reason) if ticket.wait_reason else "its turn"
+    return (
+        f"{label(f)}held for {ticket.key} (#{depth} in queue), waiting for {reason}; "
+        f"estimate {estimate.total} tokens "
+        f"({estimate.input_tokens} in + {estimate.output_tokens} out), "
+        f"priority {base_priority(estimate.total):g}"
+    )

@@ -18,7 +18,7 @@ from typing import Any
 from mitmproxy import http
 
 from .estimate import Estimate, RequestShape, parse_request
-from .scheduler import Ticket
+from .tickets import Ticket
 from .upstream import SSEUsageTap
 
 
@@ -119,6 +119,24 @@ class FlowTable:
     def copies(self) -> int:
         """Retries' copies whose replay is not over yet."""
         return sum(1 for metered in self._by_flow.values() if metered.parent is not None)
+
+
+# Tokenizing is fast but not free (roughly 1 ms per 4K tokens); above this many body bytes,
+# estimate in a worker thread so other flows keep moving.
+OFFLOAD_BODY_BYTES = 32 * 1024
+
+
+async def prepare(f: http.HTTPFlow) -> RequestShape:
+    """Tokenize the request (see prepare_request), in a worker thread if it is large."""
+    body = f.request.get_content(strict=False) or b""
+    if len(body) > OFFLOAD_BODY_BYTES:
+        shape, new_body = await asyncio.to_thread(prepare_request, f.request.path, body)
+    else:
+        shape, new_body = prepare_request(f.request.path, body)
+    if new_body is not None:
+        f.request.content = new_body  # re-encoded as the content-encoding says
+        f.metadata["cooldown_added_include_usage"] = True
+    return shape
 
 
 def prepare_request(path: str, body: bytes) -> tuple[RequestShape, bytes | None]:

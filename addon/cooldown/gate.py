@@ -21,7 +21,8 @@ from .breaker import CircuitBreaker
 from .config import Config
 from .limiter import LimiterBackend, MemoryLimiter, Rate, Unit
 from .periods import RATE_NAMES
-from .scheduler import Outcome, Scheduler, Ticket
+from .scheduler import Scheduler
+from .tickets import Outcome, Ticket
 from .upstream import RateReport, parse_rate_headers
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,56 @@ class GateStats:
         self.refused: Counter[str] = Counter()
 
 
+class RateBook:
+    """The limits of each model: configured ones, plus any upstream reported on its own.
+
+    Built once per model and kept until the config changes or upstream reports a new limit.
+    """
+
+    def __init__(self, config: Config, limiter: LimiterBackend) -> None:
+        self._config = config
+        self._limiter = limiter
+        self._rates: dict[str, tuple[Rate, ...]] = {}
+        # The last limit upstream reported per (key, unit, period): a change rebuilds the rates.
+        self._reported: dict[tuple[str, Unit, float], int] = {}
+
+    def reconfigure(self, config: Config) -> None:
+        self._config = config
+        self._rates.clear()
+
+    def reported(self, key: str, reports: Sequence[RateReport]) -> None:
+        for r in reports:
+            if r.limit > 0 and self._reported.get((key, r.unit, r.period)) != r.limit:
+                self._reported[(key, r.unit, r.period)] = r.limit
+                self._rates.pop(key, None)  # a limit appeared or changed: rebuild the rates
+
+    def rates_for(self, key: str) -> tuple[Rate, ...]:
+        rates = self._rates.get(key)
+        if rates is None:
+            rates = self._rates[key] = self._build(key)
+        return rates
+
+    def _build(self, key: str) -> tuple[Rate, ...]:
+        config = self._config
+        limits = config.model_limits(key)
+        configured: dict[tuple[Unit, float], int | None] = {
+            (unit, period): getattr(limits, f"{name}_limit")
+            for name, (unit, period) in RATE_NAMES.items()
+        }
+        for slot, learned in self._limiter.learned_limits(key).items():
+            if configured.get(slot) is None:
+                configured[slot] = learned  # enforced by the upstream view's lower limit
+        # Pacing only within a minute: spreading a day's quota over the day would throttle
+        # a user who wants to spend it now.
+        burst = config.cerebras_limits.burst
+        algorithm = limits.algorithm or config.cerebras_limits.algorithm
+        return tuple(
+            Rate(name, unit, limit, period, burst if period <= 60.0 else 1.0, algorithm)
+            for name, (unit, period) in RATE_NAMES.items()
+            if (limit := configured.get((unit, period))) is not None
+        )
+
+
 class Gate:
     def __init__(
         self,
@@ -53,6 +104,7 @@ class Gate:
         self.config = config
         self.breaker = CircuitBreaker(config.circuit_breaker)
         self.limiter = limiter or MemoryLimiter()
+        self.rates = RateBook(config, self.limiter)
         self.scheduler = Scheduler(
             self.limiter,
             config.cerebras_limits,
@@ -64,35 +116,12 @@ class Gate:
         self._waiters: dict[int, asyncio.Future[Outcome]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
-        self._rates: dict[str, tuple[Rate, ...]] = {}
-        # The last limit upstream reported per (key, unit, period): a change rebuilds the rates.
-        self._reported_limits: dict[tuple[str, Unit, float], int] = {}
         self.keys: set[str] = set()  # every model seen, for status and metrics
 
     def rates_for(self, key: str) -> Sequence[Rate]:
-        """The limits of one model: configured ones, plus any upstream reported on its own."""
-        rates = self._rates.get(key)
-        if rates is None:
-            limits = self.config.model_limits(key)
-            configured: dict[tuple[Unit, float], int | None] = {
-                (unit, period): getattr(limits, f"{name}_limit")
-                for name, (unit, period) in RATE_NAMES.items()
-            }
-            for slot, learned in self.limiter.learned_limits(key).items():
-                if configured.get(slot) is None:
-                    configured[slot] = learned  # enforced by the upstream view's lower limit
-            # Pacing only within a minute: spreading a day's quota over the day would throttle
-            # a user who wants to spend it now.
-            burst = self.config.cerebras_limits.burst
-            algorithm = limits.algorithm or self.config.cerebras_limits.algorithm
-            rates = tuple(
-                Rate(name, unit, limit, period, burst if period <= 60.0 else 1.0, algorithm)
-                for name, (unit, period) in RATE_NAMES.items()
-                if (limit := configured.get((unit, period))) is not None
-            )
-            self._rates[key] = rates
-            self.keys.add(key)
-        return rates
+        """The limits of one model (see RateBook)."""
+        self.keys.add(key)
+        return self.rates.rates_for(key)
 
     def reconfigure(self, config: Config) -> None:
         """Apply new limits without dropping anything held or in flight."""
@@ -101,7 +130,7 @@ class Gate:
         self.scheduler.forget_upstream_state()
         self.scheduler.invalidate()
         self.breaker.config = config.circuit_breaker
-        self._rates.clear()
+        self.rates.reconfigure(config)
         self.pump()
 
     def observe(self, key: str, reports: Sequence[RateReport]) -> None:
@@ -111,16 +140,12 @@ class Gate:
         self.keys.add(key)
         self.scheduler.invalidate()
         self.limiter.observe(key, reports, self.clock())
-        reported = self._reported_limits
-        for r in reports:
-            if r.limit > 0 and reported.get((key, r.unit, r.period)) != r.limit:
-                reported[(key, r.unit, r.period)] = r.limit
-                self._rates.pop(key, None)  # a limit appeared or changed: rebuild the rates
+        self.rates.reported(key, reports)
         self.pump()
 
     def pause(self, key: str, seconds: float) -> None:
         """Release nothing more for `key` for `seconds` (upstream said 429)."""
-        self.scheduler.pause(key, self.clock() + seconds)
+        self.scheduler.pauses.pause(key, self.clock() + seconds)
         self.pump()
 
     # -- the request's life ----------------------------------------------------------------------
@@ -279,6 +304,13 @@ class Gate:
                 view[rate.name] = (limit, max(0, math.floor(limit - used)))
         return view
 
+    def usage(self, key: str, now: float) -> dict[str, float]:
+        """Fraction of each limit in use for `key`, by rate name."""
+        return {
+            rate.name: self.limiter.used(key, rate, now) / self.limiter.limit(key, rate)
+            for rate in self.rates_for(key)
+        }
+
     def _algorithm(self, key: str) -> str:
         rates = self.rates_for(key)
         return rates[0].algorithm if rates else self.config.cerebras_limits.algorithm
@@ -290,7 +322,7 @@ class Gate:
             "queue_depth": self.scheduler.depth,
             "open_reservations": self.limiter.open_reservations(),
             "breaker": self.breaker.state(now).value,
-            "usage": {key: self.scheduler.usage(key, now) for key in sorted(self.keys)},
+            "usage": {key: self.usage(key, now) for key in sorted(self.keys)},
             "foreign_tokens_per_minute": {
                 key: round(self.limiter.foreign_rate(key, "tokens", 60.0, now) * 60.0, 1)
                 for key in sorted(self.keys)

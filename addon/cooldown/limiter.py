@@ -520,18 +520,83 @@ class LimiterBackend(Protocol):
     def open_reservations(self) -> int: ...
 
 
+class UpstreamViews:
+    """Upstream's view of every limit (one `UpstreamView` per slot, re-built per report) and
+    what the reports teach about others' usage of the organization's limits."""
+
+    def __init__(self, view_margin: float) -> None:
+        self._view_margin = view_margin  # share of a limit the view keeps back (0: exact tests)
+        self._views: dict[Slot, UpstreamView] = {}
+        self._drift: dict[Slot, UpstreamDrift] = {}
+        self._epochs = itertools.count(1)
+
+    def get(self, slot: Slot) -> UpstreamView | None:
+        return self._views.get(slot)
+
+    def drift(self, slot: Slot) -> UpstreamDrift | None:
+        return self._drift.get(slot)
+
+    def resync(self, slot: Slot, report: RateReport, flying: int, now: float) -> int:
+        """A new view of `slot` from upstream's report, with `flying` held aside; its epoch."""
+        limit = report.limit
+        reported_left = float(min(max(report.remaining, 0), limit))
+        drift = self._drift.get(slot)
+        if drift is None:
+            drift = self._drift[slot] = UpstreamDrift()
+        old = self._views.get(slot)
+        if old is not None and old.limit == limit:
+            # What upstream would have left had nobody else used the limit and had it made
+            # no refunds since the last report.
+            gap = reported_left - old.expected_left(now)
+            unsure = old.counted_twice + flying
+            drift.add(gap, unsure, now - old.synced_at, old.pending_refunds, limit, now)
+        refill = limit / report.period
+        used = limit - reported_left
+        if used > 0 and 0 < report.reset < report.period:
+            refill = min(refill, used / report.reset)  # upstream says when it is full again
+        others = min(drift.rate(now), refill)
+        view = UpstreamView(
+            limit,
+            reported_left,
+            refill - others,
+            others,
+            flying,
+            now,
+            next(self._epochs),
+            drift.share,
+            # Others use the limit in lumps, not evenly: keep their largest recent lump (or a
+            # second of their usage) in reserve, and a sliver of the limit for what is not
+            # learnt yet (a first lump, an estimate a little short of upstream's count).
+            min(
+                max(drift.lump(now), others * FOREIGN_RESERVE_SECONDS, limit * self._view_margin),
+                limit / 2,
+            ),
+        )
+        self._views[slot] = view
+        return view.epoch
+
+    def learned_limits(self, key: str) -> dict[tuple[Unit, float], int]:
+        return {
+            (unit, period): view.limit
+            for (view_key, unit, period), view in self._views.items()
+            if view_key == key
+        }
+
+    def foreign_rate(self, key: str, unit: Unit, period: float, now: float) -> float:
+        """Units per second others of the organization use of this limit (estimated)."""
+        drift = self._drift.get((key, unit, period))
+        return 0.0 if drift is None else drift.rate(now)
+
+
 class MemoryLimiter:
     """The in-process backend: one counter per (key, unit, period), plus upstream's view."""
 
     def __init__(self, view_margin: float = VIEW_MARGIN) -> None:
-        self._view_margin = view_margin  # share of a limit the view keeps back (0: exact tests)
         self._counters: dict[Slot, Counter] = {}
-        self._views: dict[Slot, UpstreamView] = {}
-        self._drift: dict[Slot, UpstreamDrift] = {}
+        self._views = UpstreamViews(view_margin)
         self._paces: dict[Slot, Pace] = {}
         # Released and not yet confirmed: a report re-bases the view on top of them.
         self._in_flight: dict[str, dict[Reservation, None]] = {}
-        self._epochs = itertools.count(1)
         self._open = 0
 
     # -- state lookup ------------------------------------------------------------------------
@@ -629,61 +694,19 @@ class MemoryLimiter:
                     parts.append(part)
                     flying[part.slot] += part.amount
         epochs = {
-            slot: self._resync(slot, report, flying[slot], now) for slot, report in wanted.items()
+            slot: self._views.resync(slot, report, flying[slot], now)
+            for slot, report in wanted.items()
         }
         for part in parts:
             part.view_epoch = epochs[part.slot]
             part.in_flight_at_report = True
 
-    def _resync(self, slot: Slot, report: RateReport, flying: int, now: float) -> int:
-        limit = report.limit
-        reported_left = float(min(max(report.remaining, 0), limit))
-        drift = self._drift.get(slot)
-        if drift is None:
-            drift = self._drift[slot] = UpstreamDrift()
-        old = self._views.get(slot)
-        if old is not None and old.limit == limit:
-            # What upstream would have left had nobody else used the limit and had it made
-            # no refunds since the last report.
-            gap = reported_left - old.expected_left(now)
-            unsure = old.counted_twice + flying
-            drift.add(gap, unsure, now - old.synced_at, old.pending_refunds, limit, now)
-        refill = limit / report.period
-        used = limit - reported_left
-        if used > 0 and 0 < report.reset < report.period:
-            refill = min(refill, used / report.reset)  # upstream says when it is full again
-        others = min(drift.rate(now), refill)
-        view = UpstreamView(
-            limit,
-            reported_left,
-            refill - others,
-            others,
-            flying,
-            now,
-            next(self._epochs),
-            drift.share,
-            # Others use the limit in lumps, not evenly: keep their largest recent lump (or a
-            # second of their usage) in reserve, and a sliver of the limit for what is not
-            # learnt yet (a first lump, an estimate a little short of upstream's count).
-            min(
-                max(drift.lump(now), others * FOREIGN_RESERVE_SECONDS, limit * self._view_margin),
-                limit / 2,
-            ),
-        )
-        self._views[slot] = view
-        return view.epoch
-
     def learned_limits(self, key: str) -> dict[tuple[Unit, float], int]:
-        return {
-            (unit, period): view.limit
-            for (view_key, unit, period), view in self._views.items()
-            if view_key == key
-        }
+        return self._views.learned_limits(key)
 
     def foreign_rate(self, key: str, unit: Unit, period: float, now: float) -> float:
         """Units per second others of the organization use of this limit (estimated)."""
-        drift = self._drift.get((key, unit, period))
-        return 0.0 if drift is None else drift.rate(now)
+        return self._views.foreign_rate(key, unit, period, now)
 
     # -- a reservation's life ------------------------------------------------------------------
 

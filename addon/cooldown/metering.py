@@ -20,21 +20,16 @@ from mitmproxy import connection, ctx, flow, hooks, http
 from mitmproxy.utils import asyncio_utils
 
 from . import answers
-from .estimate import Estimate, RequestShape
-from .flows import FlowTable, MeteredFlow, Phase, prepare_request, snapshot_request
-from .periods import describe
+from .flows import FlowTable, MeteredFlow, Phase, prepare, snapshot_request
 from .retry import Retries
 from .routing import is_cerebras, is_metered_path, key_for, route
 from .runtime import Runtime
-from .scheduler import Outcome, base_priority
 from .settle import account, add_proxy_headers, cool_down, settle_error
+from .tickets import Outcome
 from .upstream import SSEUsageTap, classify_429
 
 log = logging.getLogger(__name__)
 
-# Tokenizing is fast but not free (roughly 1 ms per 4K tokens); above this many body bytes,
-# estimate in a worker thread so other flows keep moving.
-OFFLOAD_BODY_BYTES = 32 * 1024
 _QUEUE_FULL_LOG_INTERVAL = 10.0
 
 OUTCOME_LABELS = {
@@ -94,33 +89,11 @@ class Metering:
             if not is_metered_path(f.request):
                 route(config, f)
                 return
-            shape = await self.prepare(f)
+            shape = await prepare(f)
             key = key_for(config, self.runtime.gate.keys, shape.model)
             metered = MeteredFlow(f, key, shape, config.cerebras_limits.max_retries)
             self.table.add(metered)
         await self._admit(metered)
-
-    @staticmethod
-    async def prepare(f: http.HTTPFlow) -> RequestShape:
-        """Tokenize the request (see prepare_request), in a worker thread if it is large."""
-        body = f.request.get_content(strict=False) or b""
-        if len(body) > OFFLOAD_BODY_BYTES:
-            shape, new_body = await asyncio.to_thread(prepare_request, f.request.path, body)
-        else:
-            shape, new_body = prepare_request(f.request.path, body)
-        if new_body is not None:
-            f.request.content = new_body  # re-encoded as the content-encoding says
-            f.metadata["cooldown_added_include_usage"] = True
-        return shape
-
-    def estimate(self, metered: MeteredFlow) -> Estimate:
-        config = self.runtime.config
-        limits = config.model_limits(metered.key)
-        return metered.shape.estimate(
-            limits.context_length or config.cerebras_limits.context_length,
-            limits.output_reservation,
-            self.runtime.calibration.factor(metered.key),
-        )
 
     async def _admit(self, metered: MeteredFlow) -> None:
         """Hold the flow until the gate releases it, then send it on; or answer it."""
@@ -133,7 +106,7 @@ class Metering:
             self._end(metered)
             self._refuse(f, Outcome.SHUTDOWN, 5.0)
             return
-        estimate = metered.estimate = self.estimate(metered)
+        estimate = metered.estimate = self.runtime.estimate(metered.key, metered.shape)
         # A retry was admitted once already: a queue that filled up meanwhile does not refuse it.
         ticket = metered.ticket = gate.submit(estimate.total, key=metered.key, requeue=is_copy)
         f.metadata["cooldown_estimate"] = estimate.total
@@ -178,13 +151,7 @@ class Metering:
         assert ticket is not None and estimate is not None
         metered.phase = Phase.HELD
         f.intercept()
-        f.comment = (
-            f"{answers.label(f)}held for {ticket.key} (#{self.runtime.gate.depth} in queue), "
-            f"waiting for {describe(ticket.wait_reason) if ticket.wait_reason else 'its turn'}; "
-            f"estimate {estimate.total} tokens "
-            f"({estimate.input_tokens} in + {estimate.output_tokens} out), "
-            f"priority {base_priority(estimate.total):g}"
-        )
+        f.comment = answers.held_comment(f, ticket, estimate, self.runtime.gate.depth)
         self._trigger_update(f)
         try:
             if f.client_conn.state is connection.ConnectionState.CLOSED:
@@ -193,13 +160,14 @@ class Metering:
         finally:
             metered.phase = Phase.ADMITTING
             if ticket.tokens != max(estimate.total, 1):
-                metered.estimate = self.estimate(metered)  # calibration learnt while it waited
+                metered.estimate = self.runtime.estimate(
+                    metered.key, metered.shape
+                )  # calibration learnt while it waited
             if f.intercepted:
                 f.resume()
             if ticket.outcome is Outcome.RELEASED:
                 f.comment = (
-                    f"{answers.label(f)}waited {ticket.waited:.3f}s, "
-                    f"estimate {ticket.tokens} tokens"
+                    f"{answers.label(f)}waited {ticket.waited:.3f}s, estimate {ticket.tokens}"
                 )
             self._trigger_update(f)
 
@@ -228,7 +196,7 @@ class Metering:
         sizes = []
         for metered in self.table:
             if metered.phase is Phase.HELD and metered.key == key and metered.ticket is not None:
-                estimate = self.estimate(metered)
+                estimate = self.runtime.estimate(metered.key, metered.shape)
                 metered.flow.metadata["cooldown_estimate"] = estimate.total
                 sizes.append((metered.ticket, estimate.total))
         self.runtime.gate.resize(sizes)

@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from .limiter import Rate
-
-if TYPE_CHECKING:
-    from .scheduler import Ticket
+from .tickets import Ticket
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from mitmproxy.proxy.layers.http import HTTPMode
 from . import answers
 from .flows import FlowTable, MeteredFlow, Phase, Retry
 from .runtime import Runtime
-from .scheduler import Outcome
+from .tickets import Outcome
 
 log = logging.getLogger(__name__)
 

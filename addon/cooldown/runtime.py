@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable
 
 from .config import Config
-from .estimate import InputCalibration
+from .estimate import Estimate, InputCalibration, RequestShape
 from .gate import Gate
 from .metrics import Metrics
 
@@ -29,6 +29,16 @@ class Runtime:
         # Per-request debug lines cost a formatted record each; only worth it when shown.
         self.debug = True
         self._on_config: list[Callable[[Config], None]] = []
+
+    def estimate(self, key: str, shape: RequestShape) -> Estimate:
+        """What a request of this shape reserves under `key`'s limits, as calibrated now."""
+        config = self.config
+        limits = config.model_limits(key)
+        return shape.estimate(
+            limits.context_length or config.cerebras_limits.context_length,
+            limits.output_reservation,
+            self.calibration.factor(key),
+        )
 
     def on_config(self, listener: Callable[[Config], None]) -> None:
         """Call `listener(config)` whenever a new config is applied."""

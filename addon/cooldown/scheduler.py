@@ -31,71 +31,26 @@ for the first wave; `probe_first: false` turns it off.
 
 from __future__ import annotations
 
-import enum
 import heapq
 import itertools
 import logging
 import math
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 
+from .accounts import Accounts
 from .breaker import BreakerState, CircuitBreaker
 from .config import CerebrasLimits
 from .limiter import LimiterBackend, Rate, Reservation
 from .probe import ProbeFirst
+from .tickets import SMALL_REQUEST_TOKENS
+from .tickets import Outcome as Outcome  # re-exported: callers name outcomes here
+from .tickets import Ticket as Ticket
+from .tickets import base_priority as base_priority
 
 log = logging.getLogger(__name__)
 
-SMALL_REQUEST_TOKENS = 1_000
-LARGE_REQUEST_TOKENS = 5_000
 BACKFILL_SHARE = 0.5
-
-
-class Outcome(enum.Enum):
-    RELEASED = "released"  # forwarded upstream; holds a reservation
-    QUEUE_FULL = "queue_full"
-    TIMEOUT = "timeout"
-    BREAKER_OPEN = "breaker_open"
-    CANCELLED = "cancelled"  # the client went away or the flow was killed
-    SHUTDOWN = "shutdown"
-
-
-def base_priority(tokens: int) -> float:
-    if tokens < SMALL_REQUEST_TOKENS:
-        return 2.0
-    if tokens > LARGE_REQUEST_TOKENS:
-        return 0.5
-    return 1.0
-
-
-@dataclass(eq=False)
-class Ticket:
-    """One request from the moment it asks to go upstream until its answer is accounted."""
-
-    id: int
-    key: str
-    tokens: int
-    enqueued_at: float
-    deadline: float
-    outcome: Outcome | None = None
-    resolved_at: float | None = None
-    retry_after: float = 0.0  # for refusals: when trying again makes sense
-    reservation: Reservation | None = None
-    probe: bool = False  # the single request a half-open breaker let through
-    finished: bool = False  # settled or released after release
-    wait_reason: str | None = field(default=None)  # which limit it is waiting for, if any
-    backfilled: int = 0  # tokens of small requests let past it while it waited at the head
-
-    @property
-    def held(self) -> bool:
-        return self.outcome is None
-
-    @property
-    def waited(self) -> float:
-        return (
-            self.resolved_at if self.resolved_at is not None else self.enqueued_at
-        ) - self.enqueued_at
 
 
 class _KeyQueue:
@@ -146,6 +101,24 @@ class _KeyQueue:
             heapq.heapify(self.by_priority)
 
 
+class Pauses:
+    """Keys that release nothing until a moment (a cooldown after an upstream 429)."""
+
+    def __init__(self) -> None:
+        self._until: dict[str, float] = {}
+
+    def pause(self, key: str, until: float) -> None:
+        self._until[key] = max(until, self._until.get(key, until))
+
+    def until(self, key: str, now: float) -> float | None:
+        """When `key`'s pause ends, or None if it is not paused."""
+        until = self._until.get(key)
+        if until is not None and until <= now:
+            del self._until[key]
+            return None
+        return until
+
+
 class Scheduler:
     def __init__(
         self,
@@ -165,8 +138,9 @@ class Scheduler:
         self._ids = itertools.count(1)
         self._depth = 0
         self._last_wait: dict[str, float] = {}
-        self._paused_until: dict[str, float] = {}
+        self.pauses = Pauses()
         self.probes = ProbeFirst()
+        self.accounts = Accounts(limiter, breaker, self.probes, self.invalidate)
         # Bumped whenever capacity may have come back or limits changed (see _KeyQueue.refused);
         # only through invalidate(), so no change can forget it.
         self._generation = 0
@@ -182,13 +156,6 @@ class Scheduler:
     def depth(self) -> int:
         """Requests currently held."""
         return self._depth
-
-    def usage(self, key: str, now: float) -> dict[str, float]:
-        """Fraction of each limit in use for `key`, by rate name."""
-        return {
-            rate.name: self.limiter.used(key, rate, now) / self.limiter.limit(key, rate)
-            for rate in self.rates_for(key)
-        }
 
     def is_tight(self, key: str, now: float) -> bool:
         threshold = self.limits.priority_threshold
@@ -255,7 +222,7 @@ class Scheduler:
         closed, the limiter grants), without the queue, deadline and timer work: the path of
         most requests when capacity is not tight.
         """
-        if self.paused_until(key, now) is not None or self.probes.wait(key, now) is not None:
+        if self.pauses.until(key, now) is not None or self.probes.wait(key, now) is not None:
             return False
         if self.breaker.state(now) is not BreakerState.CLOSED:
             return False
@@ -293,23 +260,12 @@ class Scheduler:
                 del self._queues[key]
         return next_at
 
-    def pause(self, key: str, until: float) -> None:
-        """Hold everything for `key` until `until` (a cooldown after an upstream 429)."""
-        self._paused_until[key] = max(until, self._paused_until.get(key, until))
-
-    def paused_until(self, key: str, now: float) -> float | None:
-        until = self._paused_until.get(key)
-        if until is not None and until <= now:
-            del self._paused_until[key]
-            return None
-        return until
-
     def forget_upstream_state(self) -> None:
         """Upstream's state is unknown again (new limits): probe before the next wave."""
         self.probes.forget()
 
     def _release_from(self, key: str, queue: _KeyQueue, now: float) -> float | None:
-        paused = self.paused_until(key, now)
+        paused = self.pauses.until(key, now)
         if paused is not None:
             return paused
         rates = self.rates_for(key)
@@ -391,13 +347,10 @@ class Scheduler:
             if ticket.held:
                 self._resolve(ticket, Outcome.TIMEOUT, now, self.retry_hint(ticket.key))
 
+    # -- after release: the ticket's account (accounts.py) ------------------------------------
+
     def confirm(self, ticket: Ticket, now: float) -> None:
-        """Upstream has started answering, so it has counted the request by now."""
-        if ticket.reservation is not None and not ticket.finished:
-            self.limiter.confirm(ticket.reservation, now)
-            self.invalidate()
-        if ticket.outcome is Outcome.RELEASED:
-            self.probes.synced(ticket.key, now)
+        self.accounts.confirm(ticket, now)
 
     def finish(
         self,
@@ -407,45 +360,10 @@ class Scheduler:
         now: float,
         refund: int | None = None,
     ) -> None:
-        """Upstream answered a released request: settle its reservation and feed the breaker.
-
-        `refund`: what upstream gives back of the reservation (its unused output), if known."""
-        if ticket.outcome is not Outcome.RELEASED or ticket.finished:
-            return
-        ticket.finished = True
-        self.invalidate()
-        self.probes.synced(ticket.key, now)  # upstream answered: its state is known
-        if status == 429:
-            self.breaker.record_429(now)
-        else:
-            self.breaker.record_success(now)
-        if ticket.reservation is None:
-            return
-        if status == 429:
-            # Refused before any work: upstream charged nothing. Its picture of the limits is
-            # re-synced from the 429's own headers, so holding the estimate would count twice.
-            self.limiter.release(ticket.reservation, now)
-            return
-        # Without a usage figure (errors, odd bodies) keep the estimate: upstream may have
-        # charged it, and over-counting only costs a little waiting.
-        settled = ticket.reservation.tokens if actual_tokens is None else actual_tokens
-        self.limiter.settle(ticket.reservation, settled, now, refund)
+        self.accounts.finish(ticket, status, actual_tokens, now, refund)
 
     def abort(self, ticket: Ticket, reached_upstream: bool, now: float) -> None:
-        """A released request failed without an answer from upstream."""
-        if ticket.outcome is not Outcome.RELEASED or ticket.finished:
-            return
-        ticket.finished = True
-        self.invalidate()
-        if ticket.probe:
-            self.breaker.probe_aborted()
-        if ticket.reservation is None:
-            return
-        if reached_upstream:
-            # Upstream may have admitted and charged it: keep the estimate.
-            self.limiter.settle(ticket.reservation, ticket.reservation.tokens, now)
-        else:
-            self.limiter.release(ticket.reservation, now)
+        self.accounts.abort(ticket, reached_upstream, now)
 
     def shutdown(self, now: float) -> list[Ticket]:
         """Resolve every held request (the proxy is stopping)."""

@@ -1,0 +1,61 @@
+"""A request's ticket through the scheduler, and what became of it.
+
+Size classes: under SMALL_REQUEST_TOKENS estimated tokens a request is small (priority 2.0,
+and may be let past a waiting large one), over LARGE_REQUEST_TOKENS large (priority 0.5).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from .limiter import Reservation
+
+SMALL_REQUEST_TOKENS = 1_000
+LARGE_REQUEST_TOKENS = 5_000
+
+
+class Outcome(enum.Enum):
+    RELEASED = "released"  # forwarded upstream; holds a reservation
+    QUEUE_FULL = "queue_full"
+    TIMEOUT = "timeout"
+    BREAKER_OPEN = "breaker_open"
+    CANCELLED = "cancelled"  # the client went away or the flow was killed
+    SHUTDOWN = "shutdown"
+
+
+def base_priority(tokens: int) -> float:
+    if tokens < SMALL_REQUEST_TOKENS:
+        return 2.0
+    if tokens > LARGE_REQUEST_TOKENS:
+        return 0.5
+    return 1.0
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One request from the moment it asks to go upstream until its answer is accounted."""
+
+    id: int
+    key: str
+    tokens: int
+    enqueued_at: float
+    deadline: float
+    outcome: Outcome | None = None
+    resolved_at: float | None = None
+    retry_after: float = 0.0  # for refusals: when trying again makes sense
+    reservation: Reservation | None = None
+    probe: bool = False  # the single request a half-open breaker let through
+    finished: bool = False  # settled or released after release
+    wait_reason: str | None = field(default=None)  # which limit it is waiting for, if any
+    backfilled: int = 0  # tokens of small requests let past it while it waited at the head
+
+    @property
+    def held(self) -> bool:
+        return self.outcome is None
+
+    @property
+    def waited(self) -> float:
+        return (
+            self.resolved_at if self.resolved_at is not None else self.enqueued_at
+        ) - self.enqueued_at
