@@ -43,7 +43,7 @@ from .profiling import render, start_record, summarize
 
 NOOP_ADDON = Path(__file__).resolve().parent / "noop_addon.py"
 
-TARGET_THROUGHPUT_RATIO = 0.85
+TARGET_THROUGHPUT_RATIO = 0.87  # issue 12: CPU per request <= 1.15 x bare mitmdump
 TARGET_ADDED_P50_MS = 2.0
 CONNECTIONS = 8
 
@@ -74,10 +74,18 @@ def addon_config() -> dict[str, Any]:
     }
 
 
+def _percentile(values: list[float], q: float) -> float:
+    """A percentile of latencies the phase did measure (it always measures some)."""
+    value = percentile(values, q)
+    if value is None:
+        raise RuntimeError("no latency measured")
+    return value
+
+
 async def closed_loop(port: int, request: bytes, connections: int, seconds: float) -> dict:
     """`connections` keep-alive clients, each sending its next request as soon as answered."""
     deadline = time.perf_counter() + seconds
-    counts = {"ok": 0, "errors": 0}
+    counts: dict[str, float] = {"ok": 0, "errors": 0}
 
     async def worker() -> None:
         conn = await RawConnection.open(port)
@@ -174,7 +182,7 @@ def run(ctx: Context) -> BenchResult:
         profile_text = None
         ratios = [a["rps"] / b["rps"] for a, b in zip(runs["addon"], runs["bare"], strict=True)]
         ratio = statistics.median(ratios)
-        lat = {k: (percentile(v, 50), percentile(v, 99)) for k, v in latencies.items()}
+        lat = {k: (_percentile(v, 50), _percentile(v, 99)) for k, v in latencies.items()}
         added_p50 = (lat["addon"][0] - lat["bare"][0]) * 1000
         added_p99 = (lat["addon"][1] - lat["bare"][1]) * 1000
         missed = ratio < TARGET_THROUGHPUT_RATIO or added_p50 > TARGET_ADDED_P50_MS

@@ -445,7 +445,8 @@ class Reservation:
 
     key: str
     tokens: int  # the amount charged against token limits right now
-    _parts: list[_Part] = field(default_factory=list, repr=False)
+    # The backend's own record of what it holds per limit; opaque to everyone else.
+    parts: list[_Part] = field(default_factory=list, repr=False)
     confirmed: bool = False
     open: bool = True
 
@@ -667,7 +668,7 @@ class MemoryLimiter:
                 part.view_epoch = view.epoch
             if pace is not None:
                 pace[0].take(amount, pace[1], pace[2], now)
-            reservation._parts.append(part)
+            reservation.parts.append(part)
         self._in_flight.setdefault(key, {})[reservation] = None
         self._open += 1
         return Decision(True, reservation=reservation)
@@ -689,7 +690,7 @@ class MemoryLimiter:
         flying = dict.fromkeys(wanted, 0)
         parts: list[_Part] = []
         for reservation in self._in_flight.get(key, ()):
-            for part in reservation._parts:
+            for part in reservation.parts:
                 if part.slot in wanted:
                     parts.append(part)
                     flying[part.slot] += part.amount
@@ -714,7 +715,7 @@ class MemoryLimiter:
         """Upstream has admitted the request by `now`: charge it at this moment."""
         if not reservation.open or reservation.confirmed:
             return
-        for part in reservation._parts:
+        for part in reservation.parts:
             counter = self._counters.get(part.slot)
             if counter is not None:
                 part.handle = counter.count(part.amount, part.limit, now)
@@ -747,7 +748,7 @@ class MemoryLimiter:
             return
         self.confirm(reservation, now)
         actual = max(int(actual_tokens), 0)
-        for part in reservation._parts:
+        for part in reservation.parts:
             if part.slot[1] != "tokens":
                 continue
             counter = self._counters.get(part.slot)
@@ -776,7 +777,7 @@ class MemoryLimiter:
         """
         if not reservation.open:
             return
-        for part in reservation._parts:
+        for part in reservation.parts:
             counter = self._counters.get(part.slot)
             view = self._views.get(part.slot)
             if not reservation.confirmed:
