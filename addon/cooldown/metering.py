@@ -24,7 +24,7 @@ from .flows import FlowTable, MeteredFlow, Phase, prepare, snapshot_request
 from .retry import Retries
 from .routing import is_cerebras, is_metered_path, key_for, route
 from .runtime import Runtime
-from .settle import account, add_proxy_headers, cool_down, settle_error
+from .settle import account, add_proxy_headers, cool_down, header_values, settle_error
 from .tickets import Outcome
 from .upstream import SSEUsageTap, classify_429
 
@@ -244,7 +244,8 @@ class Metering:
         # 429 was not counted: its reservation is given back before the report is read).
         self.runtime.gate.confirm(metered.ticket, f.response.status_code, f.response.headers)
         add_proxy_headers(self.runtime.gate, f.response, metered)
-        if f.response.headers.get("content-type", "").startswith("text/event-stream"):
+        (content_type,) = header_values(f.response.headers, b"content-type")
+        if content_type is not None and content_type.startswith("text/event-stream"):
             if metered.parent is not None:
                 # A retry's copy: buffered whole, to be handed to the flow it retries (whose
                 # client then gets the stream at once); usage is read from the whole body.

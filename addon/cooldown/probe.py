@@ -57,6 +57,12 @@ class ProbeFirst:
         if not rates:
             return
         synced = self._synced_at.get(key)
-        if synced is None or now - synced > min(rate.period for rate in rates):
-            self._synced_at.pop(key, None)
-            self._probes[key] = (ticket, now + timeout)
+        if synced is not None:
+            age = now - synced
+            for rate in rates:  # (a plain loop: this runs on every release)
+                if age > rate.period:
+                    break
+            else:
+                return  # heard from upstream within the shortest period: not stale
+        self._synced_at.pop(key, None)
+        self._probes[key] = (ticket, now + timeout)

@@ -54,14 +54,27 @@ _OURS = frozenset(
 )
 
 
+def header_values(headers: http.Headers, *names: bytes) -> list[str | None]:
+    """The first value of each of `names` (lower-case), in one pass over the raw fields:
+    mitmproxy's `Headers.get` scans and re-encodes every field per name asked."""
+    found: list[str | None] = [None] * len(names)
+    for name, value in headers.fields:
+        lowered = name.lower()
+        for i, wanted in enumerate(names):
+            if lowered == wanted and found[i] is None:
+                found[i] = value.decode("latin-1")
+    return found
+
+
 def usage_of(metered: MeteredFlow, response: http.Response) -> dict[str, int] | None:
     """What upstream says the request used (None: it did not say)."""
     if metered.tap is not None:
         return metered.tap.usage
     if response.raw_content is None:
         return None
-    content = response.get_content(strict=False)
-    if response.headers.get("content-type", "").startswith("text/event-stream"):
+    content_type, encoding = header_values(response.headers, b"content-type", b"content-encoding")
+    content = response.raw_content if encoding is None else response.get_content(strict=False)
+    if content_type is not None and content_type.startswith("text/event-stream"):
         tap = SSEUsageTap()  # a stream that was buffered (a retry's copy)
         tap(content or b"")
         tap(b"")
