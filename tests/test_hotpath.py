@@ -16,14 +16,13 @@ from cooldown.estimate import _texts, count_text_tokens, parse_request
 from cooldown.gate import Gate
 from cooldown.limiter import RateReport
 from cooldown.metrics import Metrics
-from cooldown.upstream import _number, parse_rate_headers
+from cooldown.upstream import _number, parse_rate_headers, reports_from
 
 # -- x-ratelimit-* parsing: the table lookup finds what the regex found -------------------------
 
 _RATE_HEADER = re.compile(
     r"x-ratelimit-(limit|remaining|reset)-(requests|tokens)-(minute|hour|day)"
 )
-_PERIOD_SECONDS = {"minute": 60.0, "hour": 3600.0, "day": 86400.0}
 
 
 def reference_rate_headers(pairs: list[tuple[str, str]]) -> list[RateReport]:
@@ -37,21 +36,7 @@ def reference_rate_headers(pairs: list[tuple[str, str]]) -> list[RateReport]:
         if number is not None:
             kind, unit, period = match.groups()
             found.setdefault((unit, period), {})[kind] = number
-    reports = []
-    for (unit, period), values in sorted(found.items()):
-        if "limit" not in values or "remaining" not in values:
-            continue
-        seconds = _PERIOD_SECONDS[period]
-        reports.append(
-            RateReport(
-                unit=unit,  # type: ignore[arg-type]
-                period=seconds,
-                limit=int(values["limit"]),
-                remaining=int(values["remaining"]),
-                reset=min(values.get("reset", seconds), seconds),
-            )
-        )
-    return reports
+    return reports_from(found)  # the same assembly: only the finding of names differs
 
 
 _NAMES = [

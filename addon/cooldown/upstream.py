@@ -77,6 +77,14 @@ def parse_rate_headers(headers: Mapping[str, str] | Any) -> list[RateReport]:
             if number is not None:
                 kind, unit, period = parts
                 found.setdefault((unit, period), {})[kind] = number
+    return reports_from(found)
+
+
+def reports_from(found: dict[tuple[str, str], dict[str, float]]) -> list[RateReport]:
+    """Reports from the numbers found per (unit, period word): {"limit", "remaining", "reset"}.
+
+    A triple without limit or remaining is skipped; a missing reset is taken as a full period.
+    """
     reports = []
     for (unit, period), values in sorted(found.items()):
         if "limit" not in values or "remaining" not in values:
