@@ -6,7 +6,7 @@ import logging
 import time
 
 import pytest
-from mitmproxy import connection, exceptions, flow
+from mitmproxy import connection, ctx, exceptions, flow
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons, tflow, tutils
 
@@ -74,6 +74,11 @@ def addon_ctx(config_file):
             ),
         )
         yield addon, tctx
+
+
+def departures():
+    """The departures addon of the Cooldown in the current mitmproxy test context."""
+    return ctx.master.addons.get("cooldown-departures")
 
 
 async def until(predicate, steps=100):
@@ -163,7 +168,7 @@ async def test_client_disconnect_while_held_leaves_the_queue_and_takes_nothing(a
     task = asyncio.ensure_future(addon.request(held))
     await until(lambda: addon.status()["queue_depth"] == 1)
     held.client_conn.state = connection.ConnectionState.CLOSED
-    addon.client_disconnected(held.client_conn)
+    departures().client_disconnected(held.client_conn)
     await task
     assert held.response is None
     status = addon.status()
@@ -328,7 +333,7 @@ async def test_no_secret_or_prompt_in_debug_logs(addon_ctx, caplog):
     await until(lambda: addon.status()["queue_depth"] == 2)
     await addon.request(private_flow(5))  # refused: queue full
     held[0].client_conn.state = connection.ConnectionState.CLOSED
-    addon.client_disconnected(held[0].client_conn)  # leaves the queue
+    departures().client_disconnected(held[0].client_conn)  # leaves the queue
     first.response = ok_response()
     await addon.response(first)  # settles and releases the other held flow
     await asyncio.gather(*tasks)
@@ -666,7 +671,7 @@ async def test_client_gone_while_the_copy_is_held_stops_it(config_file):
         task = asyncio.ensure_future(addon.response(f))
         await until(lambda: replays.copies and replays.copies[0].intercepted)
         assert addon.status()["queue_depth"] == 1
-        addon.client_disconnected(f.client_conn)
+        departures().client_disconnected(f.client_conn)
         await asyncio.wait_for(task, 5)
         (copy,) = replays.copies
         assert copy.error is not None and copy.error.msg == flow.Error.KILLED_MESSAGE
@@ -688,7 +693,7 @@ async def test_client_gone_while_the_copy_is_in_flight_stops_it(config_file):
         f.response = rate_limited()
         task = asyncio.ensure_future(addon.response(f))
         await until(lambda: addon.status()["in_flight_flows"] == 1 and replays.copies)
-        addon.client_disconnected(f.client_conn)
+        departures().client_disconnected(f.client_conn)
         await asyncio.wait_for(task, 5)
         assert replays.stopped == 1
         assert f.metadata["cooldown_refused"] == "client_gone"
@@ -708,7 +713,7 @@ async def test_a_stopped_copy_that_draws_a_429_is_not_retried(config_file):
         f.response = rate_limited()
         task = asyncio.ensure_future(addon.response(f))
         await until(lambda: addon.status()["in_flight_flows"] == 1 and replays.copies)
-        addon.client_disconnected(f.client_conn)
+        departures().client_disconnected(f.client_conn)
         await asyncio.wait_for(task, 5)
         await until(lambda: addon.status()["retrying_flows"] == 0)
         assert len(replays.copies) == 1  # its 429 is settled, not retried for nobody

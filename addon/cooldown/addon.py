@@ -6,15 +6,19 @@ mitmproxy is built from small addons with one concern each; Cooldown follows sui
 - `StatusPages` (pages.py): `http://cooldown.local/metrics`, the scrape listener, the
   `cooldown.status` command;
 - `Metering` (metering.py): holds Cerebras requests until the gate releases them, settles
-  them from upstream's answer, retries after a 429 (retry.py).
+  them from upstream's answer, retries after a 429 (retry.py);
+- `Departures` (departures.py): ends the wait of held flows whose client left (disconnect,
+  kill, reset HTTP/2 stream).
 
-They share one `Runtime` (runtime.py): the config, the gate, the metrics.
+They share one `Runtime` (runtime.py): the config, the gate, the metrics; metering and
+departures also share the table of metered flows.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from .departures import Departures
 from .metering import Metering
 from .pages import StatusPages
 from .runtime import Runtime
@@ -22,15 +26,16 @@ from .settings import Settings
 
 
 class Cooldown:
-    """The three addons over one runtime; mitmproxy registers `addons` like a script's list."""
+    """The addons over one runtime; mitmproxy registers `addons` like a script's list."""
 
     def __init__(self) -> None:
         self.runtime = Runtime()
         self.settings = Settings(self.runtime)
         self.pages = StatusPages(self.runtime)
         self.metering = Metering(self.runtime)
+        self.departures = Departures(self.runtime, self.metering.table, self.metering.retries)
 
     @property
     def addons(self) -> list[Any]:
         # The status pages answer cooldown.local before metering looks at a flow.
-        return [self.settings, self.pages, self.metering]
+        return [self.settings, self.pages, self.metering, self.departures]

@@ -8,7 +8,9 @@ parse, says in its message that the proxy answered and not Cerebras, and carries
 from __future__ import annotations
 
 import json
+import logging
 import math
+import time
 from dataclasses import dataclass
 
 from mitmproxy import http
@@ -16,6 +18,8 @@ from mitmproxy import http
 from .estimate import Estimate
 from .periods import describe
 from .tickets import Outcome, Ticket, base_priority
+
+log = logging.getLogger(__name__)
 
 PROXY_NAME = "Cooldown proxy"
 
@@ -43,6 +47,13 @@ REFUSALS = {
         "queue_full",
         "The Cooldown proxy is already holding its maximum number of requests "
         "(max_queue_depth); retry later.",
+    ),
+    Outcome.CLIENT_QUEUE_FULL: ProxyError(
+        429,
+        "cooldown_client_queue_full",
+        "client_queue_full",
+        "This client (API key, else address) already has its whole share of the Cooldown "
+        "proxy's queue waiting (max_queue_share_per_client); retry later.",
     ),
     Outcome.TIMEOUT: ProxyError(
         429,
@@ -106,3 +117,23 @@ def held_comment(f: http.HTTPFlow, ticket: Ticket, estimate: Estimate, depth: in
         f"({estimate.input_tokens} in + {estimate.output_tokens} out), "
         f"priority {base_priority(estimate.total):g}"
     )
+
+
+class QueueFullLog:
+    """Says that the queue (or a client's share of it) is full at most once per interval: a
+    flood of refusals must not flood the log too."""
+
+    INTERVAL = 10.0
+
+    def __init__(self) -> None:
+        self._logged_at = -math.inf
+
+    def refused(self, outcome: Outcome, depth: int) -> None:
+        if outcome is not Outcome.QUEUE_FULL and outcome is not Outcome.CLIENT_QUEUE_FULL:
+            return
+        now = time.monotonic()
+        if now - self._logged_at < self.INTERVAL:
+            return
+        self._logged_at = now
+        whose = "queue" if outcome is Outcome.QUEUE_FULL else "a client's share of the queue"
+        log.info("%s full (%d held): refusing new requests with 429", whose, depth)

@@ -67,6 +67,9 @@ class CerebrasLimits:
     # headers (at most `probe_timeout`), sync from them, then release the rest.
     probe_first: bool = True
     probe_timeout: float = 2.0
+    # The most of `max_queue_depth` one client (API key, else source address) may hold, so a
+    # runaway agent cannot lock the others out; 1 turns the cap off.
+    max_queue_share_per_client: float = 0.9
 
 
 @dataclass(frozen=True)
@@ -165,6 +168,12 @@ def _non_negative_int(key: str, value: Any) -> int:
 def _burst(key: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
         raise _fail(key, value, "a share of the limit, more than 0 and at most 1")
+    return float(value)
+
+
+def _share(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+        raise _fail(key, value, "a share, more than 0 and at most 1")
     return float(value)
 
 
@@ -299,6 +308,7 @@ _LIMIT_FIELDS: dict[str, Callable[[str, Any], Any]] = {
     "algorithm": _algorithm,
     "probe_first": _bool,
     "probe_timeout": _duration,
+    "max_queue_share_per_client": _share,
 }
 
 _MODEL_FIELDS: dict[str, Callable[[str, Any], Any]] = {

@@ -60,6 +60,8 @@ class MeteredFlow:
     request: http.Request | None = None
     retry: Retry | None = None  # while RETRYING: the copy it waits for
     stopped: str | None = field(default=None)  # for a copy: why nobody waits for it any more
+    client: str | None = None  # who sent it: an API-key fingerprint or an address (routing.py)
+    stream: Any = None  # while held: mitmproxy's layer for its stream, to notice a reset
 
     @property
     def id(self) -> str:

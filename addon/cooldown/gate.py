@@ -28,6 +28,7 @@ from .upstream import RateReport, parse_rate_headers
 log = logging.getLogger(__name__)
 
 DEFAULT_KEY = "default"  # requests that name no model
+QUEUE_BY_CLIENT_SHOWN = 10
 _MIN_TIMER_DELAY = 0.001
 
 
@@ -155,11 +156,13 @@ class Gate:
         """Requests held now."""
         return self.scheduler.depth
 
-    def submit(self, tokens: int, key: str = DEFAULT_KEY, requeue: bool = False) -> Ticket:
+    def submit(
+        self, tokens: int, key: str = DEFAULT_KEY, requeue: bool = False, client: str | None = None
+    ) -> Ticket:
         """Queue a request; `requeue` is for one already admitted once (a retry after a 429),
         which must not be turned away because the queue filled up meanwhile."""
         self.stats.submitted += 1
-        ticket = self.scheduler.submit(key, tokens, self.clock(), requeue=requeue)
+        ticket = self.scheduler.submit(key, tokens, self.clock(), requeue=requeue, client=client)
         if ticket.held:
             self.pump()
         return ticket
@@ -320,6 +323,12 @@ class Gate:
         now = self.clock()
         return {
             "queue_depth": self.scheduler.depth,
+            # The clients holding the most of the queue (fingerprints or addresses, no keys).
+            "queue_by_client": dict(
+                sorted(self.scheduler.shares.held().items(), key=lambda kv: (-kv[1], kv[0]))[
+                    :QUEUE_BY_CLIENT_SHOWN
+                ]
+            ),
             "open_reservations": self.limiter.open_reservations(),
             "breaker": self.breaker.state(now).value,
             "usage": {key: self.usage(key, now) for key in sorted(self.keys)},

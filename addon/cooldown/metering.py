@@ -12,29 +12,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import time
 from typing import Any
 
-from mitmproxy import connection, ctx, flow, hooks, http
+from mitmproxy import connection, ctx, hooks, http
 from mitmproxy.utils import asyncio_utils
 
 from . import answers
 from .flows import FlowTable, MeteredFlow, Phase, prepare, snapshot_request
 from .retry import Retries
-from .routing import is_cerebras, is_metered_path, key_for, route
+from .routing import client_of, is_cerebras, is_metered_path, key_for, route
 from .runtime import Runtime
 from .settle import account, add_proxy_headers, cool_down, header_values, settle_error
+from .streams import find_stream, stream_reset
 from .tickets import Outcome
 from .upstream import SSEUsageTap, classify_429
 
 log = logging.getLogger(__name__)
 
-_QUEUE_FULL_LOG_INTERVAL = 10.0
 
 OUTCOME_LABELS = {
     Outcome.RELEASED: "forwarded",
     Outcome.QUEUE_FULL: "refused_queue_full",
+    Outcome.CLIENT_QUEUE_FULL: "refused_client_queue_full",
     Outcome.TIMEOUT: "refused_timeout",
     Outcome.BREAKER_OPEN: "refused_breaker_open",
     Outcome.SHUTDOWN: "refused_shutdown",
@@ -51,20 +50,21 @@ class Metering:
         self.table = FlowTable()
         self.retries = Retries(runtime, self.table)
         runtime.metrics.tracked_flows = self.table.__len__
-        self._queue_full_logged_at = -math.inf
-        self._shutdown_task: asyncio.Task[None] | None = None
+        self._full_log = answers.QueueFullLog()
+        self._tasks: list[asyncio.Task[None]] = []
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     def running(self) -> None:
-        self._shutdown_task = asyncio_utils.create_task(
-            self._answer_held_on_exit(), name="cooldown shutdown watcher", keep_ref=True
-        )
+        self._tasks = [
+            asyncio_utils.create_task(coro, name=name, keep_ref=True)
+            for coro, name in ((self._answer_held_on_exit(), "cooldown shutdown watcher"),)
+        ]
 
     def done(self) -> None:
-        if self._shutdown_task is not None:
-            self._shutdown_task.cancel()
-            self._shutdown_task = None
+        for task in self._tasks:
+            task.cancel()
+        self._tasks = []
         self.retries.stop_all("shutdown")
         self.runtime.gate.shutdown()
 
@@ -92,6 +92,7 @@ class Metering:
             shape = await prepare(f)
             key = key_for(config, self.runtime.gate.keys, shape.model)
             metered = MeteredFlow(f, key, shape, config.cerebras_limits.max_retries)
+            metered.client = client_of(f)
             self.table.add(metered)
         await self._admit(metered)
 
@@ -108,22 +109,25 @@ class Metering:
             return
         estimate = metered.estimate = self.runtime.estimate(metered.key, metered.shape)
         # A retry was admitted once already: a queue that filled up meanwhile does not refuse it.
-        ticket = metered.ticket = gate.submit(estimate.total, key=metered.key, requeue=is_copy)
+        ticket = metered.ticket = gate.submit(
+            estimate.total, key=metered.key, requeue=is_copy, client=metered.client
+        )
         f.metadata["cooldown_estimate"] = estimate.total
         outcome = await self._hold(metered) if ticket.held else ticket.outcome
         f.metadata["cooldown_waited"] = round(ticket.waited, 3)
+        if outcome is Outcome.RELEASED and (
+            not f.live or f.error or metered.stopped or stream_reset(metered.stream)
+        ):
+            # Released in the moment its client left (reset the stream, closed, killed it):
+            # nothing goes upstream, and it counts as cancelled, not as forwarded.
+            gate.abort(ticket, reached_upstream=False)
+            outcome = Outcome.CANCELLED
         # A retry that goes out is counted by cooldown_retries_total, not as a new request.
         if outcome is not None and (not is_copy or outcome is not Outcome.RELEASED):
             self.runtime.metrics.request_outcome(
                 metered.key, OUTCOME_LABELS[outcome], ticket.waited
             )
         if outcome is Outcome.RELEASED:
-            if not f.live or f.error or metered.stopped:
-                gate.abort(ticket, reached_upstream=False)
-                self._end(metered)
-                if is_copy and f.killable:
-                    f.kill()
-                return
             metered.phase = Phase.IN_FLIGHT
             if metered.retries_left > 0:
                 metered.request = snapshot_request(f.request)  # before routing and later addons
@@ -153,8 +157,11 @@ class Metering:
         f.intercept()
         f.comment = answers.held_comment(f, ticket, estimate, self.runtime.gate.depth)
         self._trigger_update(f)
+        metered.stream = find_stream(f)  # to notice a reset stream (check_resets)
         try:
-            if f.client_conn.state is connection.ConnectionState.CLOSED:
+            if f.client_conn.state is connection.ConnectionState.CLOSED or stream_reset(
+                metered.stream
+            ):
                 self.runtime.gate.cancel(ticket)  # the client left while we were estimating
             return await self.runtime.gate.wait(ticket)
         finally:
@@ -166,22 +173,15 @@ class Metering:
             if f.intercepted:
                 f.resume()
             if ticket.outcome is Outcome.RELEASED:
-                f.comment = (
-                    f"{answers.label(f)}waited {ticket.waited:.3f}s, estimate {ticket.tokens}"
-                )
+                waited = f"waited {ticket.waited:.3f}s, estimate {ticket.tokens} tokens"
+                f.comment = f"{answers.label(f)}{waited}"
             self._trigger_update(f)
 
     def _refuse(self, f: http.HTTPFlow, outcome: Outcome, retry_after: float) -> None:
         answers.refuse(f, outcome, retry_after)
         if self.runtime.debug:
             log.debug("flow %s refused: %s", f.id, outcome.value)
-        if outcome is Outcome.QUEUE_FULL:
-            now = time.monotonic()
-            if now - self._queue_full_logged_at >= _QUEUE_FULL_LOG_INTERVAL:
-                self._queue_full_logged_at = now
-                log.info(
-                    "queue full (%d held): refusing new requests with 429", self.runtime.gate.depth
-                )
+        self._full_log.refused(outcome, self.runtime.gate.depth)
 
     def _end(self, metered: MeteredFlow) -> None:
         """`metered` will not go upstream again. A copy's entry stays until its replay is over
@@ -205,33 +205,6 @@ class Metering:
     def _trigger_update(f: http.HTTPFlow) -> None:
         # Tells mitmweb/mitmproxy to redraw the flow (paused or resumed).
         ctx.master.addons.trigger(hooks.UpdateHook([f]))
-
-    # -- flows that leave while held -------------------------------------------------------------
-
-    def client_disconnected(self, client: connection.Client) -> None:
-        for metered in self.table.of_client(client.id):
-            if metered.phase is Phase.HELD and metered.ticket is not None:
-                self.runtime.gate.cancel(metered.ticket)
-            elif metered.phase is Phase.RETRYING:
-                self.retries.stop(metered, "client_gone")
-
-    def update(self, flows: list[flow.Flow]) -> None:
-        for f in flows:
-            metered = self.table.get(f.id)
-            if metered is None:
-                continue
-            killed = f.error is not None and f.error.msg == flow.Error.KILLED_MESSAGE
-            if metered.phase is Phase.RETRYING and killed:
-                self.retries.stop(metered, "killed")
-            elif metered.phase is not Phase.HELD or metered.ticket is None:
-                continue
-            elif killed:
-                self.runtime.gate.cancel(metered.ticket)
-            elif not f.intercepted and metered.ticket.held:
-                # Resumed by hand (mitmweb): the limiter still decides, so it stays paused.
-                f.intercept()
-                log.info("flow %s resumed by hand; held until the limiter releases it", f.id)
-                self._trigger_update(metered.flow)
 
     # -- the answer ------------------------------------------------------------------------------
 

@@ -204,6 +204,7 @@ class Metrics:
             "breaker_state": status["breaker"],
             "open_reservations": status["open_reservations"],
             "tracked_flows": self.tracked_flows(),
+            "queue_by_client": status["queue_by_client"],
             "usage": usage,
             "algorithm": status["algorithm"],
             "foreign_tokens_per_minute": status["foreign_tokens_per_minute"],

@@ -151,6 +151,7 @@ class Retries:
             retries_left=metered.retries_left - 1,
             attempt=metered.attempt + 1,
             parent=metered,
+            client=metered.client,
         )
         self.table.add(copy_entry)
         metered.retry = retry

@@ -6,6 +6,8 @@ Plain functions of the running config and the flow; the metering addon calls the
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import re
 from urllib.parse import urlsplit
 
 from mitmproxy import http
@@ -15,6 +17,8 @@ from .gate import DEFAULT_KEY
 
 METERED_PATHS = ("/v1/chat/completions", "/v1/completions")
 MAX_MODELS = 64
+MAX_MODEL_NAME = 256
+_SAFE_NAME = re.compile(r"[A-Za-z0-9._:/@+-]+")
 OTHER_MODELS_KEY = "(other models)"
 _HOST_VERDICTS_KEPT = 1024
 
@@ -54,12 +58,30 @@ def route(config: Config, f: http.HTTPFlow) -> None:
 def key_for(config: Config, known: set[str], model: str | None) -> str:
     """The limiter key for a model name, which comes from the client.
 
-    Every key has its own buckets, queue and metric series; past MAX_MODELS distinct names
-    (`known`) not in the config, further ones share one key, so a client inventing names
-    cannot grow the proxy without bound.
+    Every key has its own buckets, queue and metric series, and appears in logs and flow
+    comments; so a name becomes a key only if it is at most MAX_MODEL_NAME characters of a
+    safe set (letters, digits and `._-:/@+`), and only the first MAX_MODELS distinct names not
+    in the config do: any other shares OTHER_MODELS_KEY. A client sending huge or invented
+    names cannot grow the proxy, its pages or its logs.
     """
     if model is None:
         return DEFAULT_KEY
+    if len(model) > MAX_MODEL_NAME:
+        return OTHER_MODELS_KEY
     if model in known or model in config.models:
         return model
-    return model if len(known) < MAX_MODELS else OTHER_MODELS_KEY
+    if len(known) >= MAX_MODELS or not _SAFE_NAME.fullmatch(model):
+        return OTHER_MODELS_KEY
+    return model
+
+
+def client_of(f: http.HTTPFlow) -> str:
+    """Who sent the flow, for its share of the queue: a fingerprint of its API key
+    (`sha256:` + 12 hex digits of the bearer token's hash; never the key), else its address."""
+    authorization = f.request.headers.get("authorization", "")
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        digest = hashlib.sha256(token.strip().encode("utf-8", "surrogateescape")).hexdigest()
+        return f"sha256:{digest[:12]}"
+    peer = f.client_conn.peername
+    return f"address:{peer[0]}" if peer else "address:unknown"

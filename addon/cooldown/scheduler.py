@@ -35,7 +35,7 @@ import heapq
 import itertools
 import logging
 import math
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 
 from .accounts import Accounts
@@ -101,6 +101,40 @@ class _KeyQueue:
             heapq.heapify(self.by_priority)
 
 
+def is_tight(
+    limiter: LimiterBackend, key: str, rates: Sequence[Rate], threshold: float, now: float
+) -> bool:
+    """Capacity is tight when any limit is used beyond `threshold` (priority order applies)."""
+    return any(
+        limiter.used(key, rate, now) > threshold * limiter.limit(key, rate) for rate in rates
+    )
+
+
+class ClientShares:
+    """Held tickets per client: no client may hold more than its share of the queue."""
+
+    def __init__(self) -> None:
+        self._held: Counter[str] = Counter()
+
+    def full(self, client: str, limits: CerebrasLimits) -> bool:
+        share = math.ceil(limits.max_queue_share_per_client * limits.max_queue_depth)
+        return self._held[client] >= share
+
+    def add(self, client: str | None) -> None:
+        if client is not None:
+            self._held[client] += 1
+
+    def remove(self, client: str | None) -> None:
+        if client is not None:
+            self._held[client] -= 1
+            if self._held[client] <= 0:
+                del self._held[client]
+
+    def held(self) -> dict[str, int]:
+        """Held requests per client (at most `max_queue_depth` entries)."""
+        return dict(self._held)
+
+
 class Pauses:
     """Keys that release nothing until a moment (a cooldown after an upstream 429)."""
 
@@ -137,6 +171,7 @@ class Scheduler:
         self._deadlines: list[tuple[float, int, Ticket]] = []
         self._ids = itertools.count(1)
         self._depth = 0
+        self.shares = ClientShares()
         self._last_wait: dict[str, float] = {}
         self.pauses = Pauses()
         self.probes = ProbeFirst()
@@ -157,14 +192,6 @@ class Scheduler:
         """Requests currently held."""
         return self._depth
 
-    def is_tight(self, key: str, now: float) -> bool:
-        threshold = self.limits.priority_threshold
-        limiter = self.limiter
-        return any(
-            limiter.used(key, rate, now) > threshold * limiter.limit(key, rate)
-            for rate in self.rates_for(key)
-        )
-
     def held_tickets(self) -> Iterator[Ticket]:
         for queue in self._queues.values():
             yield from (t for t in queue.fifo if t.held)
@@ -180,6 +207,7 @@ class Scheduler:
         queue = self._queues[ticket.key]
         queue.live -= 1
         self._depth -= 1
+        self.shares.remove(ticket.client)
         queue.compact()
         self._finalize(ticket, outcome, now, retry_after)
 
@@ -189,14 +217,18 @@ class Scheduler:
         ticket.retry_after = retry_after
         self.on_resolved(ticket)
 
-    def submit(self, key: str, tokens: int, now: float, requeue: bool = False) -> Ticket:
-        """Queue a request; it may be refused at once (queue full, breaker open)."""
+    def submit(
+        self, key: str, tokens: int, now: float, requeue: bool = False, client: str | None = None
+    ) -> Ticket:
+        """Queue a request; it may be refused at once (queue full, client's share full,
+        breaker open). `requeue`: admitted once already (a retry), never refused for room."""
         ticket = Ticket(
             id=next(self._ids),
             key=key,
             tokens=max(int(tokens), 1),
             enqueued_at=now,
             deadline=now + self.limits.request_timeout,
+            client=client,
         )
         if self.breaker.state(now) is BreakerState.OPEN:
             self._finalize(ticket, Outcome.BREAKER_OPEN, now, self.breaker.retry_after(now))
@@ -204,6 +236,9 @@ class Scheduler:
         if self._depth >= self.limits.max_queue_depth and not requeue:
             self._finalize(ticket, Outcome.QUEUE_FULL, now, self.retry_hint(key))
             log.debug("queue full (%d held): refusing ticket %d", self._depth, ticket.id)
+            return ticket
+        if client is not None and not requeue and self.shares.full(client, self.limits):
+            self._finalize(ticket, Outcome.CLIENT_QUEUE_FULL, now, self.retry_hint(key))
             return ticket
         queue = self._queues.get(key)
         if (queue is None or queue.live == 0) and self._release_at_once(key, ticket, now):
@@ -213,6 +248,7 @@ class Scheduler:
         queue.push(ticket, self.limits.priority_aging)
         heapq.heappush(self._deadlines, (ticket.deadline, ticket.id, ticket))
         self._depth += 1
+        self.shares.add(client)
         return ticket
 
     def _release_at_once(self, key: str, ticket: Ticket, now: float) -> bool:
@@ -274,7 +310,7 @@ class Scheduler:
         tight = False
         while True:
             if not tight and queue.live > 1:
-                tight = self.is_tight(key, now)
+                tight = is_tight(self.limiter, key, rates, self.limits.priority_threshold, now)
             ticket = queue.head(tight)
             if ticket is None:
                 self._last_wait.pop(key, None)

@@ -18,6 +18,7 @@ LARGE_REQUEST_TOKENS = 5_000
 class Outcome(enum.Enum):
     RELEASED = "released"  # forwarded upstream; holds a reservation
     QUEUE_FULL = "queue_full"
+    CLIENT_QUEUE_FULL = "client_queue_full"  # this client holds its whole share of the queue
     TIMEOUT = "timeout"
     BREAKER_OPEN = "breaker_open"
     CANCELLED = "cancelled"  # the client went away or the flow was killed
@@ -49,6 +50,7 @@ class Ticket:
     finished: bool = False  # settled or released after release
     wait_reason: str | None = field(default=None)  # which limit it is waiting for, if any
     backfilled: int = 0  # tokens of small requests let past it while it waited at the head
+    client: str | None = None  # who asked (an API-key fingerprint or an address), for its share
 
     @property
     def held(self) -> bool:

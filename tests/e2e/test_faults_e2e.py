@@ -876,6 +876,7 @@ async def test_two_thousand_clients_against_a_tiny_limit(
         "tpm_limit": 50,
         "max_queue_depth": FLOOD_DEPTH,
         "request_timeout": f"{FLOOD_TIMEOUT:g}s",
+        "max_queue_share_per_client": 1,  # one client fills the whole queue (see test_clients)
     }
     proxy = launch(cooldown_config(mock_upstream.url, limits), verbosity="info")
     pid = proxy.process.pid
