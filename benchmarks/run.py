@@ -5,7 +5,8 @@ Every figure is printed beside the baseline it was compared with in the same run
 shared, noisy 2-core machine are only meaningful as ratios), and all of it is written to a JSON
 file (default benchmarks/results/quick.json or full.json) plus a Markdown table beside it.
 Missing a target does not fail the run: the exit status is 1 only if a benchmark crashed.
-Benchmarks: core, estimate, proxy, memory, saturation, fullspeed (see docs/benchmarks.md).
+Benchmarks: core, estimate, proxy, memory, saturation, fullspeed, hostile (see
+docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from benchmarks import (
     bench_core,
     bench_estimate,
     bench_fullspeed,
+    bench_hostile,
     bench_memory,
     bench_proxy,
     bench_saturation,
@@ -48,6 +50,7 @@ BENCHMARKS = {
     "memory": bench_memory.run,
     "saturation": bench_saturation.run,
     "fullspeed": bench_fullspeed.run,
+    "hostile": bench_hostile.run,
 }
 
 
