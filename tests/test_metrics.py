@@ -222,3 +222,25 @@ async def test_the_scrape_listener_refuses_an_oversized_request_head():
         listener.close()
     assert huge.startswith(b"HTTP/1.1 431 ")
     assert normal.startswith(b"HTTP/1.1 200 ") and normal.endswith(b"ok\n")
+
+
+def test_the_prometheus_page_is_rendered_at_most_once_a_second(addon_ctx, monkeypatch):
+    """A client scraping in a loop gets the page as rendered within the last second: it
+    cannot make the event loop render 64 models' series over and over."""
+    import cooldown.pages as pages
+
+    renders = []
+    real = addon_ctx.runtime.metrics.prometheus
+    monkeypatch.setattr(
+        addon_ctx.runtime.metrics, "prometheus", lambda: renders.append(1) or real()
+    )
+    now = [1000.0]
+    monkeypatch.setattr(pages, "clock", lambda: now[0])
+    first = addon_ctx.pages.render("/metrics")[2]
+    now[0] += pages.RENDER_TTL / 2
+    assert addon_ctx.pages.render("/metrics")[2] is first
+    now[0] += pages.RENDER_TTL
+    addon_ctx.pages.render("/metrics")
+    assert len(renders) == 2
+    json_first = addon_ctx.pages.render("/metrics.json")[2]
+    assert addon_ctx.pages.render("/metrics.json")[2] is not json_first  # always fresh

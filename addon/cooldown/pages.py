@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 from mitmproxy import command, http
 from mitmproxy.utils import asyncio_utils
@@ -23,6 +24,9 @@ log = logging.getLogger(__name__)
 
 # A made-up host, answered by the addon itself: http://cooldown.local/metrics through the proxy.
 STATUS_HOST = "cooldown.local"
+# The Prometheus page is served as rendered for this long (seconds); scrapes come every 15 s+.
+RENDER_TTL = 1.0
+clock = time.monotonic  # (tests replace it)
 
 
 class StatusPages:
@@ -32,6 +36,7 @@ class StatusPages:
         self.runtime = runtime
         self._listener: MetricsListener | None = None
         self._listener_wanted: tuple[str, int] | None = None
+        self._rendered: tuple[float, bytes] | None = None
         runtime.on_config(self._config_changed)
 
     # -- pages -----------------------------------------------------------------------------------
@@ -39,13 +44,21 @@ class StatusPages:
     def render(self, path: str) -> tuple[int, str, bytes]:
         """A page by path: (status, content type, body)."""
         route = path.split("?", 1)[0].rstrip("/")
-        metrics = self.runtime.metrics
         if route == "/metrics":
-            return 200, PROMETHEUS_CONTENT_TYPE, metrics.prometheus()
+            return 200, PROMETHEUS_CONTENT_TYPE, self._prometheus()
         if route in ("/metrics.json", "/status"):
-            body = json.dumps(metrics.snapshot(), indent=2, sort_keys=False).encode()
-            return 200, "application/json", body + b"\n"
+            body = json.dumps(self.runtime.metrics.snapshot(), indent=2, sort_keys=False)
+            return 200, "application/json", body.encode() + b"\n"
         return 404, "text/plain", b"Cooldown: /metrics (Prometheus) or /metrics.json\n"
+
+    def _prometheus(self) -> bytes:
+        """The Prometheus text, rendered at most once per RENDER_TTL: with 64 models it takes
+        tens of ms on the event loop, and a client scraping in a loop must not turn that into
+        a stall for every other flow. (The JSON view, a few ms, is always fresh.)"""
+        now = clock()
+        if self._rendered is None or now - self._rendered[0] >= RENDER_TTL:
+            self._rendered = (now, self.runtime.metrics.prometheus())
+        return self._rendered[1]
 
     def request(self, f: http.HTTPFlow) -> None:
         # The destination (absolute-form through the proxy); not the Host header, which
