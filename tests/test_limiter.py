@@ -6,7 +6,14 @@ arithmetic turn that off (`view_margin=0`), and one test checks the margin itsel
 
 import pytest
 
-from cooldown.limiter import MemoryLimiter, Rate, RateReport, SlidingWindow, TokenBucket
+from cooldown.limiter import (
+    STALE_RECHECK_SECONDS,
+    MemoryLimiter,
+    Rate,
+    RateReport,
+    SlidingWindow,
+    TokenBucket,
+)
 
 # The window's tests first: every rate here counts in a 60 s sliding window.
 RPM = Rate("rpm", "requests", 3, algorithm="sliding_window")
@@ -428,3 +435,34 @@ def test_the_view_keeps_a_sliver_of_the_limit_in_reserve():
     assert limiter.used("k", B_TPM, 0) == pytest.approx(3)
     assert not limiter.try_acquire("k", (B_TPM,), 598, now=0).granted
     assert limiter.try_acquire("k", (B_TPM,), 597, now=0).granted
+
+
+def test_a_view_that_sees_others_take_the_whole_refill_still_asks_upstream_after_a_period():
+    """Regression: an upstream that keeps whole reservations while the proxy settles at usage
+    looks like others using the limit as fast as it refills. The view then refilled at 0 and
+    held requests forever, since nothing in flight brings a new report. A view is trusted for
+    one period after its report: then one request goes (its answer re-syncs the view), and
+    the others look again every STALE_RECHECK_SECONDS until it has."""
+    big = Rate("tpm", "tokens", 60_000)  # refills 1,000 a second
+    limiter = MemoryLimiter(view_margin=0)
+    now, left = 0.0, 60_000.0
+    limiter.observe("k", report(remaining=left, limit=60_000), now=now)
+    for _ in range(20):  # each answer: upstream charged 3,000 more than settled
+        now += 1.0
+        reservation = limiter.try_acquire("k", (big,), 100, now).reservation
+        limiter.confirm(reservation, now)
+        limiter.settle(reservation, 100, now)
+        left = min(60_000.0, left + 1_000) - 3_100
+        limiter.observe("k", report(remaining=round(left), limit=60_000), now=now)
+    assert limiter.foreign_rate("k", "tokens", 60.0, now) >= 1_000  # all of the refill
+    refused = limiter.try_acquire("k", (big,), 30_000, now)
+    assert not refused.granted
+    assert refused.wait <= 60.0  # not forever: at most until the view is a period old
+    stale = now + 60.0
+    probe = limiter.try_acquire("k", (big,), 30_000, stale)
+    assert probe.granted  # one request asks upstream
+    behind = limiter.try_acquire("k", (big,), 100, stale)
+    assert not behind.granted and behind.wait == STALE_RECHECK_SECONDS
+    limiter.confirm(probe.reservation, stale + 0.5)
+    limiter.observe("k", report(remaining=25_000, limit=60_000), now=stale + 0.5)
+    assert limiter.try_acquire("k", (big,), 100, stale + 0.5).granted  # re-synced: room again

@@ -69,6 +69,9 @@ VIEW_MARGIN = 0.005
 # Unused reservations are credited to upstream's view this long after their settle, once
 # upstream has been seen to refund at least this share of them.
 REFUND_CREDIT_DELAY = 0.25
+# A stale view (no report for a period) lets one request through; the others look again
+# this often until its answer re-syncs the view.
+STALE_RECHECK_SECONDS = 1.0
 REFUND_TRUST = 0.9
 
 
@@ -354,6 +357,7 @@ class UpstreamView:
         "level",
         "limit",
         "pending_refunds",
+        "period",
         "refill",
         "reserve",
         "share",
@@ -371,8 +375,10 @@ class UpstreamView:
         epoch: int,
         share: float = 0.0,
         reserve: float = 0.0,
+        period: float = 60.0,
     ) -> None:
         self.limit = limit
+        self.period = period  # of the limit: how long the view's estimate is trusted
         self.reserve = reserve  # kept back for others' next lump
         self.level = level
         self.refill = refill  # upstream's rate less the foreign rate
@@ -416,7 +422,15 @@ class UpstreamView:
         wait = excess / self.refill if self.refill > 0 else float("inf")
         if self._refunds and self.share > 0:  # look again when the next refund is credited
             wait = min(wait, max(self._refunds[0][0] + REFUND_CREDIT_DELAY - now, 0.0))
-        return wait
+        # The view is an estimate (others' rate, refunds), only as good as its last report:
+        # it holds nothing longer than one period past that report (by then upstream's bucket
+        # has refilled, whatever it held). Then it lets one request through at a time, whose
+        # answer re-syncs it. Without this, an estimate of others' usage as high as the refill
+        # rate would hold requests forever: nothing in flight means no new report.
+        stale_in = self.synced_at + self.period - now
+        if stale_in > 0:
+            return min(wait, stale_in)
+        return 0.0 if self.in_flight <= 0 else min(wait, STALE_RECHECK_SECONDS)
 
     def charge(self, amount: float, now: float) -> None:
         self.level = self._level(now) - amount
@@ -572,6 +586,7 @@ class UpstreamViews:
                 max(drift.lump(now), others * FOREIGN_RESERVE_SECONDS, limit * self._view_margin),
                 limit / 2,
             ),
+            report.period,
         )
         self._views[slot] = view
         return view.epoch
