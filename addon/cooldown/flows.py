@@ -166,6 +166,18 @@ def prepare_request(path: str, body: bytes) -> tuple[RequestShape, bytes | None]
         return shape, None
 
 
+def header_values(headers: http.Headers, *names: bytes) -> list[str | None]:
+    """The first value of each of `names` (lower-case), in one pass over the raw fields:
+    mitmproxy's `Headers.get` scans and re-encodes every field per name asked."""
+    found: list[str | None] = [None] * len(names)
+    for name, value in headers.fields:
+        lowered = name.lower()
+        for i, wanted in enumerate(names):
+            if lowered == wanted and found[i] is None:
+                found[i] = value.decode("latin-1")
+    return found
+
+
 def snapshot_request(request: http.Request) -> http.Request:
     """A copy of `request` as it is now that later changes to `request` do not reach.
 

@@ -18,11 +18,11 @@ from mitmproxy import connection, ctx, hooks, http
 from mitmproxy.utils import asyncio_utils
 
 from . import answers
-from .flows import FlowTable, MeteredFlow, Phase, prepare, snapshot_request
+from .flows import FlowTable, MeteredFlow, Phase, header_values, prepare, snapshot_request
 from .retry import Retries
 from .routing import client_of, is_cerebras, is_metered_path, key_for, route
 from .runtime import Runtime
-from .settle import account, add_proxy_headers, cool_down, header_values, settle_error
+from .settle import account, add_proxy_headers, cool_down, settle_error
 from .streams import find_stream, stream_reset
 from .tickets import Outcome
 from .upstream import SSEUsageTap, classify_429

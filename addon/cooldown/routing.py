@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 from mitmproxy import http
 
 from .config import Config
+from .flows import header_values
 from .gate import DEFAULT_KEY
 
 METERED_PATHS = ("/v1/chat/completions", "/v1/completions")
@@ -78,8 +79,8 @@ def key_for(config: Config, known: set[str], model: str | None) -> str:
 def client_of(f: http.HTTPFlow) -> str:
     """Who sent the flow, for its share of the queue: a fingerprint of its API key
     (`sha256:` + 12 hex digits of the bearer token's hash; never the key), else its address."""
-    authorization = f.request.headers.get("authorization", "")
-    scheme, _, token = authorization.partition(" ")
+    (authorization,) = header_values(f.request.headers, b"authorization")
+    scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         digest = hashlib.sha256(token.strip().encode("utf-8", "surrogateescape")).hexdigest()
         return f"sha256:{digest[:12]}"

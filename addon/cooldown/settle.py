@@ -12,7 +12,7 @@ import time
 
 from mitmproxy import http
 
-from .flows import MeteredFlow
+from .flows import MeteredFlow, header_values
 from .gate import Gate
 from .periods import RATE_NAMES
 from .runtime import Runtime
@@ -52,18 +52,6 @@ _OURS = frozenset(
     [b"x-cooldown-wait", b"x-cooldown-estimated-tokens"]
     + [header.lower() for pair in _RATE_HEADERS.values() for header in pair]
 )
-
-
-def header_values(headers: http.Headers, *names: bytes) -> list[str | None]:
-    """The first value of each of `names` (lower-case), in one pass over the raw fields:
-    mitmproxy's `Headers.get` scans and re-encodes every field per name asked."""
-    found: list[str | None] = [None] * len(names)
-    for name, value in headers.fields:
-        lowered = name.lower()
-        for i, wanted in enumerate(names):
-            if lowered == wanted and found[i] is None:
-                found[i] = value.decode("latin-1")
-    return found
 
 
 def usage_of(metered: MeteredFlow, response: http.Response) -> dict[str, int] | None:
