@@ -141,6 +141,51 @@ async def test_held_flow_is_intercepted_with_a_comment_then_released(addon_ctx):
     assert addon.status()["queue_depth"] == 0
 
 
+async def test_a_request_larger_than_the_token_limit_is_answered_at_once(addon_ctx):
+    addon, _ = addon_ctx  # tpm_limit 1000
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    f = cerebras_flow({**body, "max_completion_tokens": 5_000})
+    await addon.request(f)  # returns without waiting: nothing else could release it
+    assert not f.intercepted
+    assert f.response.status_code == 413
+    error = json.loads(f.response.content)["error"]
+    assert error["code"] == "request_too_large"
+    needed = f.metadata["cooldown_estimate"]
+    assert f"needs at least {needed:,} tokens" in error["message"]
+    assert "tokens per minute limit of m (tpm_limit: 1,000)" in error["message"]
+    assert "Cooldown proxy, not by Cerebras" in error["message"]
+    assert "retry-after" not in f.response.headers  # no retry can ever succeed
+    assert f.response.headers["x-cooldown-refused"] == "request_too_large"
+    assert f.metadata["cooldown_refused"] == "too_large"
+    assert "refused (too_large)" in f.comment
+    status = addon.status()
+    assert status["refused"] == {"too_large": 1}
+    assert status["open_reservations"] == 0 and status["tracked_flows"] == 0
+    assert addon.runtime.metrics.snapshot()["requests"]["m"] == {"refused_too_large": 1}
+    # Without an output limit the reservation is our guess, not the client's ask: held, as
+    # before, rather than refused.
+    guessed = cerebras_flow(body)
+    await addon.request(guessed)
+    assert guessed.response is None
+
+
+async def test_more_than_the_context_is_answered_400_like_upstream(config_file):
+    cooldown = Cooldown()
+    with taddons.context(*cooldown.addons) as tctx:
+        tctx.configure(
+            cooldown.settings,
+            cerebras_config=config_file("models:\n  m:\n    context_length: 100\n"),
+        )
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        f = cerebras_flow({**body, "max_completion_tokens": 10_000_000})
+        await cooldown.metering.request(f)
+    assert f.response.status_code == 400
+    error = json.loads(f.response.content)["error"]
+    assert error["code"] == "context_length_exceeded"
+    assert "it asks for 10,000,009 tokens (9 of input, 10,000,000 of output)" in error["message"]
+    assert "more than the context length of m (100, context_length" in error["message"]
+
+
 async def test_queue_full_gets_the_proxys_own_429(addon_ctx):
     addon, _ = addon_ctx
     await addon.request(cerebras_flow({"model": "m", "messages": [], "max_completion_tokens": 990}))

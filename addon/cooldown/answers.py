@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from mitmproxy import http
 
-from .estimate import Estimate
+from .estimate import Estimate, TooLarge
 from .periods import describe
 from .tickets import Outcome, Ticket, base_priority
 
@@ -77,6 +77,24 @@ REFUSALS = {
     ),
 }
 
+# A request that can never fit. Not a 429: clients and SDKs retry a 429 (the openai SDK does,
+# with back-off), and no retry can ever succeed. Longer than the context is what upstream (and
+# OpenAI) answer themselves, 400 `context_length_exceeded`, which agents handle by trimming
+# the conversation; larger than a token limit is 413 Content Too Large, which SDKs do not
+# retry either.
+CONTEXT_EXCEEDED = ProxyError(
+    400,
+    "invalid_request_error",
+    "context_length_exceeded",
+    "This request can never be admitted: ",
+)
+TOO_LARGE = ProxyError(
+    413,
+    "cooldown_request_too_large",
+    "request_too_large",
+    "This request can never be admitted: ",
+)
+
 RETRY_FAILED = ProxyError(
     502, "cooldown_retry_failed", "retry_failed", "Retry after upstream 429 failed"
 )
@@ -85,6 +103,24 @@ RETRY_FAILED = ProxyError(
 def refusal(outcome: Outcome, retry_after: float) -> http.Response:
     """The answer to a request the proxy will not forward."""
     return REFUSALS[outcome].response(retry_after)
+
+
+def too_large(verdict: TooLarge, key: str) -> http.Response:
+    """The answer to a request no limit of `key` could ever hold, with the numbers."""
+    if verdict.limit == "context_length":
+        output = verdict.needed - verdict.input_tokens
+        return CONTEXT_EXCEEDED.response(
+            detail=f"it asks for {verdict.needed:,} tokens ({verdict.input_tokens:,} of input, "
+            f"{output:,} of output), more than the context length of {key} "
+            f"({verdict.allowed:,}, context_length in the config); lower "
+            "max_completion_tokens or shorten the input"
+        )
+    return TOO_LARGE.response(
+        detail=f"it needs at least {verdict.needed:,} tokens (input and the output it asks "
+        f"for), more than the whole {describe(verdict.limit)} limit of {key} "
+        f"({verdict.limit}_limit: {verdict.allowed:,}); lower max_completion_tokens or "
+        "shorten the input"
+    )
 
 
 def retry_failed(reason: str) -> http.Response:
@@ -100,12 +136,23 @@ def label(f: http.HTTPFlow) -> str:
     return f"Cooldown: retry of flow {retry_of} (attempt {f.metadata.get('cooldown_attempt')}), "
 
 
-def refuse(f: http.HTTPFlow, outcome: Outcome, retry_after: float) -> None:
-    """Answer `f` with the proxy's refusal, marked as such in mitmweb."""
+def refuse(
+    f: http.HTTPFlow,
+    outcome: Outcome,
+    retry_after: float,
+    verdict: TooLarge | None = None,
+    key: str = "this model",
+) -> None:
+    """Answer `f` with the proxy's refusal, marked as such in mitmweb; `verdict` for one that
+    can never fit (`Outcome.TOO_LARGE`) puts the limit of `key` and the numbers in it."""
     f.metadata["cooldown_refused"] = outcome.value
     f.comment = f"{label(f)}refused ({outcome.value})"
     f.marked = ":no_entry:"
-    f.response = refusal(outcome, retry_after)
+    if verdict is not None:
+        f.comment += f": needs {verdict.needed} tokens, {verdict.limit} is {verdict.allowed}"
+        f.response = too_large(verdict, key)
+    else:
+        f.response = refusal(outcome, retry_after)
 
 
 def held_comment(f: http.HTTPFlow, ticket: Ticket, estimate: Estimate, depth: int) -> str:

@@ -8,7 +8,10 @@ tokenizer matches every Cerebras model, so the count errs high: a per-message ov
 chat template, and tool / response_format schemas counted as their JSON text.
 
 The estimator never raises and never refuses: a body it cannot understand gets a conservative
-estimate (every byte a token, and the whole context length reserved for output).
+estimate (every byte a token, and the whole context length reserved for output). Beside the
+estimate it says what the request *certainly* needs (`Need`), without the margins the estimate
+adds on purpose, so that the scheduler can refuse at once a request that no limit could ever
+hold (`too_large`) instead of holding it until it times out or forwarding it into a 429.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import json
 import math
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -104,12 +107,66 @@ def count_text_tokens(text: str) -> int:
 
 
 @dataclass(frozen=True)
+class Need:
+    """The fewest tokens a request can be charged, whatever the estimate's margins.
+
+    The estimate errs high on purpose (template overheads, the calibration's largest ratio, a
+    default output reservation); refusing on it would turn away requests upstream accepts. A
+    refusal is only right when every count says no, so this keeps the lower of our two input
+    counts (plain and calibrated) and only the output the client asked for. Zero for a body
+    that was not understood: its byte count is an upper bound, not a need.
+    """
+
+    input_tokens: int = 0
+    output_tokens: int = 0  # asked for, per choice (max_completion_tokens, else max_tokens)
+    choices: int = 1
+    context_length: int | None = None
+
+    @property
+    def sequence(self) -> int:
+        """What one choice must fit in the context: input and output together."""
+        return self.input_tokens + self.output_tokens
+
+    @property
+    def tokens(self) -> int:
+        """What the token limits must hold: the input and every choice's output (a choice
+        cannot write more than the context leaves)."""
+        room = self.output_tokens
+        if self.context_length is not None:
+            room = min(room, max(self.context_length - self.input_tokens, 0))
+        return self.input_tokens + room * self.choices
+
+
+@dataclass(frozen=True)
+class TooLarge:
+    """A request no limit could ever admit: it needs `needed` tokens, `limit` holds `allowed`."""
+
+    limit: str  # a token rate's name ("tpm", "tpd", ...) or "context_length"
+    allowed: int
+    needed: int
+    input_tokens: int  # of `needed`, for the message
+
+
+def too_large(need: Need, token_limits: Iterable[tuple[str, int]]) -> TooLarge | None:
+    """The limit `need` can never fit, if any: the context (input and output asked for are
+    longer: upstream answers 400 itself), else the first token limit smaller than it."""
+    context = need.context_length
+    if context is not None and need.sequence > context:
+        return TooLarge("context_length", context, need.sequence, need.input_tokens)
+    for name, limit in token_limits:
+        if need.tokens > limit:
+            return TooLarge(name, limit, need.tokens, need.input_tokens)
+    return None
+
+
+@dataclass(frozen=True)
 class Estimate:
     input_tokens: int
     output_tokens: int
     model: str | None
     # False when the body could not be understood and the estimate is the conservative fallback.
     understood: bool = True
+    need: Need = Need()
 
     @property
     def total(self) -> int:
@@ -238,17 +295,28 @@ class RequestShape:
         output_reservation: int | None = None,
         input_factor: float = 1.0,
     ) -> Estimate:
-        """Cerebras's admission cost: input + requested output, else the model's default."""
+        """Cerebras's admission cost: input + requested output, else the model's default.
+
+        The output asked for is capped at what the context leaves after the input: a model
+        cannot write more, so no request is charged beyond its context. (One that asks for
+        more than the context by every count is refused: see `Need` and `too_large`.)
+        """
         input_tokens = self.input_tokens
         if self.understood and input_factor != 1.0:
             input_tokens = max(1, math.ceil(input_tokens * input_factor))
+        room = max(context_length - input_tokens, 0)
         if self.requested_output is not None:
-            output = self.requested_output
+            output = min(self.requested_output, room)
         else:
-            output = max(context_length - input_tokens, 0)
+            output = room
             if output_reservation is not None and self.understood:
                 output = min(output, output_reservation)
-        return Estimate(input_tokens, output * self.choices, self.model, self.understood)
+        need = Need()
+        if self.understood:
+            least_input = min(self.input_tokens, input_tokens)
+            asked = self.requested_output or 0
+            need = Need(least_input, asked, self.choices, context_length)
+        return Estimate(input_tokens, output * self.choices, self.model, self.understood, need)
 
 
 def parse_request(path: str, body: bytes | str | None) -> RequestShape:

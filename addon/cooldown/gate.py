@@ -19,6 +19,7 @@ from typing import Any
 
 from .breaker import CircuitBreaker
 from .config import Config
+from .estimate import Need
 from .limiter import LimiterBackend, MemoryLimiter, Rate, Unit
 from .periods import RATE_NAMES
 from .scheduler import Scheduler
@@ -157,12 +158,20 @@ class Gate:
         return self.scheduler.depth
 
     def submit(
-        self, tokens: int, key: str = DEFAULT_KEY, requeue: bool = False, client: str | None = None
+        self,
+        tokens: int,
+        key: str = DEFAULT_KEY,
+        requeue: bool = False,
+        client: str | None = None,
+        need: Need | None = None,
     ) -> Ticket:
         """Queue a request; `requeue` is for one already admitted once (a retry after a 429),
-        which must not be turned away because the queue filled up meanwhile."""
+        which must not be turned away because the queue filled up meanwhile; `need` (what it
+        certainly needs) refuses it at once when no limit could ever hold it."""
         self.stats.submitted += 1
-        ticket = self.scheduler.submit(key, tokens, self.clock(), requeue=requeue, client=client)
+        ticket = self.scheduler.submit(
+            key, tokens, self.clock(), requeue=requeue, client=client, need=need
+        )
         if ticket.held:
             self.pump()
         return ticket

@@ -659,8 +659,10 @@ class MemoryLimiter:
             view = self._views.get(slot)
             limit = rate.limit if view is None else min(rate.limit, view.limit)
             counter = self._counter(slot, rate, limit, now)
-            # A request larger than a token limit could never fit; charging it the whole
-            # limit lets it through once the bucket is full instead of holding it forever.
+            # An estimate larger than a token limit could never fit. What a request certainly
+            # needs was checked at submit (too large: refused), so the excess here is our own
+            # margin or default reservation: charging the whole limit lets it through once the
+            # bucket is full instead of holding it forever.
             amount = 1 if rate.unit == "requests" else min(tokens, limit)
             wait = counter.wait_time(amount, limit, now)
             if view is not None:

@@ -24,7 +24,7 @@ from .routing import client_of, is_cerebras, is_metered_path, key_for, route
 from .runtime import Runtime
 from .settle import account, add_proxy_headers, cool_down, settle_error
 from .streams import find_stream, stream_reset
-from .tickets import Outcome
+from .tickets import Outcome, Ticket
 from .upstream import SSEUsageTap, classify_429
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ OUTCOME_LABELS = {
     Outcome.BREAKER_OPEN: "refused_breaker_open",
     Outcome.SHUTDOWN: "refused_shutdown",
     Outcome.CANCELLED: "cancelled",
+    Outcome.TOO_LARGE: "refused_too_large",
 }
 
 
@@ -110,7 +111,11 @@ class Metering:
         estimate = metered.estimate = self.runtime.estimate(metered.key, metered.shape)
         # A retry was admitted once already: a queue that filled up meanwhile does not refuse it.
         ticket = metered.ticket = gate.submit(
-            estimate.total, key=metered.key, requeue=is_copy, client=metered.client
+            estimate.total,
+            key=metered.key,
+            requeue=is_copy,
+            client=metered.client,
+            need=estimate.need,
         )
         f.metadata["cooldown_estimate"] = estimate.total
         outcome = await self._hold(metered) if ticket.held else ticket.outcome
@@ -148,7 +153,7 @@ class Metering:
             if is_copy and f.killable:
                 f.kill()  # a copy has no client to leave
             return
-        self._refuse(f, outcome, ticket.retry_after)
+        self._refuse(f, outcome, ticket.retry_after, ticket)
 
     async def _hold(self, metered: MeteredFlow) -> Outcome | None:
         f, ticket, estimate = metered.flow, metered.ticket, metered.estimate
@@ -177,8 +182,13 @@ class Metering:
                 f.comment = f"{answers.label(f)}{waited}"
             self._trigger_update(f)
 
-    def _refuse(self, f: http.HTTPFlow, outcome: Outcome, retry_after: float) -> None:
-        answers.refuse(f, outcome, retry_after)
+    def _refuse(
+        self, f: http.HTTPFlow, outcome: Outcome, retry_after: float, ticket: Ticket | None = None
+    ) -> None:
+        if ticket is not None and ticket.too_large is not None:
+            answers.refuse(f, outcome, retry_after, ticket.too_large, ticket.key)
+        else:
+            answers.refuse(f, outcome, retry_after)
         if self.runtime.debug:
             log.debug("flow %s refused: %s", f.id, outcome.value)
         self._full_log.refused(outcome, self.runtime.gate.depth)

@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterator, Sequence
 from .accounts import Accounts
 from .breaker import BreakerState, CircuitBreaker
 from .config import CerebrasLimits
+from .estimate import Need, TooLarge, too_large
 from .limiter import LimiterBackend, Rate, Reservation
 from .probe import ProbeFirst
 from .tickets import SMALL_REQUEST_TOKENS
@@ -110,6 +111,14 @@ def is_tight(
     )
 
 
+def too_large_for(
+    limiter: LimiterBackend, key: str, rates: Sequence[Rate], need: Need
+) -> TooLarge | None:
+    """`need` against the context and every token limit of `key`, each as the limiter applies
+    it (the lower of the configured limit and upstream's)."""
+    return too_large(need, ((r.name, limiter.limit(key, r)) for r in rates if r.unit == "tokens"))
+
+
 class ClientShares:
     """Held tickets per client: no client may hold more than its share of the queue."""
 
@@ -176,6 +185,12 @@ class Scheduler:
         self.pauses = Pauses()
         self.probes = ProbeFirst()
         self.accounts = Accounts(limiter, breaker, self.probes, self.invalidate)
+        # After release a ticket's account is the accounts' business (accounts.py).
+        self.confirm, self.finish, self.abort = (
+            self.accounts.confirm,
+            self.accounts.finish,
+            self.accounts.abort,
+        )
         # Bumped whenever capacity may have come back or limits changed (see _KeyQueue.refused);
         # only through invalidate(), so no change can forget it.
         self._generation = 0
@@ -218,10 +233,17 @@ class Scheduler:
         self.on_resolved(ticket)
 
     def submit(
-        self, key: str, tokens: int, now: float, requeue: bool = False, client: str | None = None
+        self,
+        key: str,
+        tokens: int,
+        now: float,
+        requeue: bool = False,
+        client: str | None = None,
+        need: Need | None = None,
     ) -> Ticket:
-        """Queue a request; it may be refused at once (queue full, client's share full,
-        breaker open). `requeue`: admitted once already (a retry), never refused for room."""
+        """Queue a request; it may be refused at once (too large for a limit, queue full,
+        client's share full, breaker open). `requeue`: admitted once already (a retry), never
+        refused for room. `need`: what it certainly needs, checked against every token limit."""
         ticket = Ticket(
             id=next(self._ids),
             key=key,
@@ -230,6 +252,11 @@ class Scheduler:
             deadline=now + self.limits.request_timeout,
             client=client,
         )
+        if need is not None:  # first: waiting, retrying or a closed breaker change nothing
+            ticket.too_large = too_large_for(self.limiter, key, self.rates_for(key), need)
+            if ticket.too_large is not None:
+                self._finalize(ticket, Outcome.TOO_LARGE, now, 0.0)
+                return ticket
         if self.breaker.state(now) is BreakerState.OPEN:
             self._finalize(ticket, Outcome.BREAKER_OPEN, now, self.breaker.retry_after(now))
             return ticket
@@ -246,6 +273,7 @@ class Scheduler:
         if queue is None:
             queue = self._queues[key] = _KeyQueue()
         queue.push(ticket, self.limits.priority_aging)
+        ticket.queued = True
         heapq.heappush(self._deadlines, (ticket.deadline, ticket.id, ticket))
         self._depth += 1
         self.shares.add(client)
@@ -382,24 +410,6 @@ class Scheduler:
             _, _, ticket = heapq.heappop(deadlines)
             if ticket.held:
                 self._resolve(ticket, Outcome.TIMEOUT, now, self.retry_hint(ticket.key))
-
-    # -- after release: the ticket's account (accounts.py) ------------------------------------
-
-    def confirm(self, ticket: Ticket, now: float) -> None:
-        self.accounts.confirm(ticket, now)
-
-    def finish(
-        self,
-        ticket: Ticket,
-        status: int,
-        actual_tokens: int | None,
-        now: float,
-        refund: int | None = None,
-    ) -> None:
-        self.accounts.finish(ticket, status, actual_tokens, now, refund)
-
-    def abort(self, ticket: Ticket, reached_upstream: bool, now: float) -> None:
-        self.accounts.abort(ticket, reached_upstream, now)
 
     def shutdown(self, now: float) -> list[Ticket]:
         """Resolve every held request (the proxy is stopping)."""

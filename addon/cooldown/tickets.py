@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from .estimate import TooLarge
 from .limiter import Reservation
 
 SMALL_REQUEST_TOKENS = 1_000
@@ -23,6 +24,7 @@ class Outcome(enum.Enum):
     BREAKER_OPEN = "breaker_open"
     CANCELLED = "cancelled"  # the client went away or the flow was killed
     SHUTDOWN = "shutdown"
+    TOO_LARGE = "too_large"  # no limit could ever hold it (see estimate.too_large)
 
 
 def base_priority(tokens: int) -> float:
@@ -51,6 +53,8 @@ class Ticket:
     wait_reason: str | None = field(default=None)  # which limit it is waiting for, if any
     backfilled: int = 0  # tokens of small requests let past it while it waited at the head
     client: str | None = None  # who asked (an API-key fingerprint or an address), for its share
+    too_large: TooLarge | None = None  # for TOO_LARGE: the limit it can never fit
+    queued: bool = False  # it waited in a queue (not released or refused at once)
 
     @property
     def held(self) -> bool:
