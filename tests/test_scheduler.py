@@ -515,7 +515,7 @@ def test_probes_again_after_a_quiet_spell_longer_than_the_refill_or_new_limits()
     scheduler.pump(91.2)
     assert not late[1].held
     scheduler.finish(late[1], 200, 100, now=91.3)
-    scheduler.forget_upstream_state()  # e.g. a config reload
+    scheduler.probes.forget()  # e.g. a config reload
     again = [scheduler.submit("k", 100, now=92) for _ in range(2)]
     scheduler.pump(92)
     assert [t.held for t in again] == [False, True]

@@ -20,6 +20,7 @@ from typing import Any
 from .breaker import CircuitBreaker
 from .config import Config
 from .estimate import Need
+from .held import HeldModel, held_by_model, status_fields
 from .limiter import LimiterBackend, MemoryLimiter, Rate, Unit
 from .periods import RATE_NAMES
 from .scheduler import Scheduler
@@ -43,6 +44,12 @@ class GateStats:
 
     def __post_init__(self) -> None:
         self.refused: Counter[str] = Counter()
+
+
+def top_clients(held: Mapping[str, int]) -> dict[str, int]:
+    """The clients holding the most of the queue (fingerprints or addresses, never keys)."""
+    ranked = sorted(held.items(), key=lambda kv: (-kv[1], kv[0]))
+    return dict(ranked[:QUEUE_BY_CLIENT_SHOWN])
 
 
 class RateBook:
@@ -129,7 +136,7 @@ class Gate:
         """Apply new limits without dropping anything held or in flight."""
         self.config = config
         self.scheduler.limits = config.cerebras_limits
-        self.scheduler.forget_upstream_state()
+        self.scheduler.probes.forget()  # upstream's state is unknown again: probe first
         self.scheduler.invalidate()
         self.breaker.config = config.circuit_breaker
         self.rates.reconfigure(config)
@@ -323,6 +330,10 @@ class Gate:
             for rate in self.rates_for(key)
         }
 
+    def held(self) -> list[HeldModel]:
+        """What is held now, per model (held.py)."""
+        return held_by_model(self.scheduler, self.clock())
+
     def _algorithm(self, key: str) -> str:
         rates = self.rates_for(key)
         return rates[0].algorithm if rates else self.config.cerebras_limits.algorithm
@@ -332,12 +343,8 @@ class Gate:
         now = self.clock()
         return {
             "queue_depth": self.scheduler.depth,
-            # The clients holding the most of the queue (fingerprints or addresses, no keys).
-            "queue_by_client": dict(
-                sorted(self.scheduler.shares.held().items(), key=lambda kv: (-kv[1], kv[0]))[
-                    :QUEUE_BY_CLIENT_SHOWN
-                ]
-            ),
+            **status_fields(held_by_model(self.scheduler, now)),
+            "queue_by_client": top_clients(self.scheduler.shares.held()),
             "open_reservations": self.limiter.open_reservations(),
             "breaker": self.breaker.state(now).value,
             "usage": {key: self.usage(key, now) for key in sorted(self.keys)},

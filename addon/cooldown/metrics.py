@@ -82,7 +82,22 @@ class _GateCollector(Collector):
         )
         for model, rate in status["foreign_tokens_per_minute"].items():
             foreign.add_metric([model], rate)
-        yield from (depth, reservations, breaker, usage, foreign)
+        oldest = GaugeMetricFamily(
+            "cooldown_queue_oldest_held_seconds",
+            "How long the longest-held request of a model has waited (models with requests held).",
+            labels=["model"],
+        )
+        next_release = GaugeMetricFamily(
+            "cooldown_queue_next_release_seconds",
+            "Seconds until the head of a model's queue may go, as of the last decision "
+            "(absent while it waits for an answer from upstream).",
+            labels=["model"],
+        )
+        for model, held in status["held"].items():
+            oldest.add_metric([model], held["oldest_held_seconds"])
+            if held["next_release_in_seconds"] is not None:
+                next_release.add_metric([model], held["next_release_in_seconds"])
+        yield from (depth, reservations, breaker, usage, foreign, oldest, next_release)
 
 
 class Metrics:
@@ -110,7 +125,8 @@ class Metrics:
         )
         self._wait = Histogram(
             "cooldown_queue_wait_seconds",
-            "Time a request was held before release or refusal.",
+            "Time a request waited in the queue before release or refusal; requests released "
+            "or refused at once are not observed (cooldown_requests_total counts them).",
             ["model"],
             buckets=WAIT_BUCKETS,
             registry=self.registry,
@@ -137,7 +153,9 @@ class Metrics:
 
     # -- events --------------------------------------------------------------------------------
 
-    def request_outcome(self, model: str, outcome: str, waited: float) -> None:
+    def request_outcome(self, model: str, outcome: str, waited: float | None) -> None:
+        """One request's end; `waited` only for one that waited in the queue (None: released
+        or refused at once), so that the waits describe waiting, not the instant path."""
         key = (model, outcome)
         self._counts[key] += 1
         children = self._outcome_children.get(key)
@@ -153,7 +171,7 @@ class Metrics:
             self._outcome_children[key] = children
         requests, wait, waits = children
         requests.inc()
-        if wait is not None:
+        if wait is not None and waited is not None:
             wait.observe(waited)
             waits.append(waited)  # type: ignore[union-attr]
 
@@ -201,6 +219,9 @@ class Metrics:
             "cerebras_rpm_usage": highest("rpm"),
             "cerebras_tpm_usage": highest("tpm"),
             "cerebras_circuit_breaker_open": status["breaker"] == "open",
+            "oldest_held_seconds": status["oldest_held_seconds"],
+            "next_release_in_seconds": status["next_release_in_seconds"],
+            "held": status["held"],
             "breaker_state": status["breaker"],
             "open_reservations": status["open_reservations"],
             "tracked_flows": self.tracked_flows(),

@@ -52,6 +52,10 @@ from .tickets import base_priority as base_priority
 log = logging.getLogger(__name__)
 
 BACKFILL_SHARE = 0.5
+# What held requests wait for besides a limit (see Scheduler.waiting).
+UPSTREAM_429 = "upstream_429"  # the pause after an upstream 429
+PROBE = "probe"  # the first answer from upstream (probe first)
+BREAKER_PROBE = "breaker_probe"  # the half-open breaker's one probe
 
 
 class _KeyQueue:
@@ -182,15 +186,15 @@ class Scheduler:
         self._depth = 0
         self.shares = ClientShares()
         self._last_wait: dict[str, float] = {}
+        # Per key with requests held, as of the last pump: what its head waits for (a rate's
+        # name, UPSTREAM_429, PROBE, BREAKER_PROBE) and when it may go (None: unknown).
+        self.waiting: dict[str, tuple[str | None, float | None]] = {}
         self.pauses = Pauses()
         self.probes = ProbeFirst()
         self.accounts = Accounts(limiter, breaker, self.probes, self.invalidate)
         # After release a ticket's account is the accounts' business (accounts.py).
-        self.confirm, self.finish, self.abort = (
-            self.accounts.confirm,
-            self.accounts.finish,
-            self.accounts.abort,
-        )
+        self.confirm, self.finish = self.accounts.confirm, self.accounts.finish
+        self.abort = self.accounts.abort
         # Bumped whenever capacity may have come back or limits changed (see _KeyQueue.refused);
         # only through invalidate(), so no change can forget it.
         self._generation = 0
@@ -317,21 +321,21 @@ class Scheduler:
             return None
         next_at = self._deadlines[0][0] if self._deadlines else None
         for key, queue in list(self._queues.items()):
-            wake = self._release_from(key, queue, now)
+            wake, reason = self._release_from(key, queue, now)
             if wake is not None:
                 next_at = wake if next_at is None else min(next_at, wake)
+            self.waiting[key] = (reason, wake)
             if queue.live == 0:
-                del self._queues[key]
+                del self._queues[key], self.waiting[key]
         return next_at
 
-    def forget_upstream_state(self) -> None:
-        """Upstream's state is unknown again (new limits): probe before the next wave."""
-        self.probes.forget()
-
-    def _release_from(self, key: str, queue: _KeyQueue, now: float) -> float | None:
+    def _release_from(
+        self, key: str, queue: _KeyQueue, now: float
+    ) -> tuple[float | None, str | None]:
+        """Release what may go of `key`; then what its head waits for, and until when."""
         paused = self.pauses.until(key, now)
         if paused is not None:
-            return paused
+            return paused, UPSTREAM_429
         rates = self.rates_for(key)
         # Usage only rises while releasing, so once tight, tight for the rest of this pump; and
         # with one request waiting, the order does not matter.
@@ -342,13 +346,13 @@ class Scheduler:
             ticket = queue.head(tight)
             if ticket is None:
                 self._last_wait.pop(key, None)
-                return None
+                return None, None
             probe_until = self.probes.wait(key, now)
             if probe_until is not None:
-                return probe_until
+                return probe_until, PROBE
             half_open = self.breaker.state(now) is BreakerState.HALF_OPEN
             if half_open and self.breaker.probe_in_flight():
-                return None  # wait for the probe's answer; its finish() pumps again
+                return None, BREAKER_PROBE  # its answer's finish() pumps again
             refused = queue.refused
             if (
                 refused is not None
@@ -368,7 +372,7 @@ class Scheduler:
                 queue.refused = (ticket.id, self._generation, head_until)
             if tight and not half_open and self._backfill(key, queue, ticket, rates, now):
                 continue
-            return head_until
+            return head_until, ticket.wait_reason
 
     def _backfill(
         self, key: str, queue: _KeyQueue, head: Ticket, rates: Sequence[Rate], now: float
