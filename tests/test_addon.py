@@ -121,6 +121,8 @@ async def test_request_under_the_limits_is_forwarded_and_settled(addon_ctx):
     assert status["open_reservations"] == 0
     assert status["usage"]["m"]["tpm"] == pytest.approx(12 / 1000, abs=1e-4)
     assert f.metadata["cooldown_actual_tokens"] == 12
+    estimate = f.metadata["cooldown_estimate"]
+    assert f.comment == f"Cooldown: forwarded at once, estimate {estimate} tokens, actual 12 tokens"
 
 
 async def test_held_flow_is_intercepted_with_a_comment_then_released(addon_ctx):
@@ -130,14 +132,14 @@ async def test_held_flow_is_intercepted_with_a_comment_then_released(addon_ctx):
     second = cerebras_flow({"model": "m", "messages": [], "max_completion_tokens": 500})
     task = asyncio.ensure_future(addon.request(second))
     await until(lambda: second.intercepted)
-    assert "held" in second.comment and "estimate" in second.comment
+    assert second.comment.startswith("Cooldown: HELD for m (#1 in queue), waiting for")
     assert addon.status()["queue_depth"] == 1
     first.response = ok_response(total_tokens=50)
     await addon.response(first)  # frees capacity: the held flow goes
     await task
     assert not second.intercepted
     assert second.response is None
-    assert "waited" in second.comment
+    assert second.comment.startswith("Cooldown: waited ")
     assert addon.status()["queue_depth"] == 0
 
 
@@ -157,7 +159,7 @@ async def test_a_request_larger_than_the_token_limit_is_answered_at_once(addon_c
     assert "retry-after" not in f.response.headers  # no retry can ever succeed
     assert f.response.headers["x-cooldown-refused"] == "request_too_large"
     assert f.metadata["cooldown_refused"] == "too_large"
-    assert "refused (too_large)" in f.comment
+    assert "REFUSED (too_large) by the proxy" in f.comment
     status = addon.status()
     assert status["refused"] == {"too_large": 1}
     assert status["open_reservations"] == 0 and status["tracked_flows"] == 0
@@ -200,6 +202,10 @@ async def test_queue_full_gets_the_proxys_own_429(addon_ctx):
     assert "Cooldown proxy, not by Cerebras" in body["error"]["message"]
     assert int(refused.response.headers["retry-after"]) >= 1
     assert refused.metadata["cooldown_refused"] == "queue_full"
+    # What mitmdump's flow line prints (HTTP/1): the proxy's own answer, not Cerebras's.
+    assert refused.response.reason == "Too Many Requests [Cooldown: queue_full]"
+    assert refused.comment.startswith("Cooldown: REFUSED (queue_full) by the proxy")
+    assert not refused.marked  # mitmweb would show any marker as an emoji
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -229,7 +235,7 @@ async def test_killed_while_held_leaves_the_queue(addon_ctx):
     held = cerebras_flow()
     task = asyncio.ensure_future(addon.request(held))
     await until(lambda: held.intercepted)
-    tctx.master.commands.call("flow.kill", [held])  # what mitmweb's kill button runs
+    tctx.master.commands.call("flow.kill", [held])  # the console's kill: an update hook
     await task
     assert held.error.msg == flow.Error.KILLED_MESSAGE
     assert addon.status()["queue_depth"] == 0
@@ -247,6 +253,60 @@ async def test_resumed_by_hand_stays_held(addon_ctx):
     assert addon.status()["queue_depth"] == 1
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_resumed_in_mitmweb_is_paused_again_and_says_so(addon_ctx):
+    """mitmweb's Resume button resumes the flow and triggers no update hook."""
+    addon, _ = addon_ctx
+    await addon.request(cerebras_flow({"model": "m", "messages": [], "max_completion_tokens": 990}))
+    held = cerebras_flow()
+    task = asyncio.ensure_future(addon.request(held))
+    await until(lambda: held.intercepted)
+    held.resume()  # what mitmweb's ResumeFlow handler does (then refreshes its own view)
+    await until(lambda: held.intercepted)
+    assert "resumed by hand, still HELD: the rate limits decide" in held.comment
+    held.resume()  # again: paused again, the note not repeated
+    await until(lambda: held.intercepted)
+    assert held.comment.count("resumed by hand") == 1
+    assert addon.status()["queue_depth"] == 1
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_killed_in_mitmweb_leaves_the_queue_at_the_next_check(addon_ctx):
+    """mitmweb's Kill button kills the flow and triggers no update hook."""
+    addon, _ = addon_ctx
+    await addon.request(cerebras_flow({"model": "m", "messages": [], "max_completion_tokens": 990}))
+    held = cerebras_flow()
+    task = asyncio.ensure_future(addon.request(held))
+    await until(lambda: held.intercepted)
+    for _ in range(3):
+        await asyncio.sleep(0)  # the resume watch starts waiting
+    held.kill()  # what mitmweb's KillFlow handler does
+    assert departures().check_resets() == 1  # what the once-a-second check finds
+    await task
+    assert addon.status()["queue_depth"] == 0 and addon.status()["tracked_flows"] == 1
+    assert departures().watching == 1  # its resume never comes: the next check ends it
+    departures().check_resets()
+    assert departures().watching == 0
+
+
+async def test_a_held_request_is_logged_at_info_with_why(addon_ctx, caplog):
+    addon, tctx = addon_ctx
+    await addon.request(cerebras_flow({"model": "m", "messages": [], "max_completion_tokens": 990}))
+    held = cerebras_flow()
+    task = asyncio.ensure_future(addon.request(held))
+    await until(lambda: held.intercepted)
+    pages = tctx.master.addons.get("cooldown-status")
+    with caplog.at_level(logging.INFO):
+        [line] = pages.report_held()
+        assert pages.report_held() == []  # not again within the interval
+    assert line.startswith("1 held for m, oldest ")
+    assert "waiting for upstream's first answer (probe_first), next release in 2.0s" in line
+    assert f"Cooldown: {line}" in caplog.messages
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert pages.report_held() == []  # nothing held: nothing to say
 
 
 async def test_breaker_opens_after_consecutive_upstream_429s(addon_ctx):
@@ -982,3 +1042,31 @@ def test_the_refund_credited_is_the_unused_output_and_only_for_streams():
     assert estimate.output_tokens == 500
     assert refund(metered, usage) == 380
     assert refund(metered, None) is None
+
+
+def test_under_mitmweb_the_flow_list_gets_a_comment_column():
+    from mitmproxy.tools.web.webaddons import WebAddon
+
+    cooldown = Cooldown()
+    with taddons.context(WebAddon(), *cooldown.addons) as tctx:
+        cooldown.web.configure(set(tctx.options.keys()))  # what loading the script runs
+        assert tctx.options.web_columns == [*tctx.options.default("web_columns"), "comment"]
+        tctx.configure(cooldown.web, web_columns=["path"])  # changed later: the user's
+        assert tctx.options.web_columns == ["path"]
+
+
+def test_a_web_columns_choice_of_the_users_stands():
+    from mitmproxy.tools.web.webaddons import WebAddon
+
+    cooldown = Cooldown()
+    with taddons.context(WebAddon(), *cooldown.addons) as tctx:
+        tctx.options.update(web_columns=["path", "status"])  # --set web_columns=...
+        cooldown.web.configure(set(tctx.options.keys()))
+        assert tctx.options.web_columns == ["path", "status"]
+
+
+def test_without_mitmweb_no_column_is_added():
+    cooldown = Cooldown()
+    with taddons.context(*cooldown.addons) as tctx:
+        cooldown.web.configure(set(tctx.options.keys()))
+        assert "web_columns" not in tctx.options

@@ -8,7 +8,8 @@ mitmproxy is built from small addons with one concern each; Cooldown follows sui
 - `Metering` (metering.py): holds Cerebras requests until the gate releases them, settles
   them from upstream's answer, retries after a 429 (retry.py);
 - `Departures` (departures.py): ends the wait of held flows whose client left (disconnect,
-  kill, reset HTTP/2 stream).
+  kill, reset HTTP/2 stream), pauses again those resumed by hand;
+- `WebColumns` (web.py): under mitmweb, a Comment column in the flow list.
 
 They share one `Runtime` (runtime.py): the config, the gate, the metrics; metering and
 departures also share the table of metered flows.
@@ -23,6 +24,7 @@ from .metering import Metering
 from .pages import StatusPages
 from .runtime import Runtime
 from .settings import Settings
+from .web import WebColumns
 
 
 class Cooldown:
@@ -34,8 +36,9 @@ class Cooldown:
         self.pages = StatusPages(self.runtime)
         self.metering = Metering(self.runtime)
         self.departures = Departures(self.runtime, self.metering.table, self.metering.retries)
+        self.web = WebColumns()
 
     @property
     def addons(self) -> list[Any]:
         # The status pages answer cooldown.local before metering looks at a flow.
-        return [self.settings, self.pages, self.metering, self.departures]
+        return [self.settings, self.pages, self.metering, self.departures, self.web]

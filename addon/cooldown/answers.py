@@ -1,8 +1,14 @@
-"""Every error answer the proxy makes itself, built one way.
+"""Every error answer and every flow comment the proxy makes itself, built one way.
 
-Each is OpenAI-style JSON (`{"error": {"message", "type", "code"}}`) that clients already
-parse, says in its message that the proxy answered and not Cerebras, and carries
-`X-Cooldown-Refused: <code>` so that scripts and mitmweb users can tell it from upstream's.
+Each answer is OpenAI-style JSON (`{"error": {"message", "type", "code"}}`) that clients
+already parse, says in its message that the proxy answered and not Cerebras, and carries
+`X-Cooldown-Refused: <code>` so that scripts and mitmweb users can tell it from upstream's;
+its reason phrase ends in `[Cooldown: <code>]`, which is what mitmdump's flow line prints
+(for HTTP/1; HTTP/2 has no reason phrase on the wire, mitmdump prints the standard one).
+
+Comments are whole sentences that begin with `Cooldown: ` and carry a text marker in
+capitals (HELD, REFUSED): mitmweb turns any `marked` value into an emoji that renders as an
+empty box without an emoji font, so flows are not marked.
 """
 
 from __future__ import annotations
@@ -37,7 +43,9 @@ class ProxyError:
         headers = {"Content-Type": "application/json", "X-Cooldown-Refused": self.code}
         if retry_after > 0:
             headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
-        return http.Response.make(self.status, json.dumps(body).encode(), headers)
+        response = http.Response.make(self.status, json.dumps(body).encode(), headers)
+        response.reason = f"{response.reason} [Cooldown: {self.code}]"
+        return response
 
 
 REFUSALS = {
@@ -143,11 +151,10 @@ def refuse(
     verdict: TooLarge | None = None,
     key: str = "this model",
 ) -> None:
-    """Answer `f` with the proxy's refusal, marked as such in mitmweb; `verdict` for one that
+    """Answer `f` with the proxy's refusal, said so in its comment; `verdict` for one that
     can never fit (`Outcome.TOO_LARGE`) puts the limit of `key` and the numbers in it."""
     f.metadata["cooldown_refused"] = outcome.value
-    f.comment = f"{label(f)}refused ({outcome.value})"
-    f.marked = ":no_entry:"
+    f.comment = f"{label(f)}REFUSED ({outcome.value}) by the proxy, not sent to Cerebras"
     if verdict is not None:
         f.comment += f": needs {verdict.needed} tokens, {verdict.limit} is {verdict.allowed}"
         f.response = too_large(verdict, key)
@@ -159,11 +166,31 @@ def held_comment(f: http.HTTPFlow, ticket: Ticket, estimate: Estimate, depth: in
     """What mitmweb shows on a held flow: what it waits for and why it is where it is."""
     reason = describe(ticket.wait_reason) if ticket.wait_reason else "its turn"
     return (
-        f"{label(f)}held for {ticket.key} (#{depth} in queue), waiting for {reason}; "
+        f"{label(f)}HELD for {ticket.key} (#{depth} in queue), waiting for {reason}; "
         f"estimate {estimate.total} tokens "
         f"({estimate.input_tokens} in + {estimate.output_tokens} out), "
         f"priority {base_priority(estimate.total):g}"
     )
+
+
+def resumed_comment(held: str) -> str:
+    """A held flow's comment after someone resumed it by hand (mitmweb's Resume): it stays
+    paused, and says so rather than leaving the user to wonder."""
+    note = "; resumed by hand, still HELD: the rate limits decide when it goes"
+    return held if held.endswith(note) else f"{held}{note}"
+
+
+def released_comment(f: http.HTTPFlow, ticket: Ticket) -> str:
+    """A forwarded flow's comment, whether it waited or not (the answer's usage is added by
+    `with_actual`)."""
+    if ticket.queued:
+        return f"{label(f)}waited {ticket.waited:.3f}s, estimate {ticket.tokens} tokens"
+    return f"{label(f)}forwarded at once, estimate {ticket.tokens} tokens"
+
+
+def with_actual(comment: str, total: int) -> str:
+    """The comment once upstream has said what the request used."""
+    return f"{comment}, actual {total} tokens"
 
 
 class QueueFullLog:

@@ -129,11 +129,12 @@ class Metering:
             outcome = Outcome.CANCELLED
         # A retry that goes out is counted by cooldown_retries_total, not as a new request.
         if outcome is not None and (not is_copy or outcome is not Outcome.RELEASED):
-            self.runtime.metrics.request_outcome(
-                metered.key, OUTCOME_LABELS[outcome], ticket.waited
-            )
+            waited = ticket.waited if ticket.queued else None
+            self.runtime.metrics.request_outcome(metered.key, OUTCOME_LABELS[outcome], waited)
         if outcome is Outcome.RELEASED:
             metered.phase = Phase.IN_FLIGHT
+            if not ticket.queued:
+                f.comment = answers.released_comment(f, ticket)
             if metered.retries_left > 0:
                 metered.request = snapshot_request(f.request)  # before routing and later addons
             route(self.runtime.config, f)
@@ -178,8 +179,7 @@ class Metering:
             if f.intercepted:
                 f.resume()
             if ticket.outcome is Outcome.RELEASED:
-                waited = f"waited {ticket.waited:.3f}s, estimate {ticket.tokens} tokens"
-                f.comment = f"{answers.label(f)}{waited}"
+                f.comment = answers.released_comment(f, ticket)  # shown with the resume
             self._trigger_update(f)
 
     def _refuse(

@@ -12,6 +12,7 @@ import time
 
 from mitmproxy import http
 
+from . import answers
 from .flows import MeteredFlow, header_values
 from .gate import Gate
 from .periods import RATE_NAMES
@@ -107,7 +108,7 @@ def account(runtime: Runtime, metered: MeteredFlow, response: http.Response) -> 
     if total is not None:
         runtime.metrics.estimate_vs_actual(key, metered.estimate.total, total)
         f.metadata["cooldown_actual_tokens"] = total
-        f.comment = f"{f.comment}, actual {total} tokens"
+        f.comment = answers.with_actual(f.comment, total)
     if response.status_code == 429:
         log.info("upstream answered 429 for flow %s (%s); no retries left", f.id, key)
     return learnt
