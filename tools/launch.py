@@ -41,9 +41,10 @@ POLL_INTERVAL = 0.05
 LISTENING = re.compile(r" listening at ")
 
 
-def mitmdump_executable() -> Path:
-    """The mitmdump of the running interpreter's environment: the venv in use is the one run."""
-    return Path(sys.executable).parent / "mitmdump"
+def mitmdump_executable(program: str = "mitmdump") -> Path:
+    """The mitmdump (or `program`: mitmweb) of the running interpreter's environment: the
+    venv in use is the one run."""
+    return Path(sys.executable).parent / program
 
 
 def free_port(host: str = HOST) -> int:
@@ -180,10 +181,12 @@ def mitmdump_command(
     config_path: Path | None = None,
     options: Sequence[str] = (),
     args: Sequence[str] = (),
+    program: str = "mitmdump",
 ) -> list[str]:
-    """mitmdump on 127.0.0.1:`port` with its own CA dir; with `config_path`, with the Cooldown
-    addon reading that config. `options` are `name=value` pairs for `--set`; `args` go last."""
-    command = [str(mitmdump_executable())]
+    """mitmdump (or `program`, e.g. mitmweb) on 127.0.0.1:`port` with its own CA dir; with
+    `config_path`, with the Cooldown addon reading that config. `options` are `name=value`
+    pairs for `--set`; `args` go last."""
+    command = [str(mitmdump_executable(program))]
     if config_path is not None:
         command += ["-s", str(ADDON_SCRIPT)]
     command += ["--listen-host", HOST, "-p", str(port), "--set", f"confdir={confdir}"]
@@ -227,19 +230,21 @@ class Mitmdump(Process):
         env: Mapping[str, str] | None = None,
         start_timeout: float = START_TIMEOUT,
         stop_timeout: float = STOP_TIMEOUT,
+        program: str = "mitmdump",
         **fields: Any,
     ) -> Self:
-        """Start mitmdump (see `mitmdump_command`) and wait until it listens; `fields` are
-        those a subclass adds. Raises `StartError` (the process stopped) if it does not."""
+        """Start mitmdump (or `program`: mitmweb, whose web UI then needs its own `web_port`
+        option) as `mitmdump_command` says, and wait until it listens; `fields` are those a
+        subclass adds. Raises `StartError` (the process stopped) if it does not."""
         confdir.mkdir(parents=True, exist_ok=True)
         port = free_port()
         command = mitmdump_command(
-            port, confdir, config_path=config_path, options=options, args=args
+            port, confdir, config_path=config_path, options=options, args=args, program=program
         )
         proxy = cls.spawn(
             command,
             log_path,
-            name="mitmdump",
+            name=program,
             cwd=cwd,
             env=env,
             stop_timeout=stop_timeout,
