@@ -90,6 +90,15 @@ async def until(predicate, steps=100):
     raise AssertionError("condition not reached")
 
 
+async def hold_one(addon):
+    """Fill the bucket (tpm 1000) with one request, then hold a second: (flow, its task)."""
+    await addon.request(cerebras_flow({"model": "m", "messages": [], "max_completion_tokens": 990}))
+    held = cerebras_flow()
+    task = asyncio.ensure_future(addon.request(held))
+    await until(lambda: held.intercepted)
+    return held, task
+
+
 async def test_other_hosts_pass_untouched(addon_ctx):
     addon, _ = addon_ctx
     f = cerebras_flow(host="api.openai.com")
@@ -231,10 +240,7 @@ async def test_client_disconnect_while_held_leaves_the_queue_and_takes_nothing(a
 
 async def test_killed_while_held_leaves_the_queue(addon_ctx):
     addon, tctx = addon_ctx
-    await addon.request(cerebras_flow({"model": "m", "messages": [], "max_completion_tokens": 990}))
-    held = cerebras_flow()
-    task = asyncio.ensure_future(addon.request(held))
-    await until(lambda: held.intercepted)
+    held, task = await hold_one(addon)
     tctx.master.commands.call("flow.kill", [held])  # the console's kill: an update hook
     await task
     assert held.error.msg == flow.Error.KILLED_MESSAGE
@@ -244,10 +250,7 @@ async def test_killed_while_held_leaves_the_queue(addon_ctx):
 
 async def test_resumed_by_hand_stays_held(addon_ctx):
     addon, tctx = addon_ctx
-    await addon.request(cerebras_flow({"model": "m", "messages": [], "max_completion_tokens": 990}))
-    held = cerebras_flow()
-    task = asyncio.ensure_future(addon.request(held))
-    await until(lambda: held.intercepted)
+    held, task = await hold_one(addon)
     tctx.master.commands.call("flow.resume", [held])
     assert held.intercepted  # re-paused: the limiter still decides
     assert addon.status()["queue_depth"] == 1
@@ -258,10 +261,7 @@ async def test_resumed_by_hand_stays_held(addon_ctx):
 async def test_resumed_in_mitmweb_is_paused_again_and_says_so(addon_ctx):
     """mitmweb's Resume button resumes the flow and triggers no update hook."""
     addon, _ = addon_ctx
-    await addon.request(cerebras_flow({"model": "m", "messages": [], "max_completion_tokens": 990}))
-    held = cerebras_flow()
-    task = asyncio.ensure_future(addon.request(held))
-    await until(lambda: held.intercepted)
+    held, task = await hold_one(addon)
     held.resume()  # what mitmweb's ResumeFlow handler does (then refreshes its own view)
     await until(lambda: held.intercepted)
     assert "resumed by hand, still HELD: the rate limits decide" in held.comment
@@ -276,10 +276,7 @@ async def test_resumed_in_mitmweb_is_paused_again_and_says_so(addon_ctx):
 async def test_killed_in_mitmweb_leaves_the_queue_at_the_next_check(addon_ctx):
     """mitmweb's Kill button kills the flow and triggers no update hook."""
     addon, _ = addon_ctx
-    await addon.request(cerebras_flow({"model": "m", "messages": [], "max_completion_tokens": 990}))
-    held = cerebras_flow()
-    task = asyncio.ensure_future(addon.request(held))
-    await until(lambda: held.intercepted)
+    held, task = await hold_one(addon)
     for _ in range(3):
         await asyncio.sleep(0)  # the resume watch starts waiting
     held.kill()  # what mitmweb's KillFlow handler does
@@ -293,10 +290,7 @@ async def test_killed_in_mitmweb_leaves_the_queue_at_the_next_check(addon_ctx):
 
 async def test_a_held_request_is_logged_at_info_with_why(addon_ctx, caplog):
     addon, tctx = addon_ctx
-    await addon.request(cerebras_flow({"model": "m", "messages": [], "max_completion_tokens": 990}))
-    held = cerebras_flow()
-    task = asyncio.ensure_future(addon.request(held))
-    await until(lambda: held.intercepted)
+    _, task = await hold_one(addon)
     pages = tctx.master.addons.get("cooldown-status")
     with caplog.at_level(logging.INFO):
         [line] = pages.report_held()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -47,6 +47,17 @@ def _quantiles(values: Iterable[float]) -> dict[str, float] | None:
     }
 
 
+def _per_model(
+    name: str, documentation: str, values: Mapping[str, float | None]
+) -> GaugeMetricFamily:
+    """A gauge labelled by model; a None value is left out (unknown, not zero)."""
+    gauge = GaugeMetricFamily(name, documentation, labels=["model"])
+    for model, value in values.items():
+        if value is not None:
+            gauge.add_metric([model], value)
+    return gauge
+
+
 class _GateCollector(Collector):
     """Reads the gate's live state at scrape time."""
 
@@ -74,29 +85,24 @@ class _GateCollector(Collector):
         for model, limits in status["usage"].items():
             for name, ratio in limits.items():
                 usage.add_metric([model, name], ratio)
-        foreign = GaugeMetricFamily(
+        foreign = _per_model(
             "cooldown_foreign_tokens_per_minute",
             "Tokens per minute others of the organization use of a model's limit, estimated from "
             "upstream's x-ratelimit reports (they are charged to the limiter between reports).",
-            labels=["model"],
+            status["foreign_tokens_per_minute"],
         )
-        for model, rate in status["foreign_tokens_per_minute"].items():
-            foreign.add_metric([model], rate)
-        oldest = GaugeMetricFamily(
+        held = status["held"]
+        oldest = _per_model(
             "cooldown_queue_oldest_held_seconds",
             "How long the longest-held request of a model has waited (models with requests held).",
-            labels=["model"],
+            {model: h["oldest_held_seconds"] for model, h in held.items()},
         )
-        next_release = GaugeMetricFamily(
+        next_release = _per_model(
             "cooldown_queue_next_release_seconds",
             "Seconds until the head of a model's queue may go, as of the last decision "
             "(absent while it waits for an answer from upstream).",
-            labels=["model"],
+            {model: h["next_release_in_seconds"] for model, h in held.items()},
         )
-        for model, held in status["held"].items():
-            oldest.add_metric([model], held["oldest_held_seconds"])
-            if held["next_release_in_seconds"] is not None:
-                next_release.add_metric([model], held["next_release_in_seconds"])
         yield from (depth, reservations, breaker, usage, foreign, oldest, next_release)
 
 
