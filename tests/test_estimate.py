@@ -311,3 +311,14 @@ def test_too_large_names_the_first_limit_it_can_never_fit():
     many = Need(input_tokens=1_000, output_tokens=1_000, choices=4, context_length=8_192)
     assert too_large(many, [("tpm", 4_999)]) == TooLarge("tpm", 4_999, 5_000, 1_000)
     assert too_large(Need(), [("tpm", 1)]) is None
+
+
+def test_a_text_counted_by_its_bytes_is_not_a_certain_need():
+    """Beyond any context the count is the byte length, an upper bound: never refused on it
+    (it is held until the whole bucket is free, as before)."""
+    from cooldown.estimate import _EXACT_COUNT_MAX_CHARS, Need, parse_request
+
+    huge = "ab " * (_EXACT_COUNT_MAX_CHARS // 3 + 1)
+    shape = parse_request(CHAT, chat([{"role": "user", "content": huge}], max_tokens=20))
+    assert shape.understood and not shape.exact
+    assert shape.estimate(CONTEXT).need == Need()

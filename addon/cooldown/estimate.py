@@ -114,7 +114,8 @@ class Need:
     default output reservation); refusing on it would turn away requests upstream accepts. A
     refusal is only right when every count says no, so this keeps the lower of our two input
     counts (plain and calibrated) and only the output the client asked for. Zero for a body
-    that was not understood: its byte count is an upper bound, not a need.
+    that was not understood, or with a text too long to tokenize: a byte count is an upper
+    bound, not a need.
     """
 
     input_tokens: int = 0
@@ -288,6 +289,9 @@ class RequestShape:
     choices: int = 1
     understood: bool = True
     stream: bool = False
+    # False when some text was too long to tokenize and was counted by its bytes (an upper
+    # bound): then the input count is not what the request certainly needs.
+    exact: bool = True
 
     def estimate(
         self,
@@ -312,7 +316,7 @@ class RequestShape:
             if output_reservation is not None and self.understood:
                 output = min(output, output_reservation)
         need = Need()
-        if self.understood:
+        if self.understood and self.exact:
             least_input = min(self.input_tokens, input_tokens)
             asked = self.requested_output or 0
             need = Need(least_input, asked, self.choices, context_length)
@@ -347,6 +351,8 @@ def parse_request(path: str, body: bytes | str | None) -> RequestShape:
         _requested_output(parsed),
         _choices(parsed),
         stream=parsed.get("stream") is True,
+        # Only a body this long can hold a text counted by its bytes (count_text_tokens).
+        exact=len(raw) <= _EXACT_COUNT_MAX_CHARS,
     )
 
 
