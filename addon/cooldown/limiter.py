@@ -712,7 +712,10 @@ class MemoryLimiter:
         report after its own answer.
         """
         wanted = {(key, r.unit, r.period): r for r in reports if r.limit > 0}
-        if not any(self._is_news(slot, report, now) for slot, report in wanted.items()):
+        for slot, report in wanted.items():
+            if self._is_news(slot, report, now):
+                break
+        else:
             return False
         flying = dict.fromkeys(wanted, 0)
         parts: list[_Part] = []
