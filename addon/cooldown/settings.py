@@ -1,7 +1,7 @@
 """The settings addon: the `cerebras_config` option, its YAML file, and reloading it on change.
 
-A bad file at start-up is one ERROR line (mitmdump then exits with status 1); a bad file
-later keeps the running config, as mitmproxy does with a script that fails to reload.
+A bad file at start-up is one ERROR line and exit status 1, before any listener opens; a bad
+file later keeps the running config, as mitmproxy does with a script that fails to reload.
 """
 
 from __future__ import annotations
@@ -86,10 +86,13 @@ class Settings:
                 raise exceptions.OptionsError(
                     f"cerebras_config not applied, keeping the running config: {e}"
                 ) from e
-            # At start-up an exception here would print a script traceback; one ERROR line is
-            # clearer, and mitmdump exits with status 1 on any error logged during start-up.
+            # At start-up an exception here would print a script traceback, and an ERROR log
+            # alone stops mitmdump only after its listeners say they listen (mitmproxy checks
+            # for start-up errors once the servers are up). mitmproxy loads the script while
+            # the servers are still being set up, so exiting here comes before any of them
+            # listens: one line, status 1, nothing that looks like a running proxy.
             log.error("Cooldown cannot start: cerebras_config: %s", e)
-            return
+            raise SystemExit(1) from None
         self.runtime.apply(config)
 
     async def _watch(self) -> None:
