@@ -84,10 +84,17 @@ class Launcher:
         config: dict[str, Any],
         *,
         verbosity: str = "debug",
+        reverse_to: str | None = None,
         options: tuple[str, ...] = (),
     ) -> Proxy:
         return start_proxy(
-            self.request, self.tmp_path, self.started, config, verbosity=verbosity, options=options
+            self.request,
+            self.tmp_path,
+            self.started,
+            config,
+            verbosity=verbosity,
+            reverse_to=reverse_to,
+            options=options,
         )
 
     def stopped_by_test(self, proxy: Proxy) -> None:
