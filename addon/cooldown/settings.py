@@ -1,6 +1,6 @@
 """The settings addon: the `cerebras_config` option, its YAML file, and reloading it on change.
 
-A bad file at start-up is one ERROR line and exit status 1, before any listener opens; a bad
+A bad file at start-up is one line on stderr and exit status 1, before any listener opens; a bad
 file later keeps the running config, as mitmproxy does with a script that fails to reload.
 """
 
@@ -87,12 +87,12 @@ class Settings:
                     f"cerebras_config not applied, keeping the running config: {e}"
                 ) from e
             # At start-up an exception here would print a script traceback, and an ERROR log
-            # alone stops mitmdump only after its listeners say they listen (mitmproxy checks
-            # for start-up errors once the servers are up). mitmproxy loads the script while
-            # the servers are still being set up, so exiting here comes before any of them
-            # listens: one line, status 1, nothing that looks like a running proxy.
-            log.error("Cooldown cannot start: cerebras_config: %s", e)
-            raise SystemExit(1) from None
+            # stops mitmdump only after its listeners say they listen (mitmproxy checks for
+            # start-up errors once the servers are up). mitmproxy loads the script while the
+            # servers are still being set up, so exiting here comes first: one line on stderr
+            # (also under the console UI, whose log the user would never see), status 1, and
+            # nothing that looks like a running proxy, as mitmproxy does with a bad option.
+            raise SystemExit(f"Cooldown cannot start: cerebras_config: {e}") from None
         self.runtime.apply(config)
 
     async def _watch(self) -> None:
