@@ -385,18 +385,43 @@ async def test_upstream_override_routes_metered_and_unmetered_requests(config_fi
             assert (f.request.scheme, f.request.host, f.request.port) == ("http", "127.0.0.1", 8765)
 
 
-def test_bad_config_at_start_up_is_one_clear_error_line(config_file, caplog):
+def test_bad_config_at_start_up_exits_with_one_clear_line(config_file, caplog):
+    """SystemExit with a message: Python prints it on stderr and exits with status 1."""
     cooldown = Cooldown()
-    with taddons.context(*cooldown.addons) as tctx:
+    with taddons.context(*cooldown.addons) as tctx, pytest.raises(SystemExit) as exited:
         tctx.configure(
             cooldown.settings, cerebras_config=config_file("cerebras_limits:\n  rpm_limit: lots\n")
         )
-    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(errors) == 1
-    assert errors[0].exc_info is None
-    message = errors[0].getMessage()
+    message = exited.value.code
+    assert isinstance(message, str)
+    assert message.startswith("Cooldown cannot start: cerebras_config: ")
     assert "cerebras_limits.rpm_limit: got 'lots'; expected a positive integer" in message
     assert "\n" not in message
+    assert exited.value.__cause__ is None and exited.value.__suppress_context__
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+class ListeningProxyserver:
+    """Stands in for mitmproxy's proxyserver once its listeners are up."""
+
+    name = "proxyserver"
+
+    def listen_addrs(self):
+        return [("127.0.0.1", 8080)]
+
+
+def test_bad_config_when_the_script_reloads_in_a_running_proxy_does_not_exit(config_file, caplog):
+    """mitmproxy re-runs addon/cerebras.py on a script edit: fresh addons, servers already
+    up. Exiting then would drop every flow; the error is logged and the defaults apply."""
+    cooldown = Cooldown()
+    with taddons.context(ListeningProxyserver(), *cooldown.addons) as tctx:
+        tctx.configure(
+            cooldown.settings, cerebras_config=config_file("cerebras_limits:\n  rpm_limit: 0\n")
+        )
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    assert errors[0].startswith("Cooldown cannot start: cerebras_config: ")
+    assert cooldown.runtime.config.cerebras_limits.rpm_limit == 1000  # the built-in default
 
 
 def test_bad_config_on_reload_keeps_the_running_config(config_file, tmp_path):

@@ -7,6 +7,7 @@ arithmetic turn that off (`view_margin=0`), and one test checks the margin itsel
 import pytest
 
 from cooldown.limiter import (
+    RESYNC_INTERVAL,
     STALE_RECHECK_SECONDS,
     MemoryLimiter,
     Rate,
@@ -319,13 +320,35 @@ def test_requests_in_flight_stay_held_aside_on_top_of_a_report():
 
 
 def test_a_request_counted_twice_is_counted_once_again_at_the_next_report():
-    limiter = MemoryLimiter(view_margin=0)
+    limiter = MemoryLimiter(view_margin=0, resync_interval=0)  # every report re-syncs
     flying = limiter.try_acquire("k", (B_TPM,), 200, now=0).reservation
     limiter.observe("k", report(remaining=400), now=0)  # upstream had counted it already
     assert limiter.used("k", B_TPM, 0) == 400  # 200 in the report + 200 held aside
     limiter.confirm(flying, now=0)
     limiter.observe("k", report(remaining=400), now=0)
     assert limiter.used("k", B_TPM, 0) == 200
+
+
+def test_a_report_soon_after_a_resync_changes_the_view_only_with_bad_news():
+    """Under load answers come back hundreds of times a second. A report within
+    RESYNC_INTERVAL of the view's last re-sync is skipped when upstream has at least what the
+    view assumes, our requests in flight counted (the view stays on the safe side until the
+    next report), and applied at once when upstream has less."""
+    limiter = MemoryLimiter(view_margin=0)
+    assert limiter.observe("k", report(remaining=400), now=0)
+    soon = RESYNC_INTERVAL / 2
+    assert not limiter.observe("k", report(remaining=500), now=soon)  # more room: later
+    assert limiter.used("k", B_TPM, soon) == pytest.approx(200 - 10 * soon)
+    assert limiter.observe("k", report(remaining=300), now=soon)  # less: at once
+    after_bad_news = limiter.used("k", B_TPM, soon)
+    assert after_bad_news >= 300  # (and others' lump is kept in reserve)
+    flying = limiter.try_acquire("k", (B_TPM,), 100, now=soon).reservation
+    assert flying is not None
+    # Upstream counted our request in flight: what the view already assumed, nothing new.
+    assert not limiter.observe("k", report(remaining=200), now=soon)
+    later = soon + 2 * RESYNC_INTERVAL
+    assert limiter.observe("k", report(remaining=500), now=later)  # the interval is over
+    assert limiter.used("k", B_TPM, later) < after_bad_news
 
 
 def test_foreign_usage_is_learned_and_charged_between_reports():
@@ -353,7 +376,7 @@ def test_foreign_usage_is_learned_and_charged_between_reports():
 def test_refunds_reach_the_view_with_a_report_and_their_share_is_learnt():
     """An upstream may keep an unused reservation, or refund it a moment after the answer:
     the view takes refunds from reports only, and learns how much of them to expect."""
-    limiter = MemoryLimiter(view_margin=0)
+    limiter = MemoryLimiter(view_margin=0, resync_interval=0)  # every report re-syncs
     reservation = limiter.try_acquire("k", (B_TPM,), 500, now=0).reservation
     limiter.confirm(reservation, now=0)
     limiter.observe("k", report(remaining=100), now=0)
@@ -392,7 +415,7 @@ def test_others_usage_is_told_apart_from_refunds():
 
 
 def test_a_refund_is_credited_a_moment_after_the_settle_once_upstream_is_known_to_refund():
-    limiter = MemoryLimiter(view_margin=0)
+    limiter = MemoryLimiter(view_margin=0, resync_interval=0)  # every report re-syncs
     big = Rate("tpm", "tokens", 60_000)  # refills 1,000 a second
     first = limiter.try_acquire("k", (big,), 5_000, now=0).reservation
     limiter.confirm(first, now=0)
@@ -414,7 +437,7 @@ def test_a_refund_is_credited_a_moment_after_the_settle_once_upstream_is_known_t
 def test_the_view_credits_no_more_than_upstream_refunds():
     """Our input estimate may exceed upstream's count; upstream only gives back the unused
     output reservation, so that is all the view credits."""
-    limiter = MemoryLimiter(view_margin=0)
+    limiter = MemoryLimiter(view_margin=0, resync_interval=0)  # every report re-syncs
     big = Rate("tpm", "tokens", 60_000)
     first = limiter.try_acquire("k", (big,), 5_000, now=0).reservation
     limiter.confirm(first, now=0)

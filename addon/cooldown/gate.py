@@ -142,15 +142,18 @@ class Gate:
         self.rates.reconfigure(config)
         self.pump()
 
-    def observe(self, key: str, reports: Sequence[RateReport]) -> None:
-        """Correct the local picture with upstream's `x-ratelimit-*` report for `key`."""
+    def observe(self, key: str, reports: Sequence[RateReport]) -> bool:
+        """Correct the local picture with upstream's `x-ratelimit-*` report for `key`;
+        False when it changed nothing (nothing to re-decide)."""
         if not reports:
-            return
+            return False
         self.keys.add(key)
+        if not self.limiter.observe(key, reports, self.clock()):
+            return False
         self.scheduler.invalidate()
-        self.limiter.observe(key, reports, self.clock())
         self.rates.reported(key, reports)
         self.pump()
+        return True
 
     def pause(self, key: str, seconds: float) -> None:
         """Release nothing more for `key` for `seconds` (upstream said 429)."""
@@ -229,10 +232,8 @@ class Gate:
             self._finish(ticket, 429, None)
         else:
             self.scheduler.confirm(ticket, self.clock())
-        if reports:
-            self.observe(ticket.key, reports)  # re-syncs, then pumps
-        elif status == 429:
-            self.pump()
+        if not self.observe(ticket.key, reports) and status == 429:
+            self.pump()  # (observe re-syncs and pumps when the reports change anything)
         # Otherwise nothing can go that could not before: a confirmed amount is charged, not
         # freed, and a probe is over only when its answer ends (finish pumps).
 

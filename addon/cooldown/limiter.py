@@ -73,6 +73,10 @@ REFUND_CREDIT_DELAY = 0.25
 # this often until its answer re-syncs the view.
 STALE_RECHECK_SECONDS = 1.0
 REFUND_TRUST = 0.9
+# A report this soon after the view's last re-sync re-bases it only if it brings bad news (see
+# MemoryLimiter.observe): under load, answers come back hundreds of times a second, and
+# re-syncing on each of them was the largest single cost of an answer.
+RESYNC_INTERVAL = 0.01
 
 
 @dataclass(frozen=True)
@@ -435,6 +439,10 @@ class UpstreamView:
     def charge(self, amount: float, now: float) -> None:
         self.level = self._level(now) - amount
 
+    def left(self, now: float) -> float:
+        """What the view assumes upstream has left now, our requests in flight aside."""
+        return self._level(now)
+
     def expected_left(self, now: float) -> float:
         """What upstream should have left now if nobody else used it since the report."""
         return min(float(self.limit), self._level(now) + self.foreign * (now - self.synced_at))
@@ -522,7 +530,7 @@ class LimiterBackend(Protocol):
 
     def release(self, reservation: Reservation, now: float) -> None: ...
 
-    def observe(self, key: str, reports: Sequence[RateReport], now: float) -> None: ...
+    def observe(self, key: str, reports: Sequence[RateReport], now: float) -> bool: ...
 
     def used(self, key: str, rate: Rate, now: float) -> float: ...
 
@@ -607,7 +615,10 @@ class UpstreamViews:
 class MemoryLimiter:
     """The in-process backend: one counter per (key, unit, period), plus upstream's view."""
 
-    def __init__(self, view_margin: float = VIEW_MARGIN) -> None:
+    def __init__(
+        self, view_margin: float = VIEW_MARGIN, resync_interval: float = RESYNC_INTERVAL
+    ) -> None:
+        self._resync_interval = resync_interval  # 0: every report re-syncs (exact tests)
         self._counters: dict[Slot, Counter] = {}
         self._views = UpstreamViews(view_margin)
         self._paces: dict[Slot, Pace] = {}
@@ -692,8 +703,9 @@ class MemoryLimiter:
 
     # -- upstream's reports --------------------------------------------------------------------
 
-    def observe(self, key: str, reports: Sequence[RateReport], now: float) -> None:
-        """Re-sync upstream's view of `key` from one response's `x-ratelimit-*` reports.
+    def observe(self, key: str, reports: Sequence[RateReport], now: float) -> bool:
+        """Re-sync upstream's view of `key` from one response's `x-ratelimit-*` reports;
+        False when the reports changed nothing (see `_is_news`).
 
         Upstream writes a report when it sends the answer, and any of our requests still in
         flight may or may not be in it: one released earlier can reach upstream later (another
@@ -702,8 +714,11 @@ class MemoryLimiter:
         report after its own answer.
         """
         wanted = {(key, r.unit, r.period): r for r in reports if r.limit > 0}
-        if not wanted:
-            return
+        for slot, report in wanted.items():
+            if self._is_news(slot, report, now):
+                break
+        else:
+            return False
         flying = dict.fromkeys(wanted, 0)
         parts: list[_Part] = []
         for reservation in self._in_flight.get(key, ()):
@@ -718,6 +733,26 @@ class MemoryLimiter:
         for part in parts:
             part.view_epoch = epochs[part.slot]
             part.in_flight_at_report = True
+        return True
+
+    def _is_news(self, slot: Slot, report: RateReport, now: float) -> bool:
+        """Whether `report` must re-base the view of `slot` now.
+
+        Always, unless the view was re-synced less than `RESYNC_INTERVAL` ago and the report
+        says upstream has at least as much left as the view already assumes with every request
+        of ours in flight counted: then re-basing could only give room back, and skipping it
+        keeps the view on the safe side for a few milliseconds (the next report re-bases it).
+        A report that says less is always applied, so others' usage is never learnt later.
+        """
+        view = self._views.get(slot)
+        if (
+            view is None
+            or view.limit != report.limit
+            or now - view.synced_at >= self._resync_interval
+        ):
+            return True
+        reported_left = min(max(report.remaining, 0), report.limit)
+        return reported_left < view.left(now) - view.in_flight
 
     def learned_limits(self, key: str) -> dict[tuple[Unit, float], int]:
         return self._views.learned_limits(key)
