@@ -18,6 +18,7 @@ CORE = [
     "metrics",
     "periods",
     "probe",
+    "prompt_cache",
     "runtime",
     "scheduler",
     "tickets",

@@ -163,6 +163,9 @@ class TokenBucket(_InFlight):
         """A counted amount turned out to be `new`, not `old` (refund or extra charge)."""
         self._used = max(0.0, self._drain(limit, now) + new - old)
 
+    def exhaust(self, limit: int, now: float) -> None:
+        self._used = max(self._drain(limit, now), float(limit))
+
     def __repr__(self) -> str:
         return f"<TokenBucket used={self._used:g} at={self.at:g} in_flight={self.in_flight}>"
 
@@ -220,6 +223,11 @@ class SlidingWindow(_InFlight):
         self._entries.append(entry)
         self._used += amount
         return entry
+
+    def exhaust(self, limit: int, now: float) -> None:
+        self._expire(now)
+        if self._used < limit:
+            self.add(limit - self._used, now)
 
     def correct(self, handle: object, old: int, new: int, limit: int, now: float) -> None:
         """Change what an earlier admission counts for, if it is still inside the window."""
@@ -466,6 +474,15 @@ class Reservation:
 
 
 @dataclass(frozen=True)
+class Settled:
+    """What upstream counted on the `total_tokens` limit, and gives back of its reservation
+    (None: unknown, the view assumes everything unused)."""
+
+    tokens: int
+    refund: int | None = None
+
+
+@dataclass(frozen=True)
 class Decision:
     """The verdict of one admission attempt; `wait` says how long until it could succeed."""
 
@@ -508,7 +525,14 @@ class Pace:
 class LimiterBackend(Protocol):
     """Where limit state lives. Implementations: `MemoryLimiter` (one process)."""
 
-    def try_acquire(self, key: str, rates: Sequence[Rate], tokens: int, now: float) -> Decision: ...
+    def try_acquire(
+        self,
+        key: str,
+        rates: Sequence[Rate],
+        tokens: int,
+        now: float,
+        total: int | None = None,
+    ) -> Decision: ...
 
     def confirm(self, reservation: Reservation, now: float) -> None: ...
 
@@ -518,7 +542,10 @@ class LimiterBackend(Protocol):
         actual_tokens: int,
         now: float,
         refund: int | None = None,
+        total: Settled | None = None,
     ) -> None: ...
+
+    def exhaust(self, key: str, rate: Rate, now: float) -> None: ...
 
     def release(self, reservation: Reservation, now: float) -> None: ...
 
@@ -650,7 +677,18 @@ class MemoryLimiter:
 
     # -- admission -----------------------------------------------------------------------------
 
-    def try_acquire(self, key: str, rates: Sequence[Rate], tokens: int, now: float) -> Decision:
+    def try_acquire(
+        self,
+        key: str,
+        rates: Sequence[Rate],
+        tokens: int,
+        now: float,
+        total: int | None = None,
+    ) -> Decision:
+        """Reserve one request and `tokens` under every limit, or say how long until it fits.
+
+        `tokens` is what the `tokens` limits (the uncached ones, when the prompt cache is
+        modelled) are charged, `total` what the `total_tokens` limit is (None: `tokens`)."""
         # Look every structure up once per rate: this runs for every release decision.
         plan = []
         worst_wait, binding = 0.0, None
@@ -661,7 +699,12 @@ class MemoryLimiter:
             counter = self._counter(slot, rate, limit, now)
             # A request larger than a token limit could never fit; charging it the whole
             # limit lets it through once the bucket is full instead of holding it forever.
-            amount = 1 if rate.unit == "requests" else min(tokens, limit)
+            if rate.unit == "requests":
+                amount = 1
+            elif rate.unit == "tokens" or total is None:
+                amount = min(tokens, limit)
+            else:
+                amount = min(total, limit)
             wait = counter.wait_time(amount, limit, now)
             if view is not None:
                 wait = max(wait, view.wait_time(amount, now))
@@ -750,6 +793,7 @@ class MemoryLimiter:
         actual_tokens: int,
         now: float,
         refund: int | None = None,
+        total: Settled | None = None,
     ) -> None:
         """Upstream answered: correct the token count to what it reports it used.
 
@@ -757,31 +801,44 @@ class MemoryLimiter:
         than this; the view credits it a moment later, as far as upstream has been seen to.
         `refund` is what upstream gives back (the unused *output* reservation; our input
         estimate may differ from upstream's count, which it keeps): the view never credits
-        more, whatever our estimate was.
+        more, whatever our estimate was. `actual_tokens` and `refund` are for the `tokens`
+        limits; `total`, for the `total_tokens` limit (None: it keeps what it reserved).
         """
         if not reservation.open:
             return
         self.confirm(reservation, now)
         actual = max(int(actual_tokens), 0)
         for part in reservation.parts:
-            if part.slot[1] != "tokens":
+            unit = part.slot[1]
+            if unit == "tokens":
+                used, given = actual, refund
+            elif unit == "total_tokens" and total is not None:
+                used, given = max(int(total.tokens), 0), total.refund
+            else:
                 continue
             counter = self._counters.get(part.slot)
             if counter is not None:
-                counter.correct(part.handle, part.amount, actual, part.limit, now)
+                counter.correct(part.handle, part.amount, used, part.limit, now)
             view = self._views.get(part.slot)
             if view is not None:
-                if actual > part.amount:
-                    view.charge(actual - part.amount, now)  # upstream counted more
+                if used > part.amount:
+                    view.charge(used - part.amount, now)  # upstream counted more
                 else:
                     # Credited later, as far as upstream is known to refund (see UpstreamView).
-                    unused = part.amount - actual
-                    view.refund(unused if refund is None else max(min(refund, unused), 0), now)
+                    unused = part.amount - used
+                    view.refund(unused if given is None else max(min(given, unused), 0), now)
             if part.pace is not None:
                 bucket, capacity, rate = part.pace
-                bucket.take(actual - part.amount, capacity, rate, now)
+                bucket.take(used - part.amount, capacity, rate, now)
         reservation.tokens = actual
         self._close(reservation)
+
+    def exhaust(self, key: str, rate: Rate, now: float) -> None:
+        """Upstream refused a request on this limit (a 429 naming it) while our picture had
+        room: count the limit as used up now, so that it refills from here as upstream's does."""
+        slot = (key, rate.unit, rate.period)
+        limit = self.limit(key, rate)
+        self._counter(slot, rate, limit, now).exhaust(limit, now)
 
     def release(self, reservation: Reservation, now: float) -> None:
         """Upstream charged nothing (never reached it, or refused it): give everything back.

@@ -218,18 +218,19 @@ class Scheduler:
         self.on_resolved(ticket)
 
     def submit(
-        self, key: str, tokens: int, now: float, requeue: bool = False, client: str | None = None
+        self,
+        key: str,
+        tokens: int,
+        now: float,
+        requeue: bool = False,
+        client: str | None = None,
+        total: int | None = None,
     ) -> Ticket:
         """Queue a request; it may be refused at once (queue full, client's share full,
         breaker open). `requeue`: admitted once already (a retry), never refused for room."""
-        ticket = Ticket(
-            id=next(self._ids),
-            key=key,
-            tokens=max(int(tokens), 1),
-            enqueued_at=now,
-            deadline=now + self.limits.request_timeout,
-            client=client,
-        )
+        deadline = now + self.limits.request_timeout
+        ticket = Ticket(next(self._ids), key, max(int(tokens), 1), now, deadline, client=client)
+        ticket.total = None if total is None else max(int(total), 1)
         if self.breaker.state(now) is BreakerState.OPEN:
             self._finalize(ticket, Outcome.BREAKER_OPEN, now, self.breaker.retry_after(now))
             return ticket
@@ -263,7 +264,7 @@ class Scheduler:
         if self.breaker.state(now) is not BreakerState.CLOSED:
             return False
         rates = self.rates_for(key)
-        decision = self.limiter.try_acquire(key, rates, ticket.tokens, now)
+        decision = self.limiter.try_acquire(key, rates, ticket.tokens, now, ticket.total)
         if not decision.granted:
             return False
         ticket.reservation = decision.reservation
@@ -330,7 +331,7 @@ class Scheduler:
             ):
                 head_until = refused[2]
             else:
-                decision = self.limiter.try_acquire(key, rates, ticket.tokens, now)
+                decision = self.limiter.try_acquire(key, rates, ticket.tokens, now, ticket.total)
                 if decision.granted:
                     self._release(ticket, decision.reservation, key, rates, half_open, now)
                     continue
@@ -351,7 +352,7 @@ class Scheduler:
         small = queue.backfill_candidate(head)
         if small is None or head.backfilled + small.tokens > BACKFILL_SHARE * head.tokens:
             return False
-        decision = self.limiter.try_acquire(key, rates, small.tokens, now)
+        decision = self.limiter.try_acquire(key, rates, small.tokens, now, small.total)
         if not decision.granted:
             return False
         head.backfilled += small.tokens

@@ -51,6 +51,9 @@ class Ticket:
     wait_reason: str | None = field(default=None)  # which limit it is waiting for, if any
     backfilled: int = 0  # tokens of small requests let past it while it waited at the head
     client: str | None = None  # who asked (an API-key fingerprint or an address), for its share
+    # Tokens for the `total_tokens` limit when they differ from `tokens` (the uncached ones,
+    # with the prompt cache modelled); None: the same.
+    total: int | None = None
 
     @property
     def held(self) -> bool:
