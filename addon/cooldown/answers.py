@@ -17,6 +17,7 @@ from mitmproxy import http
 
 from .estimate import Estimate
 from .periods import describe
+from .runtime import CacheGuess
 from .tickets import Outcome, Ticket, base_priority
 
 log = logging.getLogger(__name__)
@@ -108,15 +109,22 @@ def refuse(f: http.HTTPFlow, outcome: Outcome, retry_after: float) -> None:
     f.response = refusal(outcome, retry_after)
 
 
-def held_comment(f: http.HTTPFlow, ticket: Ticket, estimate: Estimate, depth: int) -> str:
+def held_comment(
+    f: http.HTTPFlow, ticket: Ticket, estimate: Estimate, depth: int, guess: CacheGuess | None
+) -> str:
     """What mitmweb shows on a held flow: what it waits for and why it is where it is."""
     reason = describe(ticket.wait_reason) if ticket.wait_reason else "its turn"
     return (
         f"{label(f)}held for {ticket.key} (#{depth} in queue), waiting for {reason}; "
         f"estimate {estimate.total} tokens "
-        f"({estimate.input_tokens} in + {estimate.output_tokens} out), "
+        f"({estimate.input_tokens} in + {estimate.output_tokens} out){cached_note(guess)}, "
         f"priority {base_priority(estimate.total):g}"
     )
+
+
+def cached_note(guess: CacheGuess | None) -> str:
+    """The prompt cache model's prediction, for a comment ("" when cache-blind)."""
+    return "" if guess is None else f", {guess.prediction.cached} cached (predicted)"
 
 
 class QueueFullLog:

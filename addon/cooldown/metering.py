@@ -24,7 +24,7 @@ from .routing import client_of, is_cerebras, is_metered_path, key_for, route
 from .runtime import Runtime
 from .settle import account, add_proxy_headers, cool_down, settle_error
 from .streams import find_stream, stream_reset
-from .tickets import Outcome
+from .tickets import Outcome, Ticket
 from .upstream import SSEUsageTap, classify_429
 
 log = logging.getLogger(__name__)
@@ -108,11 +108,15 @@ class Metering:
             self._refuse(f, Outcome.SHUTDOWN, 5.0)
             return
         estimate = metered.estimate = self.runtime.estimate(metered.key, metered.shape)
+        guess = metered.cache = self.runtime.predict(metered.key, metered.shape, estimate)
+        uncached, total = self.runtime.admission(estimate, guess)
         # A retry was admitted once already: a queue that filled up meanwhile does not refuse it.
         ticket = metered.ticket = gate.submit(
-            estimate.total, key=metered.key, requeue=is_copy, client=metered.client
+            uncached, key=metered.key, requeue=is_copy, client=metered.client, total=total
         )
         f.metadata["cooldown_estimate"] = estimate.total
+        if guess is not None:
+            f.metadata["cooldown_cached_predicted"] = guess.prediction.cached
         outcome = await self._hold(metered) if ticket.held else ticket.outcome
         f.metadata["cooldown_waited"] = round(ticket.waited, 3)
         if outcome is Outcome.RELEASED and (
@@ -155,7 +159,9 @@ class Metering:
         assert ticket is not None and estimate is not None
         metered.phase = Phase.HELD
         f.intercept()
-        f.comment = answers.held_comment(f, ticket, estimate, self.runtime.gate.depth)
+        f.comment = answers.held_comment(
+            f, ticket, estimate, self.runtime.gate.depth, metered.cache
+        )
         self._trigger_update(f)
         metered.stream = find_stream(f)  # to notice a reset stream (check_resets)
         try:
@@ -174,7 +180,7 @@ class Metering:
                 f.resume()
             if ticket.outcome is Outcome.RELEASED:
                 waited = f"waited {ticket.waited:.3f}s, estimate {ticket.tokens} tokens"
-                f.comment = f"{answers.label(f)}{waited}"
+                f.comment = f"{answers.label(f)}{waited}{answers.cached_note(metered.cache)}"
             self._trigger_update(f)
 
     def _refuse(self, f: http.HTTPFlow, outcome: Outcome, retry_after: float) -> None:
@@ -193,12 +199,12 @@ class Metering:
 
     def re_estimate_held(self, key: str) -> None:
         """Apply what calibration just learnt to the requests still waiting for `key`."""
-        sizes = []
+        sizes: list[tuple[Ticket, int, int | None]] = []
         for metered in self.table:
             if metered.phase is Phase.HELD and metered.key == key and metered.ticket is not None:
                 estimate = self.runtime.estimate(metered.key, metered.shape)
                 metered.flow.metadata["cooldown_estimate"] = estimate.total
-                sizes.append((metered.ticket, estimate.total))
+                sizes.append((metered.ticket, *self.runtime.admission(estimate, metered.cache)))
         self.runtime.gate.resize(sizes)
 
     @staticmethod
@@ -256,7 +262,7 @@ class Metering:
             if metered.phase is Phase.HELD and metered.ticket is not None:
                 self.runtime.gate.cancel(metered.ticket)  # its request hook then ends it
             elif metered.phase is Phase.IN_FLIGHT:
-                settle_error(self.runtime.gate, metered)
+                settle_error(self.runtime, metered)
                 self._end(metered)
         finally:
             if metered.parent is not None:

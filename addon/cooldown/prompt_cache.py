@@ -138,9 +138,12 @@ class PromptCache:
             hits += 1
         return hits
 
-    def predict(self, model: str, keys: Sequence[int], now: float, limit: int) -> Prediction:
-        """Cached tokens to expect, never more than `limit` (the request's input)."""
-        raw = min(self.cached_blocks(keys, now) * self.block_tokens, limit)
+    def predict(
+        self, model: str, keys: Sequence[int], now: float, limit: int, scale: float = 1.0
+    ) -> Prediction:
+        """Cached tokens to expect, never more than `limit` (the request's input). `scale`
+        turns our token count into upstream's (the input calibration's factor)."""
+        raw = min(int(self.cached_blocks(keys, now) * self.block_tokens * scale), limit)
         learning = self._learning.get(model)
         correction = 1.0 if learning is None else learning.correction()
         return Prediction(raw, int(raw * correction))
