@@ -133,6 +133,10 @@ class Metering:
             )
         if outcome is Outcome.RELEASED:
             metered.phase = Phase.IN_FLIGHT
+            if metered.cache is not None and ticket.waited > 0:
+                metered.cache = self.runtime.repredict(
+                    metered.key, metered.cache.keys, metered.estimate or estimate
+                )
             if metered.retries_left > 0:
                 metered.request = snapshot_request(f.request)  # before routing and later addons
             route(self.runtime.config, f)
@@ -222,6 +226,8 @@ class Metering:
         # Upstream counts a request before it answers: from now on its reservation ages (a
         # 429 was not counted: its reservation is given back before the report is read).
         self.runtime.gate.confirm(metered.ticket, f.response.status_code, f.response.headers)
+        if f.response.status_code == 200:
+            self.runtime.processed(metered.cache)
         add_proxy_headers(self.runtime.gate, f.response, metered)
         (content_type,) = header_values(f.response.headers, b"content-type")
         if content_type is not None and content_type.startswith("text/event-stream"):

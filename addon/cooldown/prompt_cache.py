@@ -38,7 +38,7 @@ Segment = tuple[int, int]  # (digest of the rendered piece, its tokens)
 
 # Measured on CPython 3.12 (benchmarks/bench_cache.py): an OrderedDict entry of an int key
 # and a float expiry, the key and the float themselves.
-BYTES_PER_BLOCK = 160
+BYTES_PER_BLOCK = 150
 # Responses per model the prediction's correction is learnt from.
 LEARN_WINDOW = 64
 

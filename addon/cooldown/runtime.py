@@ -67,11 +67,20 @@ class Runtime:
         """The prompt cache model's guess for a request (None: cache-blind, or no prompt)."""
         if not self.config.prompt_cache.enabled or not shape.segments:
             return None
-        keys = self.cache.keys_for(key, shape.segments)
+        return self.repredict(key, self.cache.keys_for(key, shape.segments), estimate)
+
+    def repredict(self, key: str, keys: list[int], estimate: Estimate) -> CacheGuess:
+        """The prediction for these blocks now: at release, others' prompts answered while
+        this one was held (the first of a team's wave) may have put its prefix in the cache."""
         prediction = self.cache.predict(
             key, keys, self.gate.clock(), estimate.input_tokens, self.calibration.factor(key)
         )
         return CacheGuess(keys, prediction)
+
+    def processed(self, guess: CacheGuess | None) -> None:
+        """Upstream has begun answering the prompt of `guess`: it holds its blocks now."""
+        if guess is not None:
+            self.cache.record(guess.keys, self.gate.clock())
 
     def admission(self, estimate: Estimate, guess: CacheGuess | None) -> tuple[int, int | None]:
         """(uncached, total) tokens to reserve: the whole estimate on both, less the predicted
@@ -105,7 +114,6 @@ class Runtime:
             uncached_refund = refund + cached
         if guess is not None:
             self.cache.learn(key, guess.prediction, cached)
-            self.cache.record(guess.keys, self.gate.clock())
         return Charge(total - cached, uncached_refund, Settled(total, refund), cached)
 
     def on_config(self, listener: Callable[[Config], None]) -> None:
