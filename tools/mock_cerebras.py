@@ -10,6 +10,14 @@ where it matters to a rate limiter, without the network and without spending quo
 * ``usage`` in every answer and the ``x-ratelimit-*`` headers on every completion response;
 * Server-Sent Events streaming, with ``usage`` only when ``stream_options.include_usage`` is set.
 
+Cerebras's dual bucket and prompt cache, off by default: ``total_tpm`` adds the total-tokens
+bucket (``tpm`` and the hour/day token limits then count uncached tokens; headers
+``x-ratelimit-*-total-tokens-minute``; 429 messages name the bucket), and ``prompt_cache``
+matches each prompt's prefix in ``cache_block_tokens`` blocks kept ``cache_ttl`` seconds,
+reports ``usage.prompt_tokens_details.cached_tokens`` and admits by ``cache_admission``
+(``full``: the whole input charged to the uncached bucket, the cached part refunded when the
+answer is done; ``predicted``: only the uncached input charged).
+
 Switches make it harder than the real thing for a limiter: ``input_token_factor`` counts more
 input tokens than tiktoken does (a model with a different tokenizer), ``refund_unused=False``
 keeps the whole reservation after a short completion, ``consume`` takes budget as another client
