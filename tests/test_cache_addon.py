@@ -1,6 +1,7 @@
 """The prompt cache through the addon: prediction at admission, both buckets settled from
 `usage`, the learnt correction, the header, the comment and the metrics."""
 
+import asyncio
 import json
 
 import pytest
@@ -9,7 +10,7 @@ from mitmproxy.test import taddons, tutils
 from cooldown.addon import Cooldown
 
 from .helpers import FakeClock
-from .test_addon import cerebras_flow
+from .test_addon import cerebras_flow, until
 
 SYSTEM = {"role": "system", "content": "You are a careful coding agent. " * 300}  # ~2,100 tokens
 
@@ -38,10 +39,10 @@ def answer(prompt: int, completion: int, cached: int | None) -> object:
 
 @pytest.fixture
 def proxy(tmp_path):
-    def start(extra: str = ""):
+    def start(extra: str = "", tpm: int = 100_000):
         path = tmp_path / "c.yaml"
         path.write_text(
-            "cerebras_limits: {rpm_limit: 100, tpm_limit: 100000, probe_first: false,"
+            f"cerebras_limits: {{rpm_limit: 100, tpm_limit: {tpm}, probe_first: false,"
             " max_retries: 0}\n" + extra
         )
         cooldown = Cooldown()
@@ -158,3 +159,22 @@ async def test_a_429_naming_the_total_bucket_cools_that_bucket(proxy):
     await cooldown.metering.response(f)
     assert cooldown.runtime.gate.status()["total_usage"]["m"] == pytest.approx(1.0, abs=0.01)
     assert cooldown.runtime.gate.status()["usage"]["m"]["tpm"] == pytest.approx(0.0, abs=0.01)
+
+
+async def test_a_held_request_is_predicted_again_when_released(proxy):
+    """The first of a team's wave is in flight when the second arrives (nothing cached yet);
+    once upstream has answered the first, the second, released then, expects its prefix."""
+    cooldown = proxy(tpm=4_000)
+    first = cerebras_flow(body("one"))
+    await cooldown.metering.request(first)
+    second = cerebras_flow(body("two"))
+    task = asyncio.ensure_future(cooldown.metering.request(second))
+    await until(lambda: cooldown.runtime.gate.depth == 1)
+    assert second.metadata["cooldown_cached_predicted"] == 0
+    first.response = answer(2_100, 10, 2_000)  # mostly cached: frees room for the second
+    cooldown.metering.responseheaders(first)
+    await cooldown.metering.response(first)
+    await task
+    second.response = answer(2_100, 10, 1_920)
+    cooldown.metering.responseheaders(second)
+    assert int(second.response.headers["X-Cooldown-Cached-Tokens"]) >= 1_920

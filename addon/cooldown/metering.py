@@ -117,7 +117,8 @@ class Metering:
         f.metadata["cooldown_estimate"] = estimate.total
         if guess is not None:
             f.metadata["cooldown_cached_predicted"] = guess.prediction.cached
-        outcome = await self._hold(metered) if ticket.held else ticket.outcome
+        was_held = ticket.held
+        outcome = await self._hold(metered) if was_held else ticket.outcome
         f.metadata["cooldown_waited"] = round(ticket.waited, 3)
         if outcome is Outcome.RELEASED and (
             not f.live or f.error or metered.stopped or stream_reset(metered.stream)
@@ -133,7 +134,7 @@ class Metering:
             )
         if outcome is Outcome.RELEASED:
             metered.phase = Phase.IN_FLIGHT
-            if metered.cache is not None and ticket.waited > 0:
+            if metered.cache is not None and was_held:
                 metered.cache = self.runtime.repredict(
                     metered.key, metered.cache.keys, metered.estimate or estimate
                 )
