@@ -36,9 +36,10 @@ from dataclasses import dataclass
 
 Segment = tuple[int, int]  # (digest of the rendered piece, its tokens)
 
-# Measured on CPython 3.12 (benchmarks/bench_cache.py): an OrderedDict entry of an int key
-# and a float expiry, the key and the float themselves.
-BYTES_PER_BLOCK = 150
+# Measured on CPython 3.12 (benchmarks/bench_cache.py, tracemalloc): an OrderedDict entry of an
+# int key and a float expiry, with the key, the float and the table's slack once the LRU
+# evicts (about 115 bytes while it only grows).
+BYTES_PER_BLOCK = 215
 # Responses per model the prediction's correction is learnt from.
 LEARN_WINDOW = 64
 
