@@ -117,8 +117,7 @@ class Metering:
         f.metadata["cooldown_estimate"] = estimate.total
         if guess is not None:
             f.metadata["cooldown_cached_predicted"] = guess.prediction.cached
-        was_held = ticket.held
-        outcome = await self._hold(metered) if was_held else ticket.outcome
+        outcome = await self._hold(metered) if ticket.held else ticket.outcome
         f.metadata["cooldown_waited"] = round(ticket.waited, 3)
         if outcome is Outcome.RELEASED and (
             not f.live or f.error or metered.stopped or stream_reset(metered.stream)
@@ -134,10 +133,6 @@ class Metering:
             )
         if outcome is Outcome.RELEASED:
             metered.phase = Phase.IN_FLIGHT
-            if metered.cache is not None and was_held:
-                metered.cache = self.runtime.repredict(
-                    metered.key, metered.cache.keys, metered.estimate or estimate
-                )
             if metered.retries_left > 0:
                 metered.request = snapshot_request(f.request)  # before routing and later addons
             route(self.runtime.config, f)
@@ -184,6 +179,10 @@ class Metering:
             if f.intercepted:
                 f.resume()
             if ticket.outcome is Outcome.RELEASED:
+                if metered.cache is not None:  # others' prompts may have been answered since
+                    metered.cache = self.runtime.repredict(
+                        metered.key, metered.cache.keys, metered.estimate or estimate
+                    )
                 waited = f"waited {ticket.waited:.3f}s, estimate {ticket.tokens} tokens"
                 f.comment = f"{answers.label(f)}{waited}{answers.cached_note(metered.cache)}"
             self._trigger_update(f)
