@@ -131,7 +131,11 @@ async def test_request_under_the_limits_is_forwarded_and_settled(addon_ctx):
     assert status["usage"]["m"]["tpm"] == pytest.approx(12 / 1000, abs=1e-4)
     assert f.metadata["cooldown_actual_tokens"] == 12
     estimate = f.metadata["cooldown_estimate"]
-    assert f.comment == f"Cooldown: forwarded at once, estimate {estimate} tokens, actual 12 tokens"
+    # With the prompt cache modelled (the default): predicted, then reported, cached tokens.
+    assert f.comment == (
+        f"Cooldown: forwarded at once, estimate {estimate} tokens, 0 cached (predicted), "
+        "actual 12 tokens (0 cached)"
+    )
 
 
 async def test_held_flow_is_intercepted_with_a_comment_then_released(addon_ctx):

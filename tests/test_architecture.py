@@ -19,6 +19,7 @@ CORE = [
     "metrics",
     "periods",
     "probe",
+    "prompt_cache",
     "runtime",
     "scheduler",
     "tickets",

@@ -267,3 +267,33 @@ def test_settings_are_bounded(loadgen: ModuleType) -> None:
     with pytest.raises(SystemExit):
         loadgen.main(["--target=direct", "--small=1000-100", "--quiet"])
     assert loadgen.split_size(1000) == (700, 300)
+
+
+async def test_the_agent_workload_grows_sessions_over_a_shared_prefix():
+    """Straight to a mock with the prompt cache: sessions of one team find the team's prefix
+    and their own earlier turns cached, and the summary adds them up."""
+    from tools import agents, mock_cerebras
+
+    settings = mock_cerebras.MockSettings(rpm=None, tpm=None, prompt_cache=True)
+    with mock_cerebras.MockCerebras(settings) as mock:
+        summary = await agents.run_agents(
+            agents.AgentSettings(
+                sessions=2,
+                teams=1,
+                prefix_tokens=600,
+                turn_low=100,
+                turn_high=200,
+                max_context_tokens=100_000,
+                duration=0.5,
+                target="direct",
+                url=f"{mock.url}/v1/chat/completions",
+            )
+        )
+    turns = sorted(summary.turns, key=lambda t: (t.session, t.sent))
+    assert all(t.outcome == "ok" for t in turns) and len(turns) >= 4
+    firsts = {session: min(t.sent for t in turns if t.session == session) for session in (0, 1)}
+    later = [t for t in turns if t.sent > firsts[t.session]]
+    assert later and all((t.cached_tokens or 0) >= 512 for t in later)  # the prefix, at least
+    figures = summary.figures()
+    assert figures["cached_tokens"] == sum(t.cached_tokens or 0 for t in turns)
+    assert figures["predicted_over_reported"] is None  # no proxy, no prediction

@@ -334,7 +334,7 @@ class Record:
         return None if self.answered is None else self.answered - self.sent
 
 
-def _json_object(content: bytes) -> dict[str, Any]:
+def json_object(content: bytes) -> dict[str, Any]:
     try:
         data = json.loads(content)
     except (ValueError, RecursionError):
@@ -542,7 +542,7 @@ class _Live:
         return self.sent - self.finished
 
 
-def _client(settings: Settings) -> httpx.AsyncClient:
+def http_client(settings: Settings) -> httpx.AsyncClient:
     """One pooled client; environment proxies are ignored so ``--target`` means what it says."""
     limits = httpx.Limits(
         max_connections=settings.concurrency, max_keepalive_connections=settings.concurrency
@@ -575,7 +575,7 @@ async def _send(
     except httpx.HTTPError as exc:
         record.outcome, record.code = TRANSPORT_ERROR, type(exc).__name__
     else:
-        body = _json_object(response.content)
+        body = json_object(response.content)
         record.status = response.status_code
         record.outcome, record.code = classify(response.status_code, response.headers, body)
         record.total_tokens = usage_total(body)
@@ -663,7 +663,7 @@ async def run_load_async(settings: Settings, stop: asyncio.Event | None = None) 
     )
     stop_wait = asyncio.create_task(stop.wait())
 
-    async with _client(settings) as client:
+    async with http_client(settings) as client:
         try:
             next_at = 0.0
             while len(records) < settings.send_limit and not stop.is_set():
@@ -1089,8 +1089,16 @@ async def _run_cli(settings: Settings) -> Summary:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse, run, print the summary tables; 0 when the run completed."""
+    """Parse, run, print the summary tables; 0 when the run completed.
+
+    `python -m tools.loadgen agents ...` runs the agent workload instead (tools/agents.py)."""
     from rich.console import Console
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["agents"]:
+        from tools import agents
+
+        return agents.main(argv[1:])
 
     parser = build_parser()
     args = parser.parse_args(argv)

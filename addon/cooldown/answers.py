@@ -23,6 +23,7 @@ from mitmproxy import http
 
 from .estimate import Estimate, TooLarge
 from .periods import describe
+from .runtime import CacheGuess
 from .tickets import Outcome, Ticket, base_priority
 
 log = logging.getLogger(__name__)
@@ -162,13 +163,15 @@ def refuse(
         f.response = refusal(outcome, retry_after)
 
 
-def held_comment(f: http.HTTPFlow, ticket: Ticket, estimate: Estimate, depth: int) -> str:
+def held_comment(
+    f: http.HTTPFlow, ticket: Ticket, estimate: Estimate, depth: int, guess: CacheGuess | None
+) -> str:
     """What mitmweb shows on a held flow: what it waits for and why it is where it is."""
     reason = describe(ticket.wait_reason) if ticket.wait_reason else "its turn"
     return (
         f"{label(f)}HELD for {ticket.key} (#{depth} in queue), waiting for {reason}; "
         f"estimate {estimate.total} tokens "
-        f"({estimate.input_tokens} in + {estimate.output_tokens} out), "
+        f"({estimate.input_tokens} in + {estimate.output_tokens} out){cached_note(guess)}, "
         f"priority {base_priority(estimate.total):g}"
     )
 
@@ -180,17 +183,21 @@ def resumed_comment(held: str) -> str:
     return held if held.endswith(note) else f"{held}{note}"
 
 
-def released_comment(f: http.HTTPFlow, ticket: Ticket) -> str:
-    """A forwarded flow's comment, whether it waited or not (the answer's usage is added by
-    `with_actual`)."""
-    if ticket.queued:
-        return f"{label(f)}waited {ticket.waited:.3f}s, estimate {ticket.tokens} tokens"
-    return f"{label(f)}forwarded at once, estimate {ticket.tokens} tokens"
+def released_comment(f: http.HTTPFlow, ticket: Ticket, guess: CacheGuess | None = None) -> str:
+    """A forwarded flow's comment, whether it waited or not, with the prompt cache model's
+    prediction (the answer's usage is added by `with_actual`)."""
+    how = f"waited {ticket.waited:.3f}s" if ticket.queued else "forwarded at once"
+    return f"{label(f)}{how}, estimate {ticket.tokens} tokens{cached_note(guess)}"
 
 
 def with_actual(comment: str, total: int) -> str:
     """The comment once upstream has said what the request used."""
     return f"{comment}, actual {total} tokens"
+
+
+def cached_note(guess: CacheGuess | None) -> str:
+    """The prompt cache model's prediction, for a comment ("" when cache-blind)."""
+    return "" if guess is None else f", {guess.prediction.cached} cached (predicted)"
 
 
 class QueueFullLog:

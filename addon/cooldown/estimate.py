@@ -225,26 +225,64 @@ def _schema_tokens(value: Any) -> int:
         return count_text_tokens(str(value)[:1_000_000])
 
 
-def _chat_input_tokens(body: dict[str, Any]) -> int | None:
+# Digests of the rendered pieces that are not text of the request: the reply's priming.
+_REPLY_DIGEST = hash("cooldown: the reply's priming")
+
+
+def _schema_segment(value: Any) -> tuple[int, int] | None:
+    """A tool / response_format schema as one prompt segment: (digest, tokens)."""
+    if value is None:
+        return None
+    try:
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError):
+        text = str(value)[:1_000_000]
+    return hash(text), count_text_tokens(text)
+
+
+def _chat_input_tokens(
+    body: dict[str, Any], segments: list[tuple[int, int]] | None = None
+) -> int | None:
+    """The input tokens of a chat request; with `segments`, also the rendered prompt as
+    (digest, tokens) pieces in the order a chat template puts them (the prompt cache's view:
+    schemas first, then each message, then the reply's priming)."""
     messages = body.get("messages")
     if not isinstance(messages, list):
         return None
     total = TOKENS_PER_REPLY
-    for message in messages:
-        total += TOKENS_PER_MESSAGE + _text_tokens(message)
-    total += _schema_tokens(body.get("tools"))
-    total += _schema_tokens(body.get("functions"))
     response_format = body.get("response_format")
-    if isinstance(response_format, dict) and response_format.get("type") != "text":
+    if not (isinstance(response_format, dict) and response_format.get("type") != "text"):
+        response_format = None
+    if segments is None:
+        for message in messages:
+            total += TOKENS_PER_MESSAGE + _text_tokens(message)
+        total += _schema_tokens(body.get("tools"))
+        total += _schema_tokens(body.get("functions"))
         total += _schema_tokens(response_format)
+        return total
+    for schema in (body.get("tools"), body.get("functions"), response_format):
+        segment = _schema_segment(schema)
+        if segment is not None:
+            segments.append(segment)
+            total += segment[1]
+    for message in messages:
+        tokens = TOKENS_PER_MESSAGE + _text_tokens(message)
+        segments.append((hash(tuple(_texts(message))), tokens))
+        total += tokens
+    segments.append((_REPLY_DIGEST, TOKENS_PER_REPLY))
     return total
 
 
-def _completion_input_tokens(body: dict[str, Any]) -> int | None:
+def _completion_input_tokens(
+    body: dict[str, Any], segments: list[tuple[int, int]] | None = None
+) -> int | None:
     # Every prompt costs at least one token (the model's begin-of-sequence marker).
     prompt = body.get("prompt")
     if isinstance(prompt, str):
-        return max(count_text_tokens(prompt), 1)
+        tokens = max(count_text_tokens(prompt), 1)
+        if segments is not None:
+            segments.append((hash(prompt), tokens))
+        return tokens
     if isinstance(prompt, list):
         total = 0
         for item in prompt:
@@ -256,6 +294,7 @@ def _completion_input_tokens(body: dict[str, Any]) -> int | None:
                 total += len(item)
             else:
                 return None
+        # Batches and token ids are not modelled: no segments, a cache miss (the safe side).
         return max(total, 1)
     return None
 
@@ -292,6 +331,9 @@ class RequestShape:
     # False when some text was too long to tokenize and was counted by its bytes (an upper
     # bound): then the input count is not what the request certainly needs.
     exact: bool = True
+    # The rendered prompt as (digest, tokens) pieces, for the prompt cache model (empty when
+    # not asked for, or not understood).
+    segments: tuple[tuple[int, int], ...] = ()
 
     def estimate(
         self,
@@ -323,8 +365,10 @@ class RequestShape:
         return Estimate(input_tokens, output * self.choices, self.model, self.understood, need)
 
 
-def parse_request(path: str, body: bytes | str | None) -> RequestShape:
-    """Tokenize a request body once. Never raises: unknown shapes get a byte-count bound."""
+def parse_request(path: str, body: bytes | str | None, segments: bool = False) -> RequestShape:
+    """Tokenize a request body once. Never raises: unknown shapes get a byte-count bound.
+
+    `segments`: also render the prompt for the prompt cache model (RequestShape.segments)."""
     raw = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else (body or b"")
     try:
         parsed = json.loads(raw) if raw else None
@@ -336,11 +380,12 @@ def parse_request(path: str, body: bytes | str | None) -> RequestShape:
     model = parsed.get("model") if isinstance(parsed.get("model"), str) else None
     route = path.split("?", 1)[0].rstrip("/")
     input_tokens: int | None = None
+    pieces: list[tuple[int, int]] | None = [] if segments else None
     try:
         if route.endswith("/chat/completions"):
-            input_tokens = _chat_input_tokens(parsed)
+            input_tokens = _chat_input_tokens(parsed, pieces)
         elif route.endswith("/completions"):
-            input_tokens = _completion_input_tokens(parsed)
+            input_tokens = _completion_input_tokens(parsed, pieces)
     except RecursionError:
         input_tokens = None
     if input_tokens is None:
@@ -353,6 +398,7 @@ def parse_request(path: str, body: bytes | str | None) -> RequestShape:
         stream=parsed.get("stream") is True,
         # Only a body this long can hold a text counted by its bytes (count_text_tokens).
         exact=len(raw) <= _EXACT_COUNT_MAX_CHARS,
+        segments=tuple(pieces) if pieces else (),
     )
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from mitmproxy import http
 
 from .estimate import Estimate, RequestShape, parse_request
+from .runtime import CacheGuess
 from .tickets import Ticket
 from .upstream import SSEUsageTap
 
@@ -62,6 +63,7 @@ class MeteredFlow:
     stopped: str | None = field(default=None)  # for a copy: why nobody waits for it any more
     client: str | None = None  # who sent it: an API-key fingerprint or an address (routing.py)
     stream: Any = None  # while held: mitmproxy's layer for its stream, to notice a reset
+    cache: CacheGuess | None = None  # its blocks in the prompt cache model, and the prediction
 
     @property
     def id(self) -> str:
@@ -149,7 +151,9 @@ def prepare_request(path: str, body: bytes) -> tuple[RequestShape, bytes | None]
     the body stays as it is. The client then sees `usage` in the stream's last data chunk
     (the one with `finish_reason`), a field OpenAI-compatible clients ignore unless asked.
     """
-    shape = parse_request(path, body)
+    # The prompt's segments for the prompt cache model cost a hash of each message's texts,
+    # which the token count's lookup has already computed: rendered whether used or not.
+    shape = parse_request(path, body, segments=True)
     if not (shape.understood and shape.stream):
         return shape, None
     try:

@@ -109,15 +109,20 @@ class Metering:
             self._refuse(f, Outcome.SHUTDOWN, 5.0)
             return
         estimate = metered.estimate = self.runtime.estimate(metered.key, metered.shape)
+        guess = metered.cache = self.runtime.predict(metered.key, metered.shape, estimate)
+        uncached, total = self.runtime.admission(estimate, guess)
         # A retry was admitted once already: a queue that filled up meanwhile does not refuse it.
         ticket = metered.ticket = gate.submit(
-            estimate.total,
+            uncached,
             key=metered.key,
             requeue=is_copy,
             client=metered.client,
             need=estimate.need,
+            total=total,
         )
         f.metadata["cooldown_estimate"] = estimate.total
+        if guess is not None:
+            f.metadata["cooldown_cached_predicted"] = guess.prediction.cached
         outcome = await self._hold(metered) if ticket.held else ticket.outcome
         f.metadata["cooldown_waited"] = round(ticket.waited, 3)
         if outcome is Outcome.RELEASED and (
@@ -134,7 +139,7 @@ class Metering:
         if outcome is Outcome.RELEASED:
             metered.phase = Phase.IN_FLIGHT
             if not ticket.queued:
-                f.comment = answers.released_comment(f, ticket)
+                f.comment = answers.released_comment(f, ticket, metered.cache)
             if metered.retries_left > 0:
                 metered.request = snapshot_request(f.request)  # before routing and later addons
             route(self.runtime.config, f)
@@ -161,7 +166,9 @@ class Metering:
         assert ticket is not None and estimate is not None
         metered.phase = Phase.HELD
         f.intercept()
-        f.comment = answers.held_comment(f, ticket, estimate, self.runtime.gate.depth)
+        f.comment = answers.held_comment(
+            f, ticket, estimate, self.runtime.gate.depth, metered.cache
+        )
         self._trigger_update(f)
         metered.stream = find_stream(f)  # to notice a reset stream (check_resets)
         try:
@@ -179,7 +186,11 @@ class Metering:
             if f.intercepted:
                 f.resume()
             if ticket.outcome is Outcome.RELEASED:
-                f.comment = answers.released_comment(f, ticket)  # shown with the resume
+                if metered.cache is not None:  # others' prompts may have been answered since
+                    metered.cache = self.runtime.repredict(
+                        metered.key, metered.cache.keys, metered.estimate or estimate
+                    )
+                f.comment = answers.released_comment(f, ticket, metered.cache)
             self._trigger_update(f)
 
     def _refuse(
@@ -203,12 +214,12 @@ class Metering:
 
     def re_estimate_held(self, key: str) -> None:
         """Apply what calibration just learnt to the requests still waiting for `key`."""
-        sizes = []
+        sizes: list[tuple[Ticket, int, int | None]] = []
         for metered in self.table:
             if metered.phase is Phase.HELD and metered.key == key and metered.ticket is not None:
                 estimate = self.runtime.estimate(metered.key, metered.shape)
                 metered.flow.metadata["cooldown_estimate"] = estimate.total
-                sizes.append((metered.ticket, estimate.total))
+                sizes.append((metered.ticket, *self.runtime.admission(estimate, metered.cache)))
         self.runtime.gate.resize(sizes)
 
     @staticmethod
@@ -226,6 +237,8 @@ class Metering:
         # Upstream counts a request before it answers: from now on its reservation ages (a
         # 429 was not counted: its reservation is given back before the report is read).
         self.runtime.gate.confirm(metered.ticket, f.response.status_code, f.response.headers)
+        if f.response.status_code == 200:
+            self.runtime.processed(metered.cache)
         add_proxy_headers(self.runtime.gate, f.response, metered)
         (content_type,) = header_values(f.response.headers, b"content-type")
         if content_type is not None and content_type.startswith("text/event-stream"):
@@ -266,7 +279,7 @@ class Metering:
             if metered.phase is Phase.HELD and metered.ticket is not None:
                 self.runtime.gate.cancel(metered.ticket)  # its request hook then ends it
             elif metered.phase is Phase.IN_FLIGHT:
-                settle_error(self.runtime.gate, metered)
+                settle_error(self.runtime, metered)
                 self._end(metered)
         finally:
             if metered.parent is not None:

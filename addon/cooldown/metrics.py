@@ -22,10 +22,12 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from .gate import Gate
+    from .prompt_cache import PromptCache
 
 WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 RATIO_BUCKETS = (0.5, 0.8, 0.9, 0.95, 1.0, 1.05, 1.1, 1.25, 1.5, 2, 4, 10)
 _SAMPLES = 2048  # recent waits / ratios kept per model for the JSON quantiles
+_MODELS_SHOWN = 256  # model names come from clients: the per-model cache figures are bounded
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -91,6 +93,8 @@ class _GateCollector(Collector):
             "upstream's x-ratelimit reports (they are charged to the limiter between reports).",
             status["foreign_tokens_per_minute"],
         )
+        for model, ratio in status["total_usage"].items():
+            usage.add_metric([model, "total_tpm"], ratio)
         held = status["held"]
         oldest = _per_model(
             "cooldown_queue_oldest_held_seconds",
@@ -106,11 +110,51 @@ class _GateCollector(Collector):
         yield from (depth, reservations, breaker, usage, foreign, oldest, next_release)
 
 
+class _CacheCollector(Collector):
+    """The prompt cache model's figures at scrape time (see Metrics.cache_view)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        view = self.metrics.cache_view()
+        share = GaugeMetricFamily(
+            "cooldown_cached_input_ratio",
+            "Share of input tokens upstream reported as found in its prompt cache.",
+            labels=["model"],
+        )
+        bias = GaugeMetricFamily(
+            "cooldown_cache_prediction_ratio",
+            "Predicted cached tokens divided by reported ones, recent answers (above 1: the "
+            "model over-predicts; its correction then scales predictions down).",
+            labels=["model"],
+        )
+        error = GaugeMetricFamily(
+            "cooldown_cache_prediction_error_ratio",
+            "Mean absolute error of the predicted cached tokens over the reported ones.",
+            labels=["model"],
+        )
+        blocks = GaugeMetricFamily(
+            "cooldown_prompt_cache_blocks", "Blocks the prompt cache model holds now."
+        )
+        blocks.add_metric([], view["blocks"])
+        for model, figures in view["models"].items():
+            share.add_metric([model], figures["cached_share"])
+            if "predicted_over_reported" in figures:
+                bias.add_metric([model], figures["predicted_over_reported"])
+                error.add_metric([model], figures["abs_error_share"])
+        yield from (share, bias, error, blocks)
+
+
 class Metrics:
     def __init__(self, gate: Gate) -> None:
         self.gate = gate
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_GateCollector(gate))
+        self.cache: PromptCache | None = None  # the runtime's model, when there is one
+        self._prompt_tokens: Counter[str] = Counter()
+        self._cached_tokens: Counter[str] = Counter()
+        self.registry.register(_CacheCollector(self))
         self._requests = PromCounter(
             "cooldown_requests",
             "Metered requests by what became of them (forwarded, or refused and why).",
@@ -201,7 +245,27 @@ class Metrics:
         children[0].observe(ratio)
         children[1].append(ratio)
 
+    def cached_input(self, model: str, prompt_tokens: int, cached_tokens: int) -> None:
+        """An answer's input tokens and the part upstream found in its prompt cache."""
+        if len(self._prompt_tokens) < _MODELS_SHOWN or model in self._prompt_tokens:
+            self._prompt_tokens[model] += prompt_tokens
+            self._cached_tokens[model] += cached_tokens
+
     # -- views ---------------------------------------------------------------------------------
+
+    def cache_view(self) -> dict[str, Any]:
+        """Per model: the share of input found cached, and how good the predictions are."""
+        models: dict[str, dict[str, Any]] = {}
+        for model, prompt in sorted(self._prompt_tokens.items()):
+            figures: dict[str, Any] = {
+                "cached_share": round(self._cached_tokens[model] / prompt, 4) if prompt else 0.0,
+                "prompt_tokens": prompt,
+                "cached_tokens": self._cached_tokens[model],
+            }
+            accuracy = self.cache.accuracy(model) if self.cache is not None else None
+            figures.update(accuracy or {})
+            models[model] = figures
+        return {"blocks": len(self.cache) if self.cache is not None else 0, "models": models}
 
     def prometheus(self) -> bytes:
         return generate_latest(self.registry)
@@ -233,6 +297,8 @@ class Metrics:
             "tracked_flows": self.tracked_flows(),
             "queue_by_client": status["queue_by_client"],
             "usage": usage,
+            "total_usage": status["total_usage"],
+            "prompt_cache": self.cache_view(),
             "algorithm": status["algorithm"],
             "foreign_tokens_per_minute": status["foreign_tokens_per_minute"],
             "requests": outcomes,

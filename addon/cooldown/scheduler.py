@@ -244,18 +244,15 @@ class Scheduler:
         requeue: bool = False,
         client: str | None = None,
         need: Need | None = None,
+        total: int | None = None,
     ) -> Ticket:
         """Queue a request; it may be refused at once (too large for a limit, queue full,
         client's share full, breaker open). `requeue`: admitted once already (a retry), never
-        refused for room. `need`: what it certainly needs, checked against every token limit."""
-        ticket = Ticket(
-            id=next(self._ids),
-            key=key,
-            tokens=max(int(tokens), 1),
-            enqueued_at=now,
-            deadline=now + self.limits.request_timeout,
-            client=client,
-        )
+        refused for room. `need`: what it certainly needs, checked against every token limit.
+        `total`: its amount for the total-tokens limit, when not `tokens`."""
+        deadline = now + self.limits.request_timeout
+        ticket = Ticket(next(self._ids), key, max(int(tokens), 1), now, deadline, client=client)
+        ticket.total = None if total is None else max(int(total), 1)
         if need is not None:  # first: waiting, retrying or a closed breaker change nothing
             ticket.too_large = too_large_for(self.limiter, key, self.rates_for(key), need)
             if ticket.too_large is not None:
@@ -295,7 +292,7 @@ class Scheduler:
         if self.breaker.state(now) is not BreakerState.CLOSED:
             return False
         rates = self.rates_for(key)
-        decision = self.limiter.try_acquire(key, rates, ticket.tokens, now)
+        decision = self.limiter.try_acquire(key, rates, ticket.tokens, now, ticket.total)
         if not decision.granted:
             return False
         ticket.reservation = decision.reservation
@@ -362,7 +359,7 @@ class Scheduler:
             ):
                 head_until = refused[2]
             else:
-                decision = self.limiter.try_acquire(key, rates, ticket.tokens, now)
+                decision = self.limiter.try_acquire(key, rates, ticket.tokens, now, ticket.total)
                 if decision.granted:
                     self._release(ticket, decision.reservation, key, rates, half_open, now)
                     continue
@@ -383,7 +380,7 @@ class Scheduler:
         small = queue.backfill_candidate(head)
         if small is None or head.backfilled + small.tokens > BACKFILL_SHARE * head.tokens:
             return False
-        decision = self.limiter.try_acquire(key, rates, small.tokens, now)
+        decision = self.limiter.try_acquire(key, rates, small.tokens, now, small.total)
         if not decision.granted:
             return False
         head.backfilled += small.tokens

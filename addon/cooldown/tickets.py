@@ -55,6 +55,9 @@ class Ticket:
     client: str | None = None  # who asked (an API-key fingerprint or an address), for its share
     too_large: TooLarge | None = None  # for TOO_LARGE: the limit it can never fit
     queued: bool = False  # it waited in a queue (not released or refused at once)
+    # Tokens for the `total_tokens` limit when they differ from `tokens` (the uncached ones,
+    # with the prompt cache modelled); None: the same.
+    total: int | None = None
 
     @property
     def held(self) -> bool:
