@@ -331,24 +331,29 @@ def test_a_request_counted_twice_is_counted_once_again_at_the_next_report():
 
 def test_a_report_soon_after_a_resync_changes_the_view_only_with_bad_news():
     """Under load answers come back hundreds of times a second. A report within
-    RESYNC_INTERVAL of the view's last re-sync is skipped when upstream has at least what the
-    view assumes, our requests in flight counted (the view stays on the safe side until the
-    next report), and applied at once when upstream has less."""
+    RESYNC_INTERVAL of the view's last re-sync, while a request of ours is in flight (whose
+    answer brings the next report), is skipped when upstream has at least what the view
+    assumes, our requests in flight counted: the view stays on the safe side until then. It
+    is applied at once when upstream has less, or when nothing is in flight."""
     limiter = MemoryLimiter(view_margin=0)
     assert limiter.observe("k", report(remaining=400), now=0)
-    soon = RESYNC_INTERVAL / 2
-    assert not limiter.observe("k", report(remaining=500), now=soon)  # more room: later
-    assert limiter.used("k", B_TPM, soon) == pytest.approx(200 - 10 * soon)
-    assert limiter.observe("k", report(remaining=300), now=soon)  # less: at once
-    after_bad_news = limiter.used("k", B_TPM, soon)
-    assert after_bad_news >= 300  # (and others' lump is kept in reserve)
-    flying = limiter.try_acquire("k", (B_TPM,), 100, now=soon).reservation
+    flying = limiter.try_acquire("k", (B_TPM,), 100, now=0).reservation
     assert flying is not None
+    assert not limiter.observe("k", report(remaining=500), now=0)  # more room: next report
+    assert limiter.used("k", B_TPM, 0) == 300  # 200 by the report, 100 held aside
     # Upstream counted our request in flight: what the view already assumed, nothing new.
-    assert not limiter.observe("k", report(remaining=200), now=soon)
-    later = soon + 2 * RESYNC_INTERVAL
-    assert limiter.observe("k", report(remaining=500), now=later)  # the interval is over
-    assert limiter.used("k", B_TPM, later) < after_bad_news
+    assert not limiter.observe("k", report(remaining=300), now=0)
+    assert limiter.observe("k", report(remaining=250), now=0)  # less: at once
+    after_bad_news = limiter.used("k", B_TPM, 0)
+    assert after_bad_news >= 350  # (and others' lump is kept in reserve)
+    limiter.confirm(flying, now=0)
+    # Nothing in flight: no report may come for a while, so even good news counts at once.
+    assert limiter.observe("k", report(remaining=500), now=0)
+    assert limiter.used("k", B_TPM, 0) < after_bad_news
+    again = limiter.try_acquire("k", (B_TPM,), 10, now=0).reservation
+    assert again is not None
+    later = 2 * RESYNC_INTERVAL
+    assert limiter.observe("k", report(remaining=600), now=later)  # the interval is over
 
 
 def test_foreign_usage_is_learned_and_charged_between_reports():

@@ -668,16 +668,20 @@ class UpstreamViews:
     def _is_news(self, slot: Slot, report: RateReport, now: float) -> bool:
         """Whether `report` must re-base the view of `slot` now.
 
-        Always, unless the view was re-synced less than `RESYNC_INTERVAL` ago and the report
-        says upstream has at least as much left as the view already assumes with every request
-        of ours in flight counted: then re-basing could only give room back, and skipping it
-        keeps the view on the safe side for a few milliseconds (the next report re-bases it).
-        A report that says less is always applied, so others' usage is never learnt later.
+        Always, unless the view was re-synced less than `RESYNC_INTERVAL` ago, a request of
+        ours is still in flight (its answer brings the next report), and the report says
+        upstream has at least as much left as the view already assumes with every request of
+        ours in flight counted: then re-basing could only give room back, and skipping it keeps
+        the view on the safe side until that next report. A report that says less is always
+        applied, so others' usage is never learnt later; so is one with nothing in flight after
+        it, which may be the last for a while (a queue waiting on a view that never re-syncs
+        would wait for the refill instead of the room upstream has).
         """
         view = self._views.get(slot)
         if (
             view is None
             or view.limit != report.limit
+            or view.in_flight <= 0
             or now - view.synced_at >= self._resync_interval
         ):
             return True
