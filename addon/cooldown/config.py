@@ -70,6 +70,11 @@ class CerebrasLimits:
     # The most of `max_queue_depth` one client (API key, else source address) may hold, so a
     # runaway agent cannot lock the others out; 1 turns the cap off.
     max_queue_share_per_client: float = 0.9
+    # Opt-in: the most output a request may ask for. Cerebras reserves a request's whole
+    # max_completion_tokens up front, so agents asking for 32K each drain the minute's tokens
+    # with a handful of requests; larger asks are lowered to this, and a request asking for
+    # none is given it. A model's own entry overrides this default.
+    max_completion_tokens_cap: int | None = None
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,7 @@ class ModelLimits:
     context_length: int | None = None
     output_reservation: int | None = None
     algorithm: Algorithm | None = None
+    max_completion_tokens_cap: int | None = None
 
 
 @dataclass(frozen=True)
@@ -136,6 +142,16 @@ class Config:
             if len(cache) < _MODEL_LIMITS_KEPT:  # model names come from clients: bounded
                 cache[model] = limits
         return limits
+
+    def output_cap(self, model: str | None) -> int | None:
+        """The `max_completion_tokens_cap` for `model` (None: no cap).
+
+        Asked before the model has a limiter key, possibly from a worker thread: a plain
+        lookup, no cache."""
+        own = self.models.get(model) if model is not None else None
+        if own is not None and own.max_completion_tokens_cap is not None:
+            return own.max_completion_tokens_cap
+        return self.cerebras_limits.max_completion_tokens_cap
 
 
 _NO_OVERRIDES = ModelLimits()
@@ -309,6 +325,7 @@ _LIMIT_FIELDS: dict[str, Callable[[str, Any], Any]] = {
     "probe_first": _bool,
     "probe_timeout": _duration,
     "max_queue_share_per_client": _share,
+    "max_completion_tokens_cap": _optional_positive_int,
 }
 
 _MODEL_FIELDS: dict[str, Callable[[str, Any], Any]] = {

@@ -89,8 +89,10 @@ class Metering:
             if not is_metered_path(f.request):
                 route(config, f)
                 return
-            shape = await prepare(f)
+            shape = await prepare(f, config.output_cap)
             key = key_for(config, self.runtime.gate.keys, shape.model)
+            if shape.clamped is not None:
+                self.runtime.metrics.clamped(key)
             metered = MeteredFlow(f, key, shape, config.cerebras_limits.max_retries)
             metered.client = client_of(f)
             self.table.add(metered)

@@ -108,6 +108,13 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
+        self._clamped = PromCounter(
+            "cooldown_clamped_requests",
+            "Requests whose max_completion_tokens was lowered (or set) to the model's "
+            "max_completion_tokens_cap.",
+            ["model"],
+            registry=self.registry,
+        )
         self._wait = Histogram(
             "cooldown_queue_wait_seconds",
             "Time a request was held before release or refusal.",
@@ -127,6 +134,7 @@ class Metrics:
         self.tracked_flows: Callable[[], int] = lambda: 0
         self._counts: Counter[tuple[str, str]] = Counter()
         self._429s: Counter[tuple[str, str]] = Counter()
+        self._clamps: Counter[str] = Counter()
         self._waits: dict[str, deque[float]] = {}
         self._ratios: dict[str, deque[float]] = {}
         # The labelled children and sample deques each event updates, found with one lookup
@@ -160,6 +168,10 @@ class Metrics:
     def upstream_429(self, model: str, kind: str) -> None:
         self._429s[(model, kind)] += 1
         self._upstream_429.labels(model, kind).inc()
+
+    def clamped(self, model: str) -> None:
+        self._clamps[model] += 1
+        self._clamped.labels(model).inc()
 
     def retry(self, model: str) -> None:
         self._retries.labels(model).inc()
@@ -210,6 +222,7 @@ class Metrics:
             "foreign_tokens_per_minute": status["foreign_tokens_per_minute"],
             "requests": outcomes,
             "upstream_429s": upstream_429s,
+            "clamped_requests": dict(sorted(self._clamps.items())),
             "queue_wait_seconds": {m: _quantiles(w) for m, w in sorted(self._waits.items())},
             "estimate_to_actual_ratio": {m: _quantiles(r) for m, r in sorted(self._ratios.items())},
         }

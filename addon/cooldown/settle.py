@@ -31,6 +31,8 @@ def add_proxy_headers(gate: Gate, response: http.Response, metered: MeteredFlow)
         added.append((remaining_name, str(remaining).encode()))
     added.append((b"X-Cooldown-Wait", f"{metered.ticket.waited:.3f}".encode()))
     added.append((b"X-Cooldown-Estimated-Tokens", str(metered.estimate.total).encode()))
+    if metered.shape.clamped is not None:  # the client should know why its answer is short
+        added.append((b"X-Cooldown-Clamped", metered.shape.clamped.encode()))
     # One rebuild of the header tuple instead of a scan-and-rebuild per header. Upstream's
     # own X-RateLimit-* names differ from ours, so a client-visible clash is rare: only then
     # is anything dropped.
@@ -49,7 +51,7 @@ _RATE_HEADERS = {
     for name in RATE_NAMES
 }
 _OURS = frozenset(
-    [b"x-cooldown-wait", b"x-cooldown-estimated-tokens"]
+    [b"x-cooldown-wait", b"x-cooldown-estimated-tokens", b"x-cooldown-clamped"]
     + [header.lower() for pair in _RATE_HEADERS.values() for header in pair]
 )
 
