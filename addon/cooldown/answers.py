@@ -31,8 +31,10 @@ class ProxyError:
     code: str
     message: str
 
-    def response(self, retry_after: float = 0.0, detail: str = "") -> http.Response:
-        message = f"{self.message}{detail} (answered by the {PROXY_NAME}, not by Cerebras)"
+    def response(
+        self, retry_after: float = 0.0, detail: str = "", upstream: str = "Cerebras"
+    ) -> http.Response:
+        message = f"{self.message}{detail} (answered by the {PROXY_NAME}, not by {upstream})"
         body = {"error": {"message": message, "type": self.type, "code": self.code}}
         headers = {"Content-Type": "application/json", "X-Cooldown-Refused": self.code}
         if retry_after > 0:
@@ -77,6 +79,14 @@ REFUSALS = {
     ),
 }
 
+PACED_TOO_LONG = ProxyError(
+    429,
+    "cooldown_pacing_timeout",
+    "pacing_timeout",
+    "Requests to this host are paced by the Cooldown proxy (rate_limits), and this one's "
+    "turn is further away than request_timeout; retry later.",
+)
+
 RETRY_FAILED = ProxyError(
     502, "cooldown_retry_failed", "retry_failed", "Retry after upstream 429 failed"
 )
@@ -90,6 +100,15 @@ def refusal(outcome: Outcome, retry_after: float) -> http.Response:
 def retry_failed(reason: str) -> http.Response:
     """The answer to a request whose retry after an upstream 429 got no answer."""
     return RETRY_FAILED.response(detail=f": {reason}")
+
+
+def refuse_paced(f: http.HTTPFlow, reason: str, retry_after: float) -> None:
+    """Answer a paced request (another host) that gets no turn: queue full, or too far off."""
+    error = REFUSALS[Outcome.QUEUE_FULL] if reason == "queue_full" else PACED_TOO_LONG
+    f.metadata["cooldown_refused"] = error.code
+    f.comment = f"Cooldown: paced, refused ({error.code})"
+    f.marked = ":no_entry:"
+    f.response = error.response(retry_after, upstream=f.request.pretty_host)
 
 
 def label(f: http.HTTPFlow) -> str:

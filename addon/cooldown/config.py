@@ -100,9 +100,18 @@ class BreakerConfig:
 
 
 @dataclass(frozen=True)
-class DomainRateLimit:
-    domain: str
+class Pace:
+    """Requests per second to one host (or pattern), `burst` of them back to back."""
+
     requests_per_second: float
+    burst: int = 1
+
+
+@dataclass(frozen=True)
+class DomainRateLimit(Pace):
+    """A `rate_limits` entry: an exact host name, or `*.` and a domain for its subdomains."""
+
+    domain: str = ""
 
 
 @dataclass(frozen=True)
@@ -113,9 +122,10 @@ class Config:
     # For tests, demos and benchmarks only: send intercepted requests to this base URL
     # (e.g. a local mock of Cerebras) instead of the host the client asked for.
     cerebras_upstream: str | None = None
-    # The original Cooldown Proxy's per-domain pacing: accepted and validated, not yet enforced.
+    # The original Cooldown Proxy's per-domain pacing of other hosts (pacing.py); without a
+    # default, hosts no entry names pass unpaced.
     rate_limits: tuple[DomainRateLimit, ...] = ()
-    default_rate_limit: float | None = 10.0
+    default_rate_limit: Pace | None = None
     models: Mapping[str, ModelLimits] = field(default_factory=dict)
     # Optional separate address for Prometheus scrapes, e.g. ("127.0.0.1", 9464).
     metrics_listen: tuple[str, int] | None = None
@@ -338,7 +348,10 @@ _BREAKER_FIELDS: dict[str, Callable[[str, Any], Any]] = {
     "open_duration": _duration,
 }
 
-_RPS_FIELDS: dict[str, Callable[[str, Any], Any]] = {"requests_per_second": _positive_number}
+_PACE_FIELDS: dict[str, Callable[[str, Any], Any]] = {
+    "requests_per_second": _positive_number,
+    "burst": _positive_int,
+}
 
 
 def _hosts(key: str, value: Any) -> tuple[str, ...]:
@@ -351,16 +364,33 @@ def _rate_limits(key: str, value: Any) -> tuple[DomainRateLimit, ...]:
     if value is None:
         return ()
     if not isinstance(value, list):
-        raise _fail(key, value, "a list of {domain, requests_per_second} entries")
+        raise _fail(key, value, "a list of {domain, requests_per_second, burst} entries")
     entries = []
     for i, item in enumerate(value):
-        fields = {"domain": _hostname, **_RPS_FIELDS}
+        fields = {"domain": _domain_pattern, **_PACE_FIELDS}
         parsed = _section(f"{key}[{i}]", item, fields)
-        missing = [name for name in fields if name not in parsed]
+        missing = [name for name in ("domain", "requests_per_second") if name not in parsed]
         if missing:
             raise ConfigError(f"{key}[{i}]: missing {', '.join(missing)}")
         entries.append(DomainRateLimit(**parsed))
     return tuple(entries)
+
+
+def _domain_pattern(key: str, value: Any) -> str:
+    """A host name, or `*.` and a domain: a `*` anywhere else would match in surprising ways."""
+    name = _hostname(key, value)
+    if "*" in name.removeprefix("*.") or name == "*.":
+        raise _fail(key, value, "a host name, or *. and a domain such as *.openai.com")
+    return name
+
+
+def _default_pace(key: str, value: Any) -> Pace | None:
+    if value is None:
+        return None
+    parsed = _section(key, value, _PACE_FIELDS)
+    if "requests_per_second" not in parsed:
+        raise ConfigError(f"{key}: missing requests_per_second")
+    return Pace(**parsed)
 
 
 def _models(key: str, value: Any) -> dict[str, ModelLimits]:
@@ -421,17 +451,15 @@ def parse_config(data: Any, source: str = "config") -> Config:
     )
     upstream = _upstream_url("cerebras_upstream", top.get("cerebras_upstream"))
     rate_limits = _rate_limits("rate_limits", top.get("rate_limits"))
-    default_rps = _section("default_rate_limit", top.get("default_rate_limit"), _RPS_FIELDS)
+    default_pace = _default_pace("default_rate_limit", top.get("default_rate_limit"))
     _server("server", top.get("server"))
-    if rate_limits or "default_rate_limit" in top:
-        log.info("rate_limits/default_rate_limit are accepted but not enforced yet")
     return Config(
         cerebras_limits=limits,
         circuit_breaker=breaker,
         cerebras_hosts=hosts,
         cerebras_upstream=upstream,
         rate_limits=rate_limits,
-        default_rate_limit=default_rps.get("requests_per_second", 10.0),
+        default_rate_limit=default_pace,
         models=_models("models", top.get("models")),
         metrics_listen=_listen_address("metrics_listen", top.get("metrics_listen")),
         source=source,

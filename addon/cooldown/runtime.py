@@ -14,6 +14,7 @@ from .config import Config
 from .estimate import Estimate, InputCalibration, RequestShape
 from .gate import Gate
 from .metrics import Metrics
+from .pacing import Pacer
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,7 @@ class Runtime:
         self.gate = Gate(self.config)
         self.calibration = InputCalibration()
         self.metrics = Metrics(self.gate)
+        self.pacer = Pacer()  # other hosts' rate_limits (the gate is Cerebras's)
         self.running = False  # mitmproxy's `running` hook has run: config errors no longer fatal
         self.stopping = False  # mitmproxy is exiting: new requests are answered, not held
         # Per-request debug lines cost a formatted record each; only worth it when shown.
@@ -48,6 +50,7 @@ class Runtime:
         """Apply a new config without dropping anything held or in flight."""
         self.config = config
         self.gate.reconfigure(config)
+        self.pacer.reconfigure(config.rate_limits, config.default_rate_limit)
         for listener in self._on_config:
             listener(config)
         limits = config.cerebras_limits
