@@ -19,6 +19,7 @@ CORE = [
     "pacing",
     "periods",
     "probe",
+    "queues",
     "runtime",
     "scheduler",
     "tickets",

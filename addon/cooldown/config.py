@@ -114,6 +114,18 @@ class DomainRateLimit(Pace):
     domain: str = ""
 
 
+Priority = Literal["high", "normal", "low"]
+PRIORITY_NAMES: tuple[Priority, ...] = ("high", "normal", "low")
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """One client's place: its default priority class and its weight within a class."""
+
+    priority: Priority = "normal"
+    weight: float = 1.0
+
+
 @dataclass(frozen=True)
 class Config:
     cerebras_limits: CerebrasLimits = field(default_factory=CerebrasLimits)
@@ -127,6 +139,9 @@ class Config:
     rate_limits: tuple[DomainRateLimit, ...] = ()
     default_rate_limit: Pace | None = None
     models: Mapping[str, ModelLimits] = field(default_factory=dict)
+    # By client fingerprint (`sha256:` + 12 hex digits of the API key's hash, or
+    # `address:<ip>`, as cooldown.status shows them): default priority and fair-share weight.
+    clients: Mapping[str, ClientConfig] = field(default_factory=dict)
     # Optional separate address for Prometheus scrapes, e.g. ("127.0.0.1", 9464).
     metrics_listen: tuple[str, int] | None = None
     source: str = "built-in defaults"
@@ -402,6 +417,33 @@ def _models(key: str, value: Any) -> dict[str, ModelLimits]:
     return models
 
 
+def _priority(key: str, value: Any) -> Priority:
+    if value not in PRIORITY_NAMES:
+        raise _fail(key, value, " or ".join(PRIORITY_NAMES))
+    return value  # type: ignore[no-any-return]
+
+
+_CLIENT_FIELDS: dict[str, Callable[[str, Any], Any]] = {
+    "priority": _priority,
+    "weight": _positive_number,
+}
+_CLIENT_NAME = re.compile(r"sha256:[0-9a-f]{12}|address:[0-9A-Fa-f.:]+|address:unknown")
+
+
+def _clients(key: str, value: Any) -> dict[str, ClientConfig]:
+    clients = {}
+    for name, entry in _mapping(key, value).items():
+        if not isinstance(name, str) or not _CLIENT_NAME.fullmatch(name):
+            # Not echoed: someone may have pasted an API key instead of its fingerprint.
+            size = len(name) if isinstance(name, str) else 0
+            raise ConfigError(
+                f"{key}: a client name of {size} characters (not shown) is not a fingerprint; "
+                "expected sha256: and 12 hex digits, or address:IP, as cooldown.status shows"
+            )
+        clients[name] = ClientConfig(**_section(f"{key}.{name}", entry, _CLIENT_FIELDS))
+    return clients
+
+
 def _listen_address(key: str, value: Any) -> tuple[str, int] | None:
     if value is None:
         return None
@@ -431,6 +473,7 @@ def parse_config(data: Any, source: str = "config") -> Config:
         "default_rate_limit",
         "server",
         "models",
+        "clients",
         "metrics_listen",
     }
     for name in top:
@@ -461,6 +504,7 @@ def parse_config(data: Any, source: str = "config") -> Config:
         rate_limits=rate_limits,
         default_rate_limit=default_pace,
         models=_models("models", top.get("models")),
+        clients=_clients("clients", top.get("clients")),
         metrics_listen=_listen_address("metrics_listen", top.get("metrics_listen")),
         source=source,
     )

@@ -19,7 +19,7 @@ from typing import Any
 from mitmproxy import http
 
 from .estimate import Estimate, RequestShape, clamp_output, parse_request
-from .tickets import Ticket
+from .tickets import NORMAL, Policy, Ticket
 from .upstream import SSEUsageTap
 
 
@@ -63,6 +63,7 @@ class MeteredFlow:
     stopped: str | None = field(default=None)  # for a copy: why nobody waits for it any more
     client: str | None = None  # who sent it: an API-key fingerprint or an address (routing.py)
     stream: Any = None  # while held: mitmproxy's layer for its stream, to notice a reset
+    policy: Policy = NORMAL  # its priority class and its client's weight (tickets.policy_of)
 
     @property
     def id(self) -> str:
@@ -201,6 +202,19 @@ def header_values(headers: http.Headers, *names: bytes) -> list[str | None]:
             if lowered == wanted and found[i] is None:
                 found[i] = value.decode("latin-1")
     return found
+
+
+PRIORITY_HEADER = b"x-cooldown-priority"
+
+
+def take_priority(request: http.Request) -> str | None:
+    """The X-Cooldown-Priority a client sent, removed: it is the proxy's, not upstream's."""
+    (asked,) = header_values(request.headers, PRIORITY_HEADER)
+    if asked is not None:
+        request.headers.fields = tuple(
+            field for field in request.headers.fields if field[0].lower() != PRIORITY_HEADER
+        )
+    return asked
 
 
 def snapshot_request(request: http.Request) -> http.Request:

@@ -22,7 +22,7 @@ from .config import Config
 from .limiter import LimiterBackend, MemoryLimiter, Rate, Unit
 from .periods import RATE_NAMES
 from .scheduler import Scheduler
-from .tickets import Outcome, Ticket
+from .tickets import NORMAL, Outcome, Policy, Ticket
 from .upstream import RateReport, parse_rate_headers
 
 log = logging.getLogger(__name__)
@@ -160,12 +160,19 @@ class Gate:
         return self.scheduler.depth
 
     def submit(
-        self, tokens: int, key: str = DEFAULT_KEY, requeue: bool = False, client: str | None = None
+        self,
+        tokens: int,
+        key: str = DEFAULT_KEY,
+        requeue: bool = False,
+        client: str | None = None,
+        policy: Policy = NORMAL,
     ) -> Ticket:
         """Queue a request; `requeue` is for one already admitted once (a retry after a 429),
         which must not be turned away because the queue filled up meanwhile."""
         self.stats.submitted += 1
-        ticket = self.scheduler.submit(key, tokens, self.clock(), requeue=requeue, client=client)
+        ticket = self.scheduler.submit(
+            key, tokens, self.clock(), requeue=requeue, client=client, policy=policy
+        )
         if ticket.held:
             self.pump()
         return ticket

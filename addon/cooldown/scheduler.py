@@ -35,7 +35,7 @@ import heapq
 import itertools
 import logging
 import math
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 
 from .accounts import Accounts
@@ -43,7 +43,8 @@ from .breaker import BreakerState, CircuitBreaker
 from .config import CerebrasLimits
 from .limiter import LimiterBackend, Rate, Reservation
 from .probe import ProbeFirst
-from .tickets import SMALL_REQUEST_TOKENS
+from .queues import KeyQueue
+from .tickets import NORMAL, SMALL_REQUEST_TOKENS, Policy
 from .tickets import Outcome as Outcome  # re-exported: callers name outcomes here
 from .tickets import Ticket as Ticket
 from .tickets import base_priority as base_priority
@@ -51,54 +52,6 @@ from .tickets import base_priority as base_priority
 log = logging.getLogger(__name__)
 
 BACKFILL_SHARE = 0.5
-
-
-class _KeyQueue:
-    """The held tickets of one limiter key, in both FIFO and priority order."""
-
-    def __init__(self) -> None:
-        self.fifo: deque[Ticket] = deque()
-        self.by_priority: list[tuple[float, int, Ticket]] = []
-        self.smalls: deque[Ticket] = deque()  # small ones in arrival order, for backfill
-        self.live = 0
-        # The last refusal of the head: (ticket id, limiter generation, until when). While the
-        # same head waits, nothing freed capacity and that moment has not come, asking the
-        # limiter again can only say no again.
-        self.refused: tuple[int, int, float] | None = None
-
-    def push(self, ticket: Ticket, aging: float) -> None:
-        self.fifo.append(ticket)
-        key = ticket.enqueued_at / aging - base_priority(ticket.tokens)
-        heapq.heappush(self.by_priority, (key, ticket.id, ticket))
-        if ticket.tokens < SMALL_REQUEST_TOKENS:
-            self.smalls.append(ticket)
-        self.live += 1
-
-    def backfill_candidate(self, head: Ticket) -> Ticket | None:
-        """The oldest small request held behind `head`."""
-        while self.smalls and not self.smalls[0].held:
-            self.smalls.popleft()
-        for ticket in itertools.islice(self.smalls, 2):
-            if ticket is not head and ticket.held:
-                return ticket
-        return None
-
-    def head(self, tight: bool) -> Ticket | None:
-        if tight:
-            while self.by_priority and not self.by_priority[0][2].held:
-                heapq.heappop(self.by_priority)
-            return self.by_priority[0][2] if self.by_priority else None
-        while self.fifo and not self.fifo[0].held:
-            self.fifo.popleft()
-        return self.fifo[0] if self.fifo else None
-
-    def compact(self) -> None:
-        """Drop resolved tickets once they outnumber live ones, so memory tracks the queue."""
-        if len(self.fifo) > 2 * self.live + 64:
-            self.fifo = deque(t for t in self.fifo if t.held)
-            self.smalls = deque(t for t in self.smalls if t.held)
-            self.by_priority = [e for e in self.by_priority if e[2].held]
-            heapq.heapify(self.by_priority)
 
 
 def is_tight(
@@ -167,7 +120,7 @@ class Scheduler:
         self.breaker = breaker
         self.rates_for = rates_for
         self.on_resolved = on_resolved
-        self._queues: dict[str, _KeyQueue] = {}
+        self._queues: dict[str, KeyQueue] = {}
         self._deadlines: list[tuple[float, int, Ticket]] = []
         self._ids = itertools.count(1)
         self._depth = 0
@@ -176,7 +129,7 @@ class Scheduler:
         self.pauses = Pauses()
         self.probes = ProbeFirst()
         self.accounts = Accounts(limiter, breaker, self.probes, self.invalidate)
-        # Bumped whenever capacity may have come back or limits changed (see _KeyQueue.refused);
+        # Bumped whenever capacity may have come back or limits changed (see KeyQueue.refused);
         # only through invalidate(), so no change can forget it.
         self._generation = 0
 
@@ -193,8 +146,7 @@ class Scheduler:
         return self._depth
 
     def held_tickets(self) -> Iterator[Ticket]:
-        for queue in self._queues.values():
-            yield from (t for t in queue.fifo if t.held)
+        return itertools.chain.from_iterable(q.tickets() for q in self._queues.values())
 
     # -- transitions ---------------------------------------------------------------------------
 
@@ -204,11 +156,9 @@ class Scheduler:
         """Take a held ticket out of the queue with its outcome."""
         if ticket.outcome is not None:
             return
-        queue = self._queues[ticket.key]
-        queue.live -= 1
+        self._queues[ticket.key].left(ticket, outcome is Outcome.RELEASED)
         self._depth -= 1
         self.shares.remove(ticket.client)
-        queue.compact()
         self._finalize(ticket, outcome, now, retry_after)
 
     def _finalize(self, ticket: Ticket, outcome: Outcome, now: float, retry_after: float) -> None:
@@ -218,7 +168,13 @@ class Scheduler:
         self.on_resolved(ticket)
 
     def submit(
-        self, key: str, tokens: int, now: float, requeue: bool = False, client: str | None = None
+        self,
+        key: str,
+        tokens: int,
+        now: float,
+        requeue: bool = False,
+        client: str | None = None,
+        policy: Policy = NORMAL,
     ) -> Ticket:
         """Queue a request; it may be refused at once (queue full, client's share full,
         breaker open). `requeue`: admitted once already (a retry), never refused for room."""
@@ -229,6 +185,7 @@ class Scheduler:
             enqueued_at=now,
             deadline=now + self.limits.request_timeout,
             client=client,
+            policy=policy,
         )
         if self.breaker.state(now) is BreakerState.OPEN:
             self._finalize(ticket, Outcome.BREAKER_OPEN, now, self.breaker.retry_after(now))
@@ -243,9 +200,8 @@ class Scheduler:
         queue = self._queues.get(key)
         if (queue is None or queue.live == 0) and self._release_at_once(key, ticket, now):
             return ticket
-        if queue is None:
-            queue = self._queues[key] = _KeyQueue()
-        queue.push(ticket, self.limits.priority_aging)
+        queue = self._queues[key] = queue or KeyQueue()
+        queue.push(ticket, self.limits.priority_aging, self.rates_for(key))
         heapq.heappush(self._deadlines, (ticket.deadline, ticket.id, ticket))
         self._depth += 1
         self.shares.add(client)
@@ -300,7 +256,7 @@ class Scheduler:
         """Upstream's state is unknown again (new limits): probe before the next wave."""
         self.probes.forget()
 
-    def _release_from(self, key: str, queue: _KeyQueue, now: float) -> float | None:
+    def _release_from(self, key: str, queue: KeyQueue, now: float) -> float | None:
         paused = self.pauses.until(key, now)
         if paused is not None:
             return paused
@@ -343,7 +299,7 @@ class Scheduler:
             return head_until
 
     def _backfill(
-        self, key: str, queue: _KeyQueue, head: Ticket, rates: Sequence[Rate], now: float
+        self, key: str, queue: KeyQueue, head: Ticket, rates: Sequence[Rate], now: float
     ) -> bool:
         """Let the oldest small request past a waiting head that is not small, within budget."""
         if head.tokens < SMALL_REQUEST_TOKENS:
