@@ -5,7 +5,7 @@ Every figure is printed beside the baseline it was compared with in the same run
 shared, noisy 2-core machine are only meaningful as ratios), and all of it is written to a JSON
 file (default benchmarks/results/quick.json or full.json) plus a Markdown table beside it.
 Missing a target does not fail the run: the exit status is 1 only if a benchmark crashed.
-Benchmarks: core, estimate, proxy, memory, saturation, fullspeed, hostile (see
+Benchmarks: core, estimate, proxy, memory, saturation, fullspeed, hostile, policies (see
 docs/benchmarks.md).
 """
 
@@ -30,6 +30,7 @@ from benchmarks import (
     bench_fullspeed,
     bench_hostile,
     bench_memory,
+    bench_policies,
     bench_proxy,
     bench_saturation,
 )
@@ -51,6 +52,7 @@ BENCHMARKS = {
     "saturation": bench_saturation.run,
     "fullspeed": bench_fullspeed.run,
     "hostile": bench_hostile.run,
+    "policies": bench_policies.run,
 }
 
 
