@@ -7,12 +7,12 @@ import json
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from mitmproxy.test import taddons, tutils
+from mitmproxy.test import tutils
 
-from cooldown.addon import Cooldown
 from cooldown.config import parse_config
 from cooldown.estimate import clamp_output
 from cooldown.flows import prepare_request
+from tests.helpers import running_cooldown
 from tests.test_addon import cerebras_flow, ok_response
 
 CHAT = "/v1/chat/completions"
@@ -102,12 +102,9 @@ def test_the_cap_is_per_model_with_a_default():
 
 
 async def test_the_clamped_request_goes_upstream_with_the_cap_and_the_answer_says_so(tmp_path):
-    path = tmp_path / "cooldown.yaml"
-    path.write_text("models:\n  m:\n    max_completion_tokens_cap: 1024\n")
-    cooldown = Cooldown()
-    addon = cooldown.metering
-    with taddons.context(*cooldown.addons) as tctx:
-        tctx.configure(cooldown.settings, cerebras_config=str(path))
+    config = "models:\n  m:\n    max_completion_tokens_cap: 1024\n"
+    with running_cooldown(tmp_path, config) as cooldown:
+        addon = cooldown.metering
         f = cerebras_flow(
             {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8000}
         )

@@ -7,11 +7,11 @@ import asyncio
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from mitmproxy.test import taddons, tflow
+from mitmproxy.test import tflow
 
-from cooldown.addon import Cooldown
 from cooldown.config import DomainRateLimit, Pace
 from cooldown.pacing import DEFAULT_RULE, Pacer
+from tests.helpers import running_cooldown
 
 RULES = [
     DomainRateLimit(requests_per_second=5, domain="*.example.com"),
@@ -138,14 +138,11 @@ def other_flow(host: str):
 
 @pytest.fixture
 def paced(tmp_path):
-    path = tmp_path / "cooldown.yaml"
-    path.write_text(
+    with running_cooldown(
+        tmp_path,
         "cerebras_limits:\n  max_queue_depth: 3\n  request_timeout: 5s\n"
-        "rate_limits:\n  - domain: '*.example.com'\n    requests_per_second: 2\n"
-    )
-    cooldown = Cooldown()
-    with taddons.context(*cooldown.addons) as tctx:
-        tctx.configure(cooldown.settings, cerebras_config=str(path))
+        "rate_limits:\n  - domain: '*.example.com'\n    requests_per_second: 2\n",
+    ) as cooldown:
         yield cooldown
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 from dataclasses import replace
 
@@ -195,19 +196,16 @@ def test_a_client_name_that_is_not_a_fingerprint_is_refused_without_echoing_it(n
 
 
 async def test_the_priority_header_is_read_and_never_sent_upstream(tmp_path):
-    from mitmproxy.test import taddons
-
-    from cooldown.addon import Cooldown
     from cooldown.routing import client_of
+    from tests.helpers import running_cooldown
     from tests.test_addon import cerebras_flow
 
-    cooldown = Cooldown()
-    probe = cerebras_flow()
-    fingerprint = client_of(probe)
-    path = tmp_path / "cooldown.yaml"
-    path.write_text(f"clients:\n  '{fingerprint}':\n    priority: low\n    weight: 2\n")
-    with taddons.context(*cooldown.addons) as tctx:
-        tctx.configure(cooldown.settings, cerebras_config=str(path))
+    fingerprint = client_of(cerebras_flow())
+    config = (
+        "cerebras_limits:\n  rpm_limit: 2\n  probe_first: false\n"
+        f"clients:\n  '{fingerprint}':\n    priority: low\n    weight: 2\n"
+    )
+    with running_cooldown(tmp_path, config) as cooldown:
         asked = cerebras_flow()
         asked.request.headers["X-Cooldown-Priority"] = "high"
         default = cerebras_flow()
@@ -215,6 +213,17 @@ async def test_the_priority_header_is_read_and_never_sent_upstream(tmp_path):
             await cooldown.metering.request(f)
             assert "x-cooldown-priority" not in f.request.headers
         assert cooldown.metering.table.get(asked.id).ticket.policy == Policy(1, 2.0)
+        held = cerebras_flow()  # the third in a minute of 2: held, its class on its comment
+        held.request.headers["X-Cooldown-Priority"] = "high"
+        task = asyncio.ensure_future(cooldown.metering.request(held))
+        for _ in range(50):
+            await asyncio.sleep(0)
+            if held.intercepted:
+                break
+        assert "class high" in held.comment
+        held.kill()
+        cooldown.departures.update([held])
+        await task
         assert cooldown.metering.table.get(default.id).ticket.policy == Policy(-1, 2.0)
         models = cerebras_flow(path="/v1/models")
         models.request.method = "GET"

@@ -17,7 +17,7 @@ from mitmproxy import http
 
 from .estimate import Estimate
 from .periods import describe
-from .tickets import Outcome, Ticket, base_priority
+from .tickets import PRIORITIES, Outcome, Ticket, base_priority
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +134,17 @@ def held_comment(f: http.HTTPFlow, ticket: Ticket, estimate: Estimate, depth: in
         f"{label(f)}held for {ticket.key} (#{depth} in queue), waiting for {reason}; "
         f"estimate {estimate.total} tokens "
         f"({estimate.input_tokens} in + {estimate.output_tokens} out), "
-        f"priority {base_priority(estimate.total):g}"
+        f"priority {base_priority(estimate.total):g}{_class_of(ticket)}"
     )
+
+
+_CLASS_NAMES = {value: name for name, value in PRIORITIES.items()}
+
+
+def _class_of(ticket: Ticket) -> str:
+    """The priority class, when it is not the default (X-Cooldown-Priority, clients:)."""
+    priority = ticket.policy.priority
+    return "" if priority == 0 else f", class {_CLASS_NAMES.get(priority, priority)}"
 
 
 class QueueFullLog:
