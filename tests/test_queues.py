@@ -230,3 +230,15 @@ async def test_the_priority_header_is_read_and_never_sent_upstream(tmp_path):
         models.request.headers["X-Cooldown-Priority"] = "low"
         await cooldown.metering.request(models)
         assert "x-cooldown-priority" not in models.request.headers
+
+
+def test_another_clients_small_request_may_still_pass_a_waiting_large_head():
+    limits = replace(LIMITS, rpm_limit=1000, tpm_limit=10_000, priority_threshold=0.5)
+    scheduler, _ = make(limits)
+    blocker = scheduler.submit("k", 10_000, now=0.0)
+    large = scheduler.submit("k", 6_000, now=1.0, client="sha256:aaaaaaaaaaaa")
+    small = scheduler.submit("k", 500, now=2.0, client="sha256:bbbbbbbbbbbb")
+    scheduler.confirm(blocker, 3.0)
+    scheduler.finish(blocker, 200, 6_000, 3.0)  # 4,000 free: tight, and the large one waits
+    scheduler.pump(3.0)
+    assert large.held and not small.held

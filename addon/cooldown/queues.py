@@ -19,7 +19,8 @@ Three levels, each with one rule:
    the tightest per-minute limit (`max(1 / rpm, tokens / tpm)`), so shares are fair in
    whatever binds. See docs ("Fair share") for the bound this gives.
 3. **Within one client**: the existing rule (scheduler.py): arrival order while capacity is
-   not tight, the size rule with aging when it is.
+   not tight, the size rule with aging when it is. Backfill (a small request past a large
+   head that does not fit, within a budget) still takes the oldest small one of any client.
 
 Every step is a heap operation or a dict lookup: O(log n) per decision, with at most three
 classes to compare. With one class and one client (the common case) the client heap holds one
@@ -55,15 +56,12 @@ class _ClientQueue:
     def __init__(self) -> None:
         self.fifo: deque[Ticket] = deque()
         self.by_priority: list[tuple[float, int, Ticket]] = []
-        self.smalls: deque[Ticket] = deque()  # small ones in arrival order, for backfill
         self.live = 0
 
     def push(self, ticket: Ticket, aging: float) -> None:
         self.fifo.append(ticket)
         key = ticket.enqueued_at / aging - base_priority(ticket.tokens)
         heapq.heappush(self.by_priority, (key, ticket.id, ticket))
-        if ticket.tokens < SMALL_REQUEST_TOKENS:
-            self.smalls.append(ticket)
         self.live += 1
 
     def head(self, tight: bool) -> Ticket | None:
@@ -75,20 +73,10 @@ class _ClientQueue:
             self.fifo.popleft()
         return self.fifo[0] if self.fifo else None
 
-    def backfill_candidate(self, head: Ticket) -> Ticket | None:
-        """The oldest small request held behind `head`."""
-        while self.smalls and not self.smalls[0].held:
-            self.smalls.popleft()
-        for ticket in itertools.islice(self.smalls, 2):
-            if ticket is not head and ticket.held:
-                return ticket
-        return None
-
     def compact(self) -> None:
         """Drop resolved tickets once they outnumber live ones, so memory tracks the queue."""
         if len(self.fifo) > 2 * self.live + 64:
             self.fifo = deque(t for t in self.fifo if t.held)
-            self.smalls = deque(t for t in self.smalls if t.held)
             self.by_priority = [e for e in self.by_priority if e[2].held]
             heapq.heapify(self.by_priority)
 
@@ -138,9 +126,6 @@ class _ClassQueue:
             heapq.heappop(order)
         return None
 
-    def backfill_candidate(self, head: Ticket) -> Ticket | None:
-        return self.clients[head.client].backfill_candidate(head)
-
     def left(self, ticket: Ticket, released: bool) -> None:
         """`ticket` left the queue; a release moves its client's tags on."""
         client = ticket.client
@@ -173,6 +158,9 @@ class KeyQueue:
     def __init__(self) -> None:
         self.aging = 1.0  # priority_aging, set by every push
         self.classes: dict[int, _ClassQueue] = {}
+        # Small ones in arrival order, whatever their class and client, for backfill: a small
+        # request that fits may pass a waiting large head within the scheduler's budget.
+        self.smalls: deque[Ticket] = deque()
         self.live = 0
         # The last refusal of the head: (ticket id, limiter generation, until when). While the
         # same head waits, nothing freed capacity and that moment has not come, asking the
@@ -186,6 +174,8 @@ class KeyQueue:
         if queue is None:
             queue = self.classes[ticket.policy.priority] = _ClassQueue()
         queue.push(ticket, aging)
+        if ticket.tokens < SMALL_REQUEST_TOKENS:
+            self.smalls.append(ticket)
         self.live += 1
 
     def head(self, tight: bool) -> Ticket | None:
@@ -206,7 +196,13 @@ class KeyQueue:
         return best
 
     def backfill_candidate(self, head: Ticket) -> Ticket | None:
-        return self.classes[head.policy.priority].backfill_candidate(head)
+        """The oldest small request held behind `head`."""
+        while self.smalls and not self.smalls[0].held:
+            self.smalls.popleft()
+        for ticket in itertools.islice(self.smalls, 2):
+            if ticket is not head and ticket.held:
+                return ticket
+        return None
 
     def left(self, ticket: Ticket, released: bool) -> None:
         queue = self.classes[ticket.policy.priority]
@@ -214,6 +210,8 @@ class KeyQueue:
         self.live -= 1
         if queue.live == 0:
             del self.classes[ticket.policy.priority]
+        if len(self.smalls) > 2 * self.live + 64:
+            self.smalls = deque(t for t in self.smalls if t.held)
 
     def tickets(self) -> Iterator[Ticket]:
         for queue in self.classes.values():
