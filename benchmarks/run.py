@@ -5,8 +5,8 @@ Every figure is printed beside the baseline it was compared with in the same run
 shared, noisy 2-core machine are only meaningful as ratios), and all of it is written to a JSON
 file (default benchmarks/results/quick.json or full.json) plus a Markdown table beside it.
 Missing a target does not fail the run: the exit status is 1 only if a benchmark crashed.
-Benchmarks: core, estimate, proxy, memory, saturation, fullspeed, hostile, policies (see
-docs/benchmarks.md).
+Benchmarks: core, estimate, proxy, memory, saturation, fullspeed, hostile, cache, policies
+(see docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `cooldow
     sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "addon"))
 
 from benchmarks import (
+    bench_cache,
     bench_core,
     bench_estimate,
     bench_fullspeed,
@@ -52,6 +53,7 @@ BENCHMARKS = {
     "saturation": bench_saturation.run,
     "fullspeed": bench_fullspeed.run,
     "hostile": bench_hostile.run,
+    "cache": bench_cache.run,
     "policies": bench_policies.run,
 }
 

@@ -90,6 +90,15 @@ async def until(predicate, steps=100):
     raise AssertionError("condition not reached")
 
 
+async def hold_one(addon):
+    """Fill the bucket (tpm 1000) with one request, then hold a second: (flow, its task)."""
+    await addon.request(cerebras_flow({"model": "m", "messages": [], "max_completion_tokens": 990}))
+    held = cerebras_flow()
+    task = asyncio.ensure_future(addon.request(held))
+    await until(lambda: held.intercepted)
+    return held, task
+
+
 async def test_other_hosts_pass_untouched(addon_ctx):
     addon, _ = addon_ctx
     f = cerebras_flow(host="api.openai.com")
@@ -121,6 +130,12 @@ async def test_request_under_the_limits_is_forwarded_and_settled(addon_ctx):
     assert status["open_reservations"] == 0
     assert status["usage"]["m"]["tpm"] == pytest.approx(12 / 1000, abs=1e-4)
     assert f.metadata["cooldown_actual_tokens"] == 12
+    estimate = f.metadata["cooldown_estimate"]
+    # With the prompt cache modelled (the default): predicted, then reported, cached tokens.
+    assert f.comment == (
+        f"Cooldown: forwarded at once, estimate {estimate} tokens, 0 cached (predicted), "
+        "actual 12 tokens (0 cached)"
+    )
 
 
 async def test_held_flow_is_intercepted_with_a_comment_then_released(addon_ctx):
@@ -130,15 +145,60 @@ async def test_held_flow_is_intercepted_with_a_comment_then_released(addon_ctx):
     second = cerebras_flow({"model": "m", "messages": [], "max_completion_tokens": 500})
     task = asyncio.ensure_future(addon.request(second))
     await until(lambda: second.intercepted)
-    assert "held" in second.comment and "estimate" in second.comment
+    assert second.comment.startswith("Cooldown: HELD for m (#1 in queue), waiting for")
     assert addon.status()["queue_depth"] == 1
     first.response = ok_response(total_tokens=50)
     await addon.response(first)  # frees capacity: the held flow goes
     await task
     assert not second.intercepted
     assert second.response is None
-    assert "waited" in second.comment
+    assert second.comment.startswith("Cooldown: waited ")
     assert addon.status()["queue_depth"] == 0
+
+
+async def test_a_request_larger_than_the_token_limit_is_answered_at_once(addon_ctx):
+    addon, _ = addon_ctx  # tpm_limit 1000
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    f = cerebras_flow({**body, "max_completion_tokens": 5_000})
+    await addon.request(f)  # returns without waiting: nothing else could release it
+    assert not f.intercepted
+    assert f.response.status_code == 413
+    error = json.loads(f.response.content)["error"]
+    assert error["code"] == "request_too_large"
+    needed = f.metadata["cooldown_estimate"]
+    assert f"needs at least {needed:,} tokens" in error["message"]
+    assert "tokens per minute limit of m (tpm_limit: 1,000)" in error["message"]
+    assert "Cooldown proxy, not by Cerebras" in error["message"]
+    assert "retry-after" not in f.response.headers  # no retry can ever succeed
+    assert f.response.headers["x-cooldown-refused"] == "request_too_large"
+    assert f.metadata["cooldown_refused"] == "too_large"
+    assert "REFUSED (too_large) by the proxy" in f.comment
+    status = addon.status()
+    assert status["refused"] == {"too_large": 1}
+    assert status["open_reservations"] == 0 and status["tracked_flows"] == 0
+    assert addon.runtime.metrics.snapshot()["requests"]["m"] == {"refused_too_large": 1}
+    # Without an output limit the reservation is our guess, not the client's ask: held, as
+    # before, rather than refused.
+    guessed = cerebras_flow(body)
+    await addon.request(guessed)
+    assert guessed.response is None
+
+
+async def test_more_than_the_context_is_answered_400_like_upstream(config_file):
+    cooldown = Cooldown()
+    with taddons.context(*cooldown.addons) as tctx:
+        tctx.configure(
+            cooldown.settings,
+            cerebras_config=config_file("models:\n  m:\n    context_length: 100\n"),
+        )
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        f = cerebras_flow({**body, "max_completion_tokens": 10_000_000})
+        await cooldown.metering.request(f)
+    assert f.response.status_code == 400
+    error = json.loads(f.response.content)["error"]
+    assert error["code"] == "context_length_exceeded"
+    assert "it asks for 10,000,009 tokens (9 of input, 10,000,000 of output)" in error["message"]
+    assert "more than the context length of m (100, context_length" in error["message"]
 
 
 async def test_queue_full_gets_the_proxys_own_429(addon_ctx):
@@ -155,6 +215,10 @@ async def test_queue_full_gets_the_proxys_own_429(addon_ctx):
     assert "Cooldown proxy, not by Cerebras" in body["error"]["message"]
     assert int(refused.response.headers["retry-after"]) >= 1
     assert refused.metadata["cooldown_refused"] == "queue_full"
+    # What mitmdump's flow line prints (HTTP/1): the proxy's own answer, not Cerebras's.
+    assert refused.response.reason == "Too Many Requests [Cooldown: queue_full]"
+    assert refused.comment.startswith("Cooldown: REFUSED (queue_full) by the proxy")
+    assert not refused.marked  # mitmweb would show any marker as an emoji
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -180,28 +244,59 @@ async def test_client_disconnect_while_held_leaves_the_queue_and_takes_nothing(a
 
 async def test_killed_while_held_leaves_the_queue(addon_ctx):
     addon, tctx = addon_ctx
-    await addon.request(cerebras_flow({"model": "m", "messages": [], "max_completion_tokens": 990}))
-    held = cerebras_flow()
-    task = asyncio.ensure_future(addon.request(held))
-    await until(lambda: held.intercepted)
-    tctx.master.commands.call("flow.kill", [held])  # what mitmweb's kill button runs
+    held, task = await hold_one(addon)
+    tctx.master.commands.call("flow.kill", [held])  # the console's kill: an update hook
     await task
     assert held.error.msg == flow.Error.KILLED_MESSAGE
     assert addon.status()["queue_depth"] == 0
     assert addon.status()["open_reservations"] == 1
 
 
-async def test_resumed_by_hand_stays_held(addon_ctx):
+@pytest.mark.parametrize("where", ["console", "mitmweb"])
+async def test_resumed_by_hand_is_paused_again_and_says_so(addon_ctx, where):
+    """The console's flow.resume triggers an update hook; mitmweb's Resume button does not."""
     addon, tctx = addon_ctx
-    await addon.request(cerebras_flow({"model": "m", "messages": [], "max_completion_tokens": 990}))
-    held = cerebras_flow()
-    task = asyncio.ensure_future(addon.request(held))
-    await until(lambda: held.intercepted)
-    tctx.master.commands.call("flow.resume", [held])
-    assert held.intercepted  # re-paused: the limiter still decides
+    held, task = await hold_one(addon)
+    for _ in range(2):  # twice: paused again each time, the note not repeated
+        if where == "console":
+            tctx.master.commands.call("flow.resume", [held])
+        else:
+            held.resume()  # what mitmweb's ResumeFlow handler does (then refreshes its view)
+        await until(lambda: held.intercepted)  # re-paused: the limiter still decides
+    assert held.comment.count("resumed by hand, still HELD: the rate limits decide") == 1
     assert addon.status()["queue_depth"] == 1
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_killed_in_mitmweb_leaves_the_queue_at_the_next_check(addon_ctx):
+    """mitmweb's Kill button kills the flow and triggers no update hook."""
+    addon, _ = addon_ctx
+    held, task = await hold_one(addon)
+    for _ in range(3):
+        await asyncio.sleep(0)  # the resume watch starts waiting
+    held.kill()  # what mitmweb's KillFlow handler does
+    assert departures().check_resets() == 1  # what the once-a-second check finds
+    await task
+    assert addon.status()["queue_depth"] == 0 and addon.status()["tracked_flows"] == 1
+    assert departures().watching == 1  # its resume never comes: the next check ends it
+    departures().check_resets()
+    assert departures().watching == 0
+
+
+async def test_a_held_request_is_logged_at_info_with_why(addon_ctx, caplog):
+    addon, tctx = addon_ctx
+    _, task = await hold_one(addon)
+    pages = tctx.master.addons.get("cooldown-status")
+    with caplog.at_level(logging.INFO):
+        [line] = pages.report_held()
+        assert pages.report_held() == []  # not again within the interval
+    assert line.startswith("1 held for m, oldest ")
+    assert "waiting for upstream's first answer (probe_first), next release in 2.0s" in line
+    assert f"Cooldown: {line}" in caplog.messages
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert pages.report_held() == []  # nothing held: nothing to say
 
 
 async def test_breaker_opens_after_consecutive_upstream_429s(addon_ctx):
@@ -286,18 +381,43 @@ async def test_upstream_override_routes_metered_and_unmetered_requests(config_fi
             assert (f.request.scheme, f.request.host, f.request.port) == ("http", "127.0.0.1", 8765)
 
 
-def test_bad_config_at_start_up_is_one_clear_error_line(config_file, caplog):
+def test_bad_config_at_start_up_exits_with_one_clear_line(config_file, caplog):
+    """SystemExit with a message: Python prints it on stderr and exits with status 1."""
     cooldown = Cooldown()
-    with taddons.context(*cooldown.addons) as tctx:
+    with taddons.context(*cooldown.addons) as tctx, pytest.raises(SystemExit) as exited:
         tctx.configure(
             cooldown.settings, cerebras_config=config_file("cerebras_limits:\n  rpm_limit: lots\n")
         )
-    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(errors) == 1
-    assert errors[0].exc_info is None
-    message = errors[0].getMessage()
+    message = exited.value.code
+    assert isinstance(message, str)
+    assert message.startswith("Cooldown cannot start: cerebras_config: ")
     assert "cerebras_limits.rpm_limit: got 'lots'; expected a positive integer" in message
     assert "\n" not in message
+    assert exited.value.__cause__ is None and exited.value.__suppress_context__
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+class ListeningProxyserver:
+    """Stands in for mitmproxy's proxyserver once its listeners are up."""
+
+    name = "proxyserver"
+
+    def listen_addrs(self):
+        return [("127.0.0.1", 8080)]
+
+
+def test_bad_config_when_the_script_reloads_in_a_running_proxy_does_not_exit(config_file, caplog):
+    """mitmproxy re-runs addon/cerebras.py on a script edit: fresh addons, servers already
+    up. Exiting then would drop every flow; the error is logged and the defaults apply."""
+    cooldown = Cooldown()
+    with taddons.context(ListeningProxyserver(), *cooldown.addons) as tctx:
+        tctx.configure(
+            cooldown.settings, cerebras_config=config_file("cerebras_limits:\n  rpm_limit: 0\n")
+        )
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    assert errors[0].startswith("Cooldown cannot start: cerebras_config: ")
+    assert cooldown.runtime.config.cerebras_limits.rpm_limit == 1000  # the built-in default
 
 
 def test_bad_config_on_reload_keeps_the_running_config(config_file, tmp_path):
@@ -937,3 +1057,31 @@ def test_the_refund_credited_is_the_unused_output_and_only_for_streams():
     assert estimate.output_tokens == 500
     assert refund(metered, usage) == 380
     assert refund(metered, None) is None
+
+
+def test_under_mitmweb_the_flow_list_gets_a_comment_column():
+    from mitmproxy.tools.web.webaddons import WebAddon
+
+    cooldown = Cooldown()
+    with taddons.context(WebAddon(), *cooldown.addons) as tctx:
+        cooldown.web.configure(set(tctx.options.keys()))  # what loading the script runs
+        assert tctx.options.web_columns == [*tctx.options.default("web_columns"), "comment"]
+        tctx.configure(cooldown.web, web_columns=["path"])  # changed later: the user's
+        assert tctx.options.web_columns == ["path"]
+
+
+def test_a_web_columns_choice_of_the_users_stands():
+    from mitmproxy.tools.web.webaddons import WebAddon
+
+    cooldown = Cooldown()
+    with taddons.context(WebAddon(), *cooldown.addons) as tctx:
+        tctx.options.update(web_columns=["path", "status"])  # --set web_columns=...
+        cooldown.web.configure(set(tctx.options.keys()))
+        assert tctx.options.web_columns == ["path", "status"]
+
+
+def test_without_mitmweb_no_column_is_added():
+    cooldown = Cooldown()
+    with taddons.context(*cooldown.addons) as tctx:
+        cooldown.web.configure(set(tctx.options.keys()))
+        assert "web_columns" not in tctx.options

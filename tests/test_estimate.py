@@ -216,8 +216,8 @@ def test_output_reservation_replaces_the_context_rule_only_when_no_limit_is_set(
     unset = parse_request(CHAT, chat([{"role": "user", "content": "hi"}]))
     assert unset.estimate(CONTEXT, output_reservation=500).output_tokens == 500
     assert unset.estimate(CONTEXT).output_tokens == CONTEXT - unset.input_tokens
-    explicit = parse_request(CHAT, chat([{"role": "user", "content": "hi"}], max_tokens=9000))
-    assert explicit.estimate(CONTEXT, output_reservation=500).output_tokens == 9000
+    explicit = parse_request(CHAT, chat([{"role": "user", "content": "hi"}], max_tokens=5000))
+    assert explicit.estimate(CONTEXT, output_reservation=500).output_tokens == 5000
 
 
 def test_input_factor_scales_understood_input_only():
@@ -261,3 +261,64 @@ def test_text_beyond_any_context_is_bounded_by_its_bytes_without_tokenizing():
 
     text = "é" * (_EXACT_COUNT_MAX_CHARS + 1)
     assert count_text_tokens(text) == 2 * len(text)  # its UTF-8 bytes: an upper bound
+
+
+def test_output_asked_for_is_capped_at_what_the_context_leaves():
+    from cooldown.estimate import parse_request
+
+    shape = parse_request(CHAT, chat([{"role": "user", "content": "hi"}], max_tokens=10_000_000))
+    est = shape.estimate(CONTEXT)
+    assert est.output_tokens == CONTEXT - shape.input_tokens
+    assert est.total == CONTEXT
+    # ... but what it asked for is what it needs: more than the context holds.
+    assert est.need.sequence == shape.input_tokens + 10_000_000
+    assert est.need.tokens == CONTEXT
+    # With n choices, each may write what the context leaves.
+    three = parse_request(CHAT, chat([{"role": "user", "content": "hi"}], max_tokens=9_000, n=3))
+    assert three.estimate(CONTEXT).output_tokens == 3 * (CONTEXT - three.input_tokens)
+
+
+def test_need_keeps_only_what_is_certain():
+    from cooldown.estimate import Need, parse_request
+
+    asked = parse_request(CHAT, chat([{"role": "user", "content": "word " * 100}], max_tokens=50))
+    # The calibration's margin is not part of the need; a factor below 1 is (our count errs high).
+    high = asked.estimate(CONTEXT, input_factor=1.5)
+    assert high.total > high.need.tokens == asked.input_tokens + 50
+    low = asked.estimate(CONTEXT, input_factor=0.8)
+    assert low.need.tokens == low.input_tokens + 50 < asked.input_tokens + 50
+    assert high.need == Need(asked.input_tokens, 50, 1, CONTEXT)
+    # A default reservation is our guess, not the client's ask: only the input is needed.
+    unset = parse_request(CHAT, chat([{"role": "user", "content": "hi"}])).estimate(CONTEXT)
+    assert unset.total == CONTEXT and unset.need.tokens == unset.input_tokens
+    # A body we could not read needs nothing certain: its byte count is only an upper bound.
+    assert parse_request(CHAT, b"nope").estimate(CONTEXT).need == Need()
+
+
+def test_too_large_names_the_first_limit_it_can_never_fit():
+    from cooldown.estimate import Need, TooLarge, too_large
+
+    need = Need(input_tokens=69_000, output_tokens=1_000, context_length=131_072)
+    assert too_large(need, [("tpm", 60_000), ("tph", 1_000_000)]) == TooLarge(
+        "tpm", 60_000, 70_000, 69_000
+    )
+    assert too_large(need, [("tpm", 70_000), ("tpd", 1_000_000)]) is None  # exactly fits
+    # Input and output asked for longer than the context: refused whatever the limits.
+    longer = Need(input_tokens=9, output_tokens=10_000_000, context_length=8_192)
+    assert too_large(longer, [("tpm", 1 << 40)]) == TooLarge("context_length", 8_192, 10_000_009, 9)
+    assert too_large(Need(input_tokens=8_000, output_tokens=192, context_length=8_192), []) is None
+    # n choices: every choice's output counts against the limits.
+    many = Need(input_tokens=1_000, output_tokens=1_000, choices=4, context_length=8_192)
+    assert too_large(many, [("tpm", 4_999)]) == TooLarge("tpm", 4_999, 5_000, 1_000)
+    assert too_large(Need(), [("tpm", 1)]) is None
+
+
+def test_a_text_counted_by_its_bytes_is_not_a_certain_need():
+    """Beyond any context the count is the byte length, an upper bound: never refused on it
+    (it is held until the whole bucket is free, as before)."""
+    from cooldown.estimate import _EXACT_COUNT_MAX_CHARS, Need, parse_request
+
+    huge = "ab " * (_EXACT_COUNT_MAX_CHARS // 3 + 1)
+    shape = parse_request(CHAT, chat([{"role": "user", "content": huge}], max_tokens=20))
+    assert shape.understood and not shape.exact
+    assert shape.estimate(CONTEXT).need == Need()

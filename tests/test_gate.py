@@ -139,8 +139,13 @@ async def test_each_model_has_its_own_limits_and_windows():
         ("rpm", 100),
         ("tpm", 5000),
         ("tpd", 20000),
+        ("total_tpm", 15000),  # 3 x its own tpm_limit (the prompt cache is modelled by default)
     ]
-    assert [(r.name, r.limit) for r in gate.rates_for("other")] == [("rpm", 100), ("tpm", 1000)]
+    assert [(r.name, r.limit) for r in gate.rates_for("other")] == [
+        ("rpm", 100),
+        ("tpm", 1000),
+        ("total_tpm", 3000),
+    ]
     assert gate.submit(1000, key="other").outcome is Outcome.RELEASED
     assert gate.submit(4000, key="big").outcome is Outcome.RELEASED  # other's use is not big's
     assert gate.submit(10, key="other").held
@@ -245,7 +250,7 @@ async def test_requeue_is_not_refused_by_a_full_queue():
 async def test_burst_setting_paces_only_per_minute_limits():
     gate, _ = per_model_gate("cerebras_limits: {burst: 0.25, tpd_limit: 100000}\n")
     bursts = {rate.name: rate.burst for rate in gate.rates_for("m")}
-    assert bursts == {"rpm": 0.25, "tpm": 0.25, "tpd": 1.0}
+    assert bursts == {"rpm": 0.25, "tpm": 0.25, "tpd": 1.0, "total_tpm": 0.25}
 
 
 # Upstream's report after others used 900 of its 1000 tokens per minute.

@@ -67,8 +67,15 @@ async def test_json_view_after_a_scripted_sequence(addon_ctx):
     assert snapshot["requests"]["m"] == {"forwarded": 3, "refused_queue_full": 1}
     assert snapshot["upstream_429s"] == {"m": {"quota": 1}}
     assert snapshot["estimate_to_actual_ratio"]["m"]["p50"] == pytest.approx(2.0)
-    assert snapshot["queue_wait_seconds"]["m"]["count"] == 4
+    # Only what waited in the queue: `big`, held by the 429's cooldown. The other three were
+    # released or refused at once (counted in `requests`), the held one is still waiting.
+    assert snapshot["queue_wait_seconds"]["m"]["count"] == 1
     assert snapshot["open_reservations"] == 1
+    # What is held now: one, waiting for the tokens that `big` holds.
+    assert snapshot["held"]["m"]["held"] == 1
+    assert snapshot["held"]["m"]["waiting_for"] == "tpm"
+    assert snapshot["oldest_held_seconds"] >= 0
+    assert snapshot["next_release_in_seconds"] > 0
     json.dumps(snapshot)  # serializable as it is
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
@@ -98,7 +105,9 @@ async def test_prometheus_text_parses_and_carries_the_series(addon_ctx):
     ] == pytest.approx(0.973, abs=0.02)
     assert samples[("cooldown_circuit_breaker_open", ())] == 0
     assert families["cooldown_queue_wait_seconds"].type == "histogram"
-    assert samples[("cooldown_queue_wait_seconds_count", (("model", "m"),))] == 4
+    assert samples[("cooldown_queue_wait_seconds_count", (("model", "m"),))] == 1
+    assert samples[("cooldown_queue_oldest_held_seconds", (("model", "m"),))] >= 0
+    assert samples[("cooldown_queue_next_release_seconds", (("model", "m"),))] > 0
     assert samples[("cooldown_estimate_to_actual_ratio_count", (("model", "m"),))] == 1
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)

@@ -515,7 +515,7 @@ def test_probes_again_after_a_quiet_spell_longer_than_the_refill_or_new_limits()
     scheduler.pump(91.2)
     assert not late[1].held
     scheduler.finish(late[1], 200, 100, now=91.3)
-    scheduler.forget_upstream_state()  # e.g. a config reload
+    scheduler.probes.forget()  # e.g. a config reload
     again = [scheduler.submit("k", 100, now=92) for _ in range(2)]
     scheduler.pump(92)
     assert [t.held for t in again] == [False, True]
@@ -631,3 +631,61 @@ def test_upstream_never_refuses_when_its_reports_bind(run):
     # Only what was released before anything was known (the probe, and what a probe that
     # timed out let go) may be refused.
     assert [r for r in refused if r[0] >= first_answer] == [], refused
+
+
+# -- requests that can never fit --------------------------------------------------------------
+
+
+def test_a_request_larger_than_a_token_limit_is_refused_at_once_and_never_held():
+    from cooldown.estimate import Need, TooLarge
+
+    scheduler, resolved = make()
+    ticket = scheduler.submit("k", 12_000, now=0, need=Need(11_000, 1_000, 1, 131_072))
+    assert ticket.outcome is Outcome.TOO_LARGE
+    assert ticket.too_large == TooLarge("tpm", 10_000, 12_000, 11_000)
+    assert ticket.retry_after == 0  # waiting would change nothing
+    assert resolved == [ticket] and scheduler.depth == 0 and not ticket.queued
+    assert scheduler.pump(0) is None  # no deadline, no wake-up left behind
+    # Exactly the limit fits (once the bucket is full): it is released, not refused.
+    exact = scheduler.submit("k", 10_000, now=0, need=Need(9_000, 1_000, 1, 131_072))
+    assert exact.outcome is Outcome.RELEASED
+
+
+def test_only_what_is_certain_is_judged_not_the_estimate():
+    """An estimate over the limit whose certain part fits (a default output reservation, the
+    calibration's margin) keeps today's way: held until the whole bucket is free."""
+    from cooldown.estimate import Need
+
+    scheduler, _ = make()
+    ticket = scheduler.submit("k", 50_000, now=0, need=Need(2_000, 0, 1, 131_072))
+    assert ticket.outcome is Outcome.RELEASED
+
+
+def test_more_than_the_context_is_refused_whatever_the_limits():
+    from cooldown.estimate import Need, TooLarge
+
+    scheduler, _ = make()
+    ticket = scheduler.submit("k", 8_192, now=0, need=Need(100, 9_000, 1, 8_192))
+    assert ticket.outcome is Outcome.TOO_LARGE
+    assert ticket.too_large == TooLarge("context_length", 8_192, 9_100, 100)
+
+
+def test_a_lower_limit_reported_by_upstream_is_the_one_judged():
+    from cooldown.estimate import Need, TooLarge
+
+    scheduler, _ = make()
+    scheduler.limiter.observe("k", [RateReport("tokens", 60.0, 5_000, 5_000, 0.0)], 0)
+    ticket = scheduler.submit("k", 6_000, now=0, need=Need(100, 5_900, 1, 131_072))
+    assert ticket.too_large == TooLarge("tpm", 5_000, 6_000, 100)
+
+
+def test_too_large_is_refused_before_a_full_queue_or_an_open_breaker():
+    """The most useful answer: the others say retry later, and later would not help."""
+    from cooldown.estimate import Need
+
+    breaker = CircuitBreaker(BreakerConfig(failure_threshold=1, open_duration=30))
+    scheduler, _ = make(breaker=breaker)
+    breaker.record_429(0)
+    assert scheduler.submit("k", 100, now=0).outcome is Outcome.BREAKER_OPEN
+    big = scheduler.submit("k", 20_000, now=0, need=Need(10, 19_990, 1, 131_072))
+    assert big.outcome is Outcome.TOO_LARGE

@@ -4,10 +4,11 @@ The one launcher used everywhere:
 
 * `start_mitmdump(confdir=..., log_path=..., config_path=...)` runs the venv's mitmdump on a
   free 127.0.0.1 port with its own CA directory (`confdir`) and, when `config_path` is given,
-  the Cooldown addon (`addon/cerebras.py`) reading that config. Its output (stdout and stderr)
-  goes to `log_path`; it returns a `Mitmdump` once the proxy listens and its CA certificate
-  exists. A mitmdump that exits or does not come up in time is stopped, and `StartError`
-  carries the end of its log.
+  the Cooldown addon (`addon/cerebras.py`) reading that config; with `reverse_to=URL`, also a
+  reverse proxy to URL on a second free port (the way in that needs only a base URL). Its
+  output (stdout and stderr) goes to `log_path`; it returns a `Mitmdump` once every listener
+  listens and its CA certificate exists. A mitmdump that exits or does not come up in time is
+  stopped, and `StartError` carries the end of its log.
 * `Process.stop()`: SIGTERM, a bounded wait, then SIGKILL; it returns what went wrong (already
   exited, had to be killed) or None. A `Process` is a context manager that stops it on exit,
   so several of them can be held in a `contextlib.ExitStack`.
@@ -41,9 +42,10 @@ POLL_INTERVAL = 0.05
 LISTENING = re.compile(r" listening at ")
 
 
-def mitmdump_executable() -> Path:
-    """The mitmdump of the running interpreter's environment: the venv in use is the one run."""
-    return Path(sys.executable).parent / "mitmdump"
+def mitmdump_executable(program: str = "mitmdump") -> Path:
+    """The mitmdump (or `program`: mitmweb) of the running interpreter's environment: the
+    venv in use is the one run."""
+    return Path(sys.executable).parent / program
 
 
 def free_port(host: str = HOST) -> int:
@@ -178,15 +180,22 @@ def mitmdump_command(
     confdir: Path,
     *,
     config_path: Path | None = None,
+    reverse: tuple[str, int] | None = None,
     options: Sequence[str] = (),
     args: Sequence[str] = (),
+    program: str = "mitmdump",
 ) -> list[str]:
-    """mitmdump on 127.0.0.1:`port` with its own CA dir; with `config_path`, with the Cooldown
-    addon reading that config. `options` are `name=value` pairs for `--set`; `args` go last."""
-    command = [str(mitmdump_executable())]
+    """mitmdump (or `program`, e.g. mitmweb) on 127.0.0.1:`port` with its own CA dir; with
+    `config_path`, with the Cooldown addon reading that config; with `reverse` (URL, port),
+    also a reverse proxy to URL on that port. `options` are `name=value` pairs for `--set`;
+    `args` go last."""
+    command = [str(mitmdump_executable(program))]
     if config_path is not None:
         command += ["-s", str(ADDON_SCRIPT)]
     command += ["--listen-host", HOST, "-p", str(port), "--set", f"confdir={confdir}"]
+    if reverse is not None:
+        target, reverse_port = reverse
+        command += ["--mode", "regular", "--mode", f"reverse:{target}@{reverse_port}"]
     if config_path is not None:
         command += ["--set", f"cerebras_config={config_path}"]
     for option in options:
@@ -196,15 +205,24 @@ def mitmdump_command(
 
 @dataclass(kw_only=True)
 class Mitmdump(Process):
-    """A running mitmdump: its port, CA directory, config file (None: no Cooldown) and log."""
+    """A running mitmdump: its port, CA directory, config file (None: no Cooldown), log, and
+    the port of its reverse proxy (None: none)."""
 
     port: int
     confdir: Path
     config_path: Path | None = None
+    reverse_port: int | None = None
 
     @property
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
+
+    @property
+    def reverse_url(self) -> str:
+        """The reverse proxy's address: a client's base URL is this plus the API's path."""
+        if self.reverse_port is None:
+            raise LookupError("this mitmdump has no reverse proxy")
+        return f"http://{HOST}:{self.reverse_port}"
 
     @property
     def ca_file(self) -> Path:
@@ -212,7 +230,9 @@ class Mitmdump(Process):
         return self.confdir / "mitmproxy-ca-cert.pem"
 
     def is_ready(self) -> bool:
-        return bool(LISTENING.search(self.log_text())) and self.ca_file.is_file()
+        listeners = 1 if self.reverse_port is None else 2
+        listening = len(LISTENING.findall(self.log_text())) >= listeners
+        return listening and self.ca_file.is_file()
 
     @classmethod
     def start(
@@ -221,31 +241,44 @@ class Mitmdump(Process):
         confdir: Path,
         log_path: Path,
         config_path: Path | None = None,
+        reverse_to: str | None = None,
         options: Sequence[str] = (),
         args: Sequence[str] = (),
         cwd: Path | None = None,
         env: Mapping[str, str] | None = None,
         start_timeout: float = START_TIMEOUT,
         stop_timeout: float = STOP_TIMEOUT,
+        program: str = "mitmdump",
         **fields: Any,
     ) -> Self:
-        """Start mitmdump (see `mitmdump_command`) and wait until it listens; `fields` are
-        those a subclass adds. Raises `StartError` (the process stopped) if it does not."""
+        """Start mitmdump (or `program`: mitmweb, whose web UI then needs its own `web_port`
+        option) as `mitmdump_command` says (`reverse_to`: the URL a reverse proxy on a second
+        port forwards to) and wait until it listens; `fields` are those a subclass adds.
+        Raises `StartError` (the process stopped) if it does not."""
         confdir.mkdir(parents=True, exist_ok=True)
         port = free_port()
+        # mitmproxy refuses two listeners on port 0, so the reverse proxy gets a port too.
+        reverse = None if reverse_to is None else (reverse_to, free_port())
         command = mitmdump_command(
-            port, confdir, config_path=config_path, options=options, args=args
+            port,
+            confdir,
+            config_path=config_path,
+            reverse=reverse,
+            options=options,
+            args=args,
+            program=program,
         )
         proxy = cls.spawn(
             command,
             log_path,
-            name="mitmdump",
+            name=program,
             cwd=cwd,
             env=env,
             stop_timeout=stop_timeout,
             port=port,
             confdir=confdir,
             config_path=config_path,
+            reverse_port=None if reverse is None else reverse[1],
             **fields,
         )
         proxy.wait_until_ready(proxy.is_ready, start_timeout)

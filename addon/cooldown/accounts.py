@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .breaker import CircuitBreaker
-from .limiter import LimiterBackend
+from .limiter import LimiterBackend, Settled
 from .probe import ProbeFirst
 from .tickets import Outcome, Ticket
 
@@ -44,10 +44,12 @@ class Accounts:
         actual_tokens: int | None,
         now: float,
         refund: int | None = None,
+        total: Settled | None = None,
     ) -> None:
         """Upstream answered a released request: settle its reservation and feed the breaker.
 
-        `refund`: what upstream gives back of the reservation (its unused output), if known."""
+        `refund`: what upstream gives back of the reservation (its unused output), if known;
+        `total`: what it counted on the total-tokens limit (None: the reservation stands)."""
         if ticket.outcome is not Outcome.RELEASED or ticket.finished:
             return
         ticket.finished = True
@@ -67,7 +69,7 @@ class Accounts:
         # Without a usage figure (errors, odd bodies) keep the estimate: upstream may have
         # charged it, and over-counting only costs a little waiting.
         settled = ticket.reservation.tokens if actual_tokens is None else actual_tokens
-        self._limiter.settle(ticket.reservation, settled, now, refund)
+        self._limiter.settle(ticket.reservation, settled, now, refund, total)
 
     def abort(self, ticket: Ticket, reached_upstream: bool, now: float) -> None:
         """A released request failed without an answer from upstream."""

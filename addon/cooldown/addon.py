@@ -8,7 +8,8 @@ mitmproxy is built from small addons with one concern each; Cooldown follows sui
 - `Metering` (metering.py): holds Cerebras requests until the gate releases them, settles
   them from upstream's answer, retries after a 429 (retry.py);
 - `Departures` (departures.py): ends the wait of held flows whose client left (disconnect,
-  kill, reset HTTP/2 stream);
+  kill, reset HTTP/2 stream), pauses again those resumed by hand;
+- `WebColumns` (web.py): under mitmweb, a Comment column in the flow list;
 - `Pacing` (paced.py): holds requests to other hosts for their turn (`rate_limits`).
 
 They share one `Runtime` (runtime.py): the config, the gate, the metrics; metering and
@@ -25,6 +26,7 @@ from .paced import Pacing
 from .pages import StatusPages
 from .runtime import Runtime
 from .settings import Settings
+from .web import WebColumns
 
 
 class Cooldown:
@@ -37,8 +39,16 @@ class Cooldown:
         self.metering = Metering(self.runtime)
         self.departures = Departures(self.runtime, self.metering.table, self.metering.retries)
         self.pacing = Pacing(self.runtime)
+        self.web = WebColumns()
 
     @property
     def addons(self) -> list[Any]:
         # The status pages answer cooldown.local before metering looks at a flow.
-        return [self.settings, self.pages, self.metering, self.departures, self.pacing]
+        return [
+            self.settings,
+            self.pages,
+            self.metering,
+            self.departures,
+            self.web,
+            self.pacing,
+        ]

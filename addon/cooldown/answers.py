@@ -1,8 +1,14 @@
-"""Every error answer the proxy makes itself, built one way.
+"""Every error answer and every flow comment the proxy makes itself, built one way.
 
-Each is OpenAI-style JSON (`{"error": {"message", "type", "code"}}`) that clients already
-parse, says in its message that the proxy answered and not Cerebras, and carries
-`X-Cooldown-Refused: <code>` so that scripts and mitmweb users can tell it from upstream's.
+Each answer is OpenAI-style JSON (`{"error": {"message", "type", "code"}}`) that clients
+already parse, says in its message that the proxy answered and not Cerebras, and carries
+`X-Cooldown-Refused: <code>` so that scripts and mitmweb users can tell it from upstream's;
+its reason phrase ends in `[Cooldown: <code>]`, which is what mitmdump's flow line prints
+(for HTTP/1; HTTP/2 has no reason phrase on the wire, mitmdump prints the standard one).
+
+Comments are whole sentences that begin with `Cooldown: ` and carry a text marker in
+capitals (HELD, REFUSED): mitmweb turns any `marked` value into an emoji that renders as an
+empty box without an emoji font, so flows are not marked.
 """
 
 from __future__ import annotations
@@ -15,8 +21,9 @@ from dataclasses import dataclass
 
 from mitmproxy import http
 
-from .estimate import Estimate
+from .estimate import Estimate, TooLarge
 from .periods import describe
+from .runtime import CacheGuess
 from .tickets import PRIORITIES, Outcome, Ticket, base_priority
 
 log = logging.getLogger(__name__)
@@ -39,7 +46,9 @@ class ProxyError:
         headers = {"Content-Type": "application/json", "X-Cooldown-Refused": self.code}
         if retry_after > 0:
             headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
-        return http.Response.make(self.status, json.dumps(body).encode(), headers)
+        response = http.Response.make(self.status, json.dumps(body).encode(), headers)
+        response.reason = f"{response.reason} [Cooldown: {self.code}]"
+        return response
 
 
 REFUSALS = {
@@ -87,6 +96,24 @@ PACED_TOO_LONG = ProxyError(
     "turn is further away than request_timeout; retry later.",
 )
 
+# A request that can never fit. Not a 429: clients and SDKs retry a 429 (the openai SDK does,
+# with back-off), and no retry can ever succeed. Longer than the context is what upstream (and
+# OpenAI) answer themselves, 400 `context_length_exceeded`, which agents handle by trimming
+# the conversation; larger than a token limit is 413 Content Too Large, which SDKs do not
+# retry either.
+CONTEXT_EXCEEDED = ProxyError(
+    400,
+    "invalid_request_error",
+    "context_length_exceeded",
+    "This request can never be admitted: ",
+)
+TOO_LARGE = ProxyError(
+    413,
+    "cooldown_request_too_large",
+    "request_too_large",
+    "This request can never be admitted: ",
+)
+
 RETRY_FAILED = ProxyError(
     502, "cooldown_retry_failed", "retry_failed", "Retry after upstream 429 failed"
 )
@@ -95,6 +122,24 @@ RETRY_FAILED = ProxyError(
 def refusal(outcome: Outcome, retry_after: float) -> http.Response:
     """The answer to a request the proxy will not forward."""
     return REFUSALS[outcome].response(retry_after)
+
+
+def too_large(verdict: TooLarge, key: str) -> http.Response:
+    """The answer to a request no limit of `key` could ever hold, with the numbers."""
+    if verdict.limit == "context_length":
+        output = verdict.needed - verdict.input_tokens
+        return CONTEXT_EXCEEDED.response(
+            detail=f"it asks for {verdict.needed:,} tokens ({verdict.input_tokens:,} of input, "
+            f"{output:,} of output), more than the context length of {key} "
+            f"({verdict.allowed:,}, context_length in the config); lower "
+            "max_completion_tokens or shorten the input"
+        )
+    return TOO_LARGE.response(
+        detail=f"it needs at least {verdict.needed:,} tokens (input and the output it asks "
+        f"for), more than the whole {describe(verdict.limit)} limit of {key} "
+        f"({verdict.limit}_limit: {verdict.allowed:,}); lower max_completion_tokens or "
+        "shorten the input"
+    )
 
 
 def retry_failed(reason: str) -> http.Response:
@@ -119,21 +164,33 @@ def label(f: http.HTTPFlow) -> str:
     return f"Cooldown: retry of flow {retry_of} (attempt {f.metadata.get('cooldown_attempt')}), "
 
 
-def refuse(f: http.HTTPFlow, outcome: Outcome, retry_after: float) -> None:
-    """Answer `f` with the proxy's refusal, marked as such in mitmweb."""
+def refuse(
+    f: http.HTTPFlow,
+    outcome: Outcome,
+    retry_after: float,
+    verdict: TooLarge | None = None,
+    key: str = "this model",
+) -> None:
+    """Answer `f` with the proxy's refusal, said so in its comment; `verdict` for one that
+    can never fit (`Outcome.TOO_LARGE`) puts the limit of `key` and the numbers in it."""
     f.metadata["cooldown_refused"] = outcome.value
-    f.comment = f"{label(f)}refused ({outcome.value})"
-    f.marked = ":no_entry:"
-    f.response = refusal(outcome, retry_after)
+    f.comment = f"{label(f)}REFUSED ({outcome.value}) by the proxy, not sent to Cerebras"
+    if verdict is not None:
+        f.comment += f": needs {verdict.needed} tokens, {verdict.limit} is {verdict.allowed}"
+        f.response = too_large(verdict, key)
+    else:
+        f.response = refusal(outcome, retry_after)
 
 
-def held_comment(f: http.HTTPFlow, ticket: Ticket, estimate: Estimate, depth: int) -> str:
+def held_comment(
+    f: http.HTTPFlow, ticket: Ticket, estimate: Estimate, depth: int, guess: CacheGuess | None
+) -> str:
     """What mitmweb shows on a held flow: what it waits for and why it is where it is."""
     reason = describe(ticket.wait_reason) if ticket.wait_reason else "its turn"
     return (
-        f"{label(f)}held for {ticket.key} (#{depth} in queue), waiting for {reason}; "
+        f"{label(f)}HELD for {ticket.key} (#{depth} in queue), waiting for {reason}; "
         f"estimate {estimate.total} tokens "
-        f"({estimate.input_tokens} in + {estimate.output_tokens} out), "
+        f"({estimate.input_tokens} in + {estimate.output_tokens} out){cached_note(guess)}, "
         f"priority {base_priority(estimate.total):g}{_class_of(ticket)}"
     )
 
@@ -145,6 +202,30 @@ def _class_of(ticket: Ticket) -> str:
     """The priority class, when it is not the default (X-Cooldown-Priority, clients:)."""
     priority = ticket.policy.priority
     return "" if priority == 0 else f", class {_CLASS_NAMES.get(priority, priority)}"
+
+
+def resumed_comment(held: str) -> str:
+    """A held flow's comment after someone resumed it by hand (mitmweb's Resume): it stays
+    paused, and says so rather than leaving the user to wonder."""
+    note = "; resumed by hand, still HELD: the rate limits decide when it goes"
+    return held if held.endswith(note) else f"{held}{note}"
+
+
+def released_comment(f: http.HTTPFlow, ticket: Ticket, guess: CacheGuess | None = None) -> str:
+    """A forwarded flow's comment, whether it waited or not, with the prompt cache model's
+    prediction (the answer's usage is added by `with_actual`)."""
+    how = f"waited {ticket.waited:.3f}s" if ticket.queued else "forwarded at once"
+    return f"{label(f)}{how}, estimate {ticket.tokens} tokens{cached_note(guess)}"
+
+
+def with_actual(comment: str, total: int) -> str:
+    """The comment once upstream has said what the request used."""
+    return f"{comment}, actual {total} tokens"
+
+
+def cached_note(guess: CacheGuess | None) -> str:
+    """The prompt cache model's prediction, for a comment ("" when cache-blind)."""
+    return "" if guess is None else f", {guess.prediction.cached} cached (predicted)"
 
 
 class QueueFullLog:

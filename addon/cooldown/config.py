@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 DEFAULT_HOSTS = ("api.cerebras.ai", "inference.cerebras.ai")
 Algorithm = Literal["token_bucket", "sliding_window"]
 ALGORITHMS: tuple[Algorithm, ...] = ("token_bucket", "sliding_window")
+Admission = Literal["full", "predicted"]
+ADMISSIONS: tuple[Admission, ...] = ("full", "predicted")
+# Cerebras's total-tokens limit is this many times the uncached one unless set.
+TOTAL_TPM_FACTOR = 3
 
 
 class ConfigError(ValueError):
@@ -75,6 +79,27 @@ class CerebrasLimits:
     # with a handful of requests; larger asks are lowered to this, and a request asking for
     # none is given it. A model's own entry overrides this default.
     max_completion_tokens_cap: int | None = None
+    # Cerebras's second token bucket, cached and uncached tokens together (`tpm_limit` and the
+    # hour/day token limits count uncached tokens, its primary limit). None: 3 x `tpm_limit`;
+    # 0: not enforced. Only with the prompt cache modelled (`prompt_cache.enabled`).
+    total_tpm_limit: int | None = None
+
+
+@dataclass(frozen=True)
+class PromptCacheConfig:
+    """The model of Cerebras's prompt cache (prompt_cache.py).
+
+    `admission` says how upstream charges the uncached bucket when it admits a request:
+    `full` (the whole input, the cached part refunded once processed: Cerebras's documented
+    behaviour) or `predicted` (only the input it does not find cached). The proxy charges the
+    same way, with its prediction in place of upstream's knowledge.
+    """
+
+    enabled: bool = True
+    admission: Admission = "full"
+    block_tokens: int = 128
+    ttl: float = 300.0
+    max_blocks: int = 100_000
 
 
 @dataclass(frozen=True)
@@ -91,6 +116,7 @@ class ModelLimits:
     output_reservation: int | None = None
     algorithm: Algorithm | None = None
     max_completion_tokens_cap: int | None = None
+    total_tpm_limit: int | None = None
 
 
 @dataclass(frozen=True)
@@ -144,7 +170,19 @@ class Config:
     clients: Mapping[str, ClientConfig] = field(default_factory=dict)
     # Optional separate address for Prometheus scrapes, e.g. ("127.0.0.1", 9464).
     metrics_listen: tuple[str, int] | None = None
+    prompt_cache: PromptCacheConfig = field(default_factory=PromptCacheConfig)
     source: str = "built-in defaults"
+
+    def total_tpm_limit(self, model: str) -> int:
+        """The total-tokens-per-minute limit of `model`; 0 when it is not enforced (set to 0,
+        or the prompt cache not modelled: every token then counts as uncached, and the total
+        limit is at least the uncached one)."""
+        if not self.prompt_cache.enabled:
+            return 0
+        limits = self.model_limits(model)
+        if limits.total_tpm_limit is not None:
+            return limits.total_tpm_limit
+        return TOTAL_TPM_FACTOR * (limits.tpm_limit or self.cerebras_limits.tpm_limit)
 
     def model_limits(self, model: str) -> ModelLimits:
         """The limits that apply to `model`: its own entry, else `cerebras_limits`.
@@ -232,6 +270,16 @@ def _algorithm(key: str, value: Any) -> Algorithm:
 
 def _optional_algorithm(key: str, value: Any) -> Algorithm | None:
     return None if value is None else _algorithm(key, value)
+
+
+def _admission(key: str, value: Any) -> Admission:
+    if value not in ADMISSIONS:
+        raise _fail(key, value, " or ".join(ADMISSIONS))
+    return value  # type: ignore[no-any-return]
+
+
+def _optional_non_negative_int(key: str, value: Any) -> int | None:
+    return None if value is None else _non_negative_int(key, value)
 
 
 def _bool(key: str, value: Any) -> bool:
@@ -351,11 +399,21 @@ _LIMIT_FIELDS: dict[str, Callable[[str, Any], Any]] = {
     "probe_timeout": _duration,
     "max_queue_share_per_client": _share,
     "max_completion_tokens_cap": _optional_positive_int,
+    "total_tpm_limit": _optional_non_negative_int,
+}
+
+_PROMPT_CACHE_FIELDS: dict[str, Callable[[str, Any], Any]] = {
+    "enabled": _bool,
+    "admission": _admission,
+    "block_tokens": _positive_int,
+    "ttl": _duration,
+    "max_blocks": _positive_int,
 }
 
 _MODEL_FIELDS: dict[str, Callable[[str, Any], Any]] = {
     **{name: _optional_positive_int for name in ModelLimits.__dataclass_fields__},
     "algorithm": _optional_algorithm,
+    "total_tpm_limit": _optional_non_negative_int,
 }
 
 _BREAKER_FIELDS: dict[str, Callable[[str, Any], Any]] = {
@@ -475,6 +533,7 @@ def parse_config(data: Any, source: str = "config") -> Config:
         "models",
         "clients",
         "metrics_listen",
+        "prompt_cache",
     }
     for name in top:
         if name not in known:
@@ -506,6 +565,9 @@ def parse_config(data: Any, source: str = "config") -> Config:
         models=_models("models", top.get("models")),
         clients=_clients("clients", top.get("clients")),
         metrics_listen=_listen_address("metrics_listen", top.get("metrics_listen")),
+        prompt_cache=PromptCacheConfig(
+            **_section("prompt_cache", top.get("prompt_cache"), _PROMPT_CACHE_FIELDS)
+        ),
         source=source,
     )
 

@@ -8,7 +8,10 @@ tokenizer matches every Cerebras model, so the count errs high: a per-message ov
 chat template, and tool / response_format schemas counted as their JSON text.
 
 The estimator never raises and never refuses: a body it cannot understand gets a conservative
-estimate (every byte a token, and the whole context length reserved for output).
+estimate (every byte a token, and the whole context length reserved for output). Beside the
+estimate it says what the request *certainly* needs (`Need`), without the margins the estimate
+adds on purpose, so that the scheduler can refuse at once a request that no limit could ever
+hold (`too_large`) instead of holding it until it times out or forwarding it into a 429.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import json
 import math
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -104,12 +107,67 @@ def count_text_tokens(text: str) -> int:
 
 
 @dataclass(frozen=True)
+class Need:
+    """The fewest tokens a request can be charged, whatever the estimate's margins.
+
+    The estimate errs high on purpose (template overheads, the calibration's largest ratio, a
+    default output reservation); refusing on it would turn away requests upstream accepts. A
+    refusal is only right when every count says no, so this keeps the lower of our two input
+    counts (plain and calibrated) and only the output the client asked for. Zero for a body
+    that was not understood, or with a text too long to tokenize: a byte count is an upper
+    bound, not a need.
+    """
+
+    input_tokens: int = 0
+    output_tokens: int = 0  # asked for, per choice (max_completion_tokens, else max_tokens)
+    choices: int = 1
+    context_length: int | None = None
+
+    @property
+    def sequence(self) -> int:
+        """What one choice must fit in the context: input and output together."""
+        return self.input_tokens + self.output_tokens
+
+    @property
+    def tokens(self) -> int:
+        """What the token limits must hold: the input and every choice's output (a choice
+        cannot write more than the context leaves)."""
+        room = self.output_tokens
+        if self.context_length is not None:
+            room = min(room, max(self.context_length - self.input_tokens, 0))
+        return self.input_tokens + room * self.choices
+
+
+@dataclass(frozen=True)
+class TooLarge:
+    """A request no limit could ever admit: it needs `needed` tokens, `limit` holds `allowed`."""
+
+    limit: str  # a token rate's name ("tpm", "tpd", ...) or "context_length"
+    allowed: int
+    needed: int
+    input_tokens: int  # of `needed`, for the message
+
+
+def too_large(need: Need, token_limits: Iterable[tuple[str, int]]) -> TooLarge | None:
+    """The limit `need` can never fit, if any: the context (input and output asked for are
+    longer: upstream answers 400 itself), else the first token limit smaller than it."""
+    context = need.context_length
+    if context is not None and need.sequence > context:
+        return TooLarge("context_length", context, need.sequence, need.input_tokens)
+    for name, limit in token_limits:
+        if need.tokens > limit:
+            return TooLarge(name, limit, need.tokens, need.input_tokens)
+    return None
+
+
+@dataclass(frozen=True)
 class Estimate:
     input_tokens: int
     output_tokens: int
     model: str | None
     # False when the body could not be understood and the estimate is the conservative fallback.
     understood: bool = True
+    need: Need = Need()
 
     @property
     def total(self) -> int:
@@ -167,26 +225,64 @@ def _schema_tokens(value: Any) -> int:
         return count_text_tokens(str(value)[:1_000_000])
 
 
-def _chat_input_tokens(body: dict[str, Any]) -> int | None:
+# Digests of the rendered pieces that are not text of the request: the reply's priming.
+_REPLY_DIGEST = hash("cooldown: the reply's priming")
+
+
+def _schema_segment(value: Any) -> tuple[int, int] | None:
+    """A tool / response_format schema as one prompt segment: (digest, tokens)."""
+    if value is None:
+        return None
+    try:
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError):
+        text = str(value)[:1_000_000]
+    return hash(text), count_text_tokens(text)
+
+
+def _chat_input_tokens(
+    body: dict[str, Any], segments: list[tuple[int, int]] | None = None
+) -> int | None:
+    """The input tokens of a chat request; with `segments`, also the rendered prompt as
+    (digest, tokens) pieces in the order a chat template puts them (the prompt cache's view:
+    schemas first, then each message, then the reply's priming)."""
     messages = body.get("messages")
     if not isinstance(messages, list):
         return None
     total = TOKENS_PER_REPLY
-    for message in messages:
-        total += TOKENS_PER_MESSAGE + _text_tokens(message)
-    total += _schema_tokens(body.get("tools"))
-    total += _schema_tokens(body.get("functions"))
     response_format = body.get("response_format")
-    if isinstance(response_format, dict) and response_format.get("type") != "text":
+    if not (isinstance(response_format, dict) and response_format.get("type") != "text"):
+        response_format = None
+    if segments is None:
+        for message in messages:
+            total += TOKENS_PER_MESSAGE + _text_tokens(message)
+        total += _schema_tokens(body.get("tools"))
+        total += _schema_tokens(body.get("functions"))
         total += _schema_tokens(response_format)
+        return total
+    for schema in (body.get("tools"), body.get("functions"), response_format):
+        segment = _schema_segment(schema)
+        if segment is not None:
+            segments.append(segment)
+            total += segment[1]
+    for message in messages:
+        tokens = TOKENS_PER_MESSAGE + _text_tokens(message)
+        segments.append((hash(tuple(_texts(message))), tokens))
+        total += tokens
+    segments.append((_REPLY_DIGEST, TOKENS_PER_REPLY))
     return total
 
 
-def _completion_input_tokens(body: dict[str, Any]) -> int | None:
+def _completion_input_tokens(
+    body: dict[str, Any], segments: list[tuple[int, int]] | None = None
+) -> int | None:
     # Every prompt costs at least one token (the model's begin-of-sequence marker).
     prompt = body.get("prompt")
     if isinstance(prompt, str):
-        return max(count_text_tokens(prompt), 1)
+        tokens = max(count_text_tokens(prompt), 1)
+        if segments is not None:
+            segments.append((hash(prompt), tokens))
+        return tokens
     if isinstance(prompt, list):
         total = 0
         for item in prompt:
@@ -198,6 +294,7 @@ def _completion_input_tokens(body: dict[str, Any]) -> int | None:
                 total += len(item)
             else:
                 return None
+        # Batches and token ids are not modelled: no segments, a cache miss (the safe side).
         return max(total, 1)
     return None
 
@@ -233,6 +330,12 @@ class RequestShape:
     stream: bool = False
     # What the output cap changed, as the X-Cooldown-Clamped header says it (None: nothing).
     clamped: str | None = None
+    # False when some text was too long to tokenize and was counted by its bytes (an upper
+    # bound): then the input count is not what the request certainly needs.
+    exact: bool = True
+    # The rendered prompt as (digest, tokens) pieces, for the prompt cache model (empty when
+    # not asked for, or not understood).
+    segments: tuple[tuple[int, int], ...] = ()
 
     def estimate(
         self,
@@ -240,21 +343,34 @@ class RequestShape:
         output_reservation: int | None = None,
         input_factor: float = 1.0,
     ) -> Estimate:
-        """Cerebras's admission cost: input + requested output, else the model's default."""
+        """Cerebras's admission cost: input + requested output, else the model's default.
+
+        The output asked for is capped at what the context leaves after the input: a model
+        cannot write more, so no request is charged beyond its context. (One that asks for
+        more than the context by every count is refused: see `Need` and `too_large`.)
+        """
         input_tokens = self.input_tokens
         if self.understood and input_factor != 1.0:
             input_tokens = max(1, math.ceil(input_tokens * input_factor))
+        room = max(context_length - input_tokens, 0)
         if self.requested_output is not None:
-            output = self.requested_output
+            output = min(self.requested_output, room)
         else:
-            output = max(context_length - input_tokens, 0)
+            output = room
             if output_reservation is not None and self.understood:
                 output = min(output, output_reservation)
-        return Estimate(input_tokens, output * self.choices, self.model, self.understood)
+        need = Need()
+        if self.understood and self.exact:
+            least_input = min(self.input_tokens, input_tokens)
+            asked = self.requested_output or 0
+            need = Need(least_input, asked, self.choices, context_length)
+        return Estimate(input_tokens, output * self.choices, self.model, self.understood, need)
 
 
-def parse_request(path: str, body: bytes | str | None) -> RequestShape:
-    """Tokenize a request body once. Never raises: unknown shapes get a byte-count bound."""
+def parse_request(path: str, body: bytes | str | None, segments: bool = False) -> RequestShape:
+    """Tokenize a request body once. Never raises: unknown shapes get a byte-count bound.
+
+    `segments`: also render the prompt for the prompt cache model (RequestShape.segments)."""
     raw = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else (body or b"")
     try:
         parsed = json.loads(raw) if raw else None
@@ -266,11 +382,12 @@ def parse_request(path: str, body: bytes | str | None) -> RequestShape:
     model = parsed.get("model") if isinstance(parsed.get("model"), str) else None
     route = path.split("?", 1)[0].rstrip("/")
     input_tokens: int | None = None
+    pieces: list[tuple[int, int]] | None = [] if segments else None
     try:
         if route.endswith("/chat/completions"):
-            input_tokens = _chat_input_tokens(parsed)
+            input_tokens = _chat_input_tokens(parsed, pieces)
         elif route.endswith("/completions"):
-            input_tokens = _completion_input_tokens(parsed)
+            input_tokens = _completion_input_tokens(parsed, pieces)
     except RecursionError:
         input_tokens = None
     if input_tokens is None:
@@ -281,6 +398,9 @@ def parse_request(path: str, body: bytes | str | None) -> RequestShape:
         _requested_output(parsed),
         _choices(parsed),
         stream=parsed.get("stream") is True,
+        # Only a body this long can hold a text counted by its bytes (count_text_tokens).
+        exact=len(raw) <= _EXACT_COUNT_MAX_CHARS,
+        segments=tuple(pieces) if pieces else (),
     )
 
 

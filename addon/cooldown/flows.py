@@ -19,6 +19,7 @@ from typing import Any
 from mitmproxy import http
 
 from .estimate import Estimate, RequestShape, clamp_output, parse_request
+from .runtime import CacheGuess
 from .tickets import NORMAL, Policy, Ticket
 from .upstream import SSEUsageTap
 
@@ -64,6 +65,7 @@ class MeteredFlow:
     client: str | None = None  # who sent it: an API-key fingerprint or an address (routing.py)
     stream: Any = None  # while held: mitmproxy's layer for its stream, to notice a reset
     policy: Policy = NORMAL  # its priority class and its client's weight (tickets.policy_of)
+    cache: CacheGuess | None = None  # its blocks in the prompt cache model, and the prediction
 
     @property
     def id(self) -> str:
@@ -163,7 +165,9 @@ def prepare_request(
     clients ignore unless asked. Returns the shape, the new body (None when the body stays as
     it is) and whether `include_usage` was added.
     """
-    shape = parse_request(path, body)
+    # The prompt's segments for the prompt cache model cost a hash of each message's texts,
+    # which the token count's lookup has already computed: rendered whether used or not.
+    shape = parse_request(path, body, segments=True)
     if not shape.understood:
         return shape, None, False
     cap = cap_of(shape.model) if cap_of is not None else None

@@ -19,8 +19,10 @@ from typing import Any
 
 from .breaker import CircuitBreaker
 from .config import Config
-from .limiter import LimiterBackend, MemoryLimiter, Rate, Unit
-from .periods import RATE_NAMES
+from .estimate import Need
+from .held import HeldModel, held_by_model, status_fields
+from .limiter import LimiterBackend, MemoryLimiter, Rate, Settled, Unit
+from .periods import RATE_NAMES, TOTAL_TPM
 from .scheduler import Scheduler
 from .tickets import NORMAL, Outcome, Policy, Ticket
 from .upstream import RateReport, parse_rate_headers
@@ -42,6 +44,12 @@ class GateStats:
 
     def __post_init__(self) -> None:
         self.refused: Counter[str] = Counter()
+
+
+def top_clients(held: Mapping[str, int]) -> dict[str, int]:
+    """The clients holding the most of the queue (fingerprints or addresses, never keys)."""
+    ranked = sorted(held.items(), key=lambda kv: (-kv[1], kv[0]))
+    return dict(ranked[:QUEUE_BY_CLIENT_SHOWN])
 
 
 class RateBook:
@@ -87,11 +95,15 @@ class RateBook:
         # a user who wants to spend it now.
         burst = config.cerebras_limits.burst
         algorithm = limits.algorithm or config.cerebras_limits.algorithm
-        return tuple(
+        rates = tuple(
             Rate(name, unit, limit, period, burst if period <= 60.0 else 1.0, algorithm)
             for name, (unit, period) in RATE_NAMES.items()
             if (limit := configured.get((unit, period))) is not None
         )
+        total = config.total_tpm_limit(key)
+        if total:
+            rates += (Rate(TOTAL_TPM, "total_tokens", total, 60.0, burst, algorithm),)
+        return rates
 
 
 class Gate:
@@ -128,7 +140,7 @@ class Gate:
         """Apply new limits without dropping anything held or in flight."""
         self.config = config
         self.scheduler.limits = config.cerebras_limits
-        self.scheduler.forget_upstream_state()
+        self.scheduler.probes.forget()  # upstream's state is unknown again: probe first
         self.scheduler.invalidate()
         self.breaker.config = config.circuit_breaker
         self.rates.reconfigure(config)
@@ -152,6 +164,15 @@ class Gate:
         self.scheduler.pauses.pause(key, self.clock() + seconds)
         self.pump()
 
+    def exhaust(self, key: str, unit: Unit) -> None:
+        """Upstream said 429 naming this limit: count `key`'s limits of `unit` as used up."""
+        now = self.clock()
+        for rate in self.rates_for(key):
+            if rate.unit == unit:
+                self.limiter.exhaust(key, rate, now)
+        self.scheduler.invalidate()
+        self.pump()
+
     # -- the request's life ----------------------------------------------------------------------
 
     @property
@@ -166,12 +187,24 @@ class Gate:
         requeue: bool = False,
         client: str | None = None,
         policy: Policy = NORMAL,
+        need: Need | None = None,
+        total: int | None = None,
     ) -> Ticket:
         """Queue a request; `requeue` is for one already admitted once (a retry after a 429),
-        which must not be turned away because the queue filled up meanwhile."""
+        which must not be turned away because the queue filled up meanwhile; `need` (what it
+        certainly needs) refuses it at once when no limit could ever hold it. `tokens` are
+        charged to the (uncached) token limits, `total` to the total-tokens limit (None: the
+        same)."""
         self.stats.submitted += 1
         ticket = self.scheduler.submit(
-            key, tokens, self.clock(), requeue=requeue, client=client, policy=policy
+            key,
+            tokens,
+            self.clock(),
+            requeue=requeue,
+            client=client,
+            policy=policy,
+            need=need,
+            total=total,
         )
         if ticket.held:
             self.pump()
@@ -200,11 +233,15 @@ class Gate:
             self.pump()
         return cancelled
 
-    def resize(self, sizes: Iterable[tuple[Ticket, int]]) -> None:
-        """New estimates for held tickets (calibration learnt); a smaller one may fit now."""
-        for ticket, tokens in sizes:
+    def resize(self, sizes: Iterable[tuple[Ticket, int] | tuple[Ticket, int, int | None]]) -> None:
+        """New estimates for held tickets (calibration learnt); a smaller one may fit now.
+
+        Each is (ticket, tokens) or (ticket, tokens, total) as in `submit`."""
+        for ticket, tokens, *total in sizes:
             if ticket.held:
                 ticket.tokens = max(int(tokens), 1)
+                if total and total[0] is not None:
+                    ticket.total = max(int(total[0]), 1)
         self.scheduler.invalidate()
         self.pump()
 
@@ -234,8 +271,11 @@ class Gate:
         status: int,
         actual_tokens: int | None,
         refund: int | None = None,
+        total: Settled | None = None,
     ) -> None:
-        self._finish(ticket, status, actual_tokens, refund)
+        """Upstream answered: settle at `actual_tokens` (uncached, with the prompt cache
+        modelled) and `total` (the total-tokens limit), see Accounts.finish."""
+        self._finish(ticket, status, actual_tokens, refund, total)
         self.pump()
 
     def _finish(
@@ -244,10 +284,11 @@ class Gate:
         status: int,
         actual_tokens: int | None,
         refund: int | None = None,
+        total: Settled | None = None,
     ) -> None:
         if status == 429 and ticket.outcome is Outcome.RELEASED and not ticket.finished:
             self.stats.upstream_429s += 1
-        self.scheduler.finish(ticket, status, actual_tokens, self.clock(), refund)
+        self.scheduler.accounts.finish(ticket, status, actual_tokens, self.clock(), refund, total)
 
     def abort(self, ticket: Ticket, reached_upstream: bool) -> None:
         self.scheduler.abort(ticket, reached_upstream, self.clock())
@@ -306,47 +347,67 @@ class Gate:
 
     def rate_view(self, key: str) -> dict[str, tuple[int, int]]:
         """For each per-minute limit of `key`: (effective limit, remaining now)."""
-        now = self.clock()
-        view = {}
-        for rate in self.rates_for(key):
-            if rate.period == 60.0:
-                limit = self.limiter.limit(key, rate)
-                used = self.limiter.used(key, rate, now)
-                view[rate.name] = (limit, max(0, math.floor(limit - used)))
-        return view
+        return rate_view(self, key)
 
-    def usage(self, key: str, now: float) -> dict[str, float]:
-        """Fraction of each limit in use for `key`, by rate name."""
+    def usage(self, key: str, now: float, total: bool = False) -> dict[str, float]:
+        """Fraction of each limit in use for `key`, by rate name: the requests and (uncached)
+        tokens limits, or with `total` only the total-tokens limit (if it is enforced)."""
         return {
             rate.name: self.limiter.used(key, rate, now) / self.limiter.limit(key, rate)
             for rate in self.rates_for(key)
+            if (rate.unit == "total_tokens") is total
         }
 
-    def _algorithm(self, key: str) -> str:
-        rates = self.rates_for(key)
-        return rates[0].algorithm if rates else self.config.cerebras_limits.algorithm
+    def held(self) -> list[HeldModel]:
+        """What is held now, per model (held.py)."""
+        return held_by_model(self.scheduler, self.clock())
 
     def status(self) -> dict[str, Any]:
         """A snapshot of the limiter's state for logs, commands and tests."""
-        now = self.clock()
-        return {
-            "queue_depth": self.scheduler.depth,
-            # The clients holding the most of the queue (fingerprints or addresses, no keys).
-            "queue_by_client": dict(
-                sorted(self.scheduler.shares.held().items(), key=lambda kv: (-kv[1], kv[0]))[
-                    :QUEUE_BY_CLIENT_SHOWN
-                ]
-            ),
-            "open_reservations": self.limiter.open_reservations(),
-            "breaker": self.breaker.state(now).value,
-            "usage": {key: self.usage(key, now) for key in sorted(self.keys)},
-            "foreign_tokens_per_minute": {
-                key: round(self.limiter.foreign_rate(key, "tokens", 60.0, now) * 60.0, 1)
-                for key in sorted(self.keys)
-            },
-            "algorithm": {key: self._algorithm(key) for key in sorted(self.keys)},
-            "submitted": self.stats.submitted,
-            "forwarded": self.stats.forwarded,
-            "refused": dict(self.stats.refused),
-            "upstream_429s": self.stats.upstream_429s,
-        }
+        return gate_status(self)
+
+
+def rate_view(gate: Gate, key: str) -> dict[str, tuple[int, int]]:
+    """For each per-minute limit of `key`: (effective limit, remaining now)."""
+    now = gate.clock()
+    view = {}
+    for rate in gate.rates_for(key):
+        if rate.period == 60.0:
+            limit = gate.limiter.limit(key, rate)
+            used = gate.limiter.used(key, rate, now)
+            view[rate.name] = (limit, max(0, math.floor(limit - used)))
+    return view
+
+
+def gate_status(gate: Gate) -> dict[str, Any]:
+    """A snapshot of the gate's state for logs, commands, metrics and tests."""
+    now = gate.clock()
+    keys = sorted(gate.keys)
+    return {
+        "queue_depth": gate.scheduler.depth,
+        **status_fields(held_by_model(gate.scheduler, now)),
+        "queue_by_client": top_clients(gate.scheduler.shares.held()),
+        "open_reservations": gate.limiter.open_reservations(),
+        "breaker": gate.breaker.state(now).value,
+        "usage": {key: gate.usage(key, now) for key in keys},
+        # The total-tokens limit (cached and uncached), apart: `usage` keeps its shape.
+        "total_usage": {
+            key: usage[TOTAL_TPM]
+            for key in keys
+            if TOTAL_TPM in (usage := gate.usage(key, now, total=True))
+        },
+        "foreign_tokens_per_minute": {
+            key: round(gate.limiter.foreign_rate(key, "tokens", 60.0, now) * 60.0, 1)
+            for key in keys
+        },
+        "algorithm": {key: _algorithm(gate, key) for key in keys},
+        "submitted": gate.stats.submitted,
+        "forwarded": gate.stats.forwarded,
+        "refused": dict(gate.stats.refused),
+        "upstream_429s": gate.stats.upstream_429s,
+    }
+
+
+def _algorithm(gate: Gate, key: str) -> str:
+    rates = gate.rates_for(key)
+    return rates[0].algorithm if rates else gate.config.cerebras_limits.algorithm

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -167,6 +167,9 @@ class TokenBucket(_InFlight):
         """A counted amount turned out to be `new`, not `old` (refund or extra charge)."""
         self._used = max(0.0, self._drain(limit, now) + new - old)
 
+    def exhaust(self, limit: int, now: float) -> None:
+        self._used = max(self._drain(limit, now), float(limit))
+
     def __repr__(self) -> str:
         return f"<TokenBucket used={self._used:g} at={self.at:g} in_flight={self.in_flight}>"
 
@@ -224,6 +227,11 @@ class SlidingWindow(_InFlight):
         self._entries.append(entry)
         self._used += amount
         return entry
+
+    def exhaust(self, limit: int, now: float) -> None:
+        self._expire(now)
+        if self._used < limit:
+            self.add(limit - self._used, now)
 
     def correct(self, handle: object, old: int, new: int, limit: int, now: float) -> None:
         """Change what an earlier admission counts for, if it is still inside the window."""
@@ -474,6 +482,15 @@ class Reservation:
 
 
 @dataclass(frozen=True)
+class Settled:
+    """What upstream counted on the `total_tokens` limit, and gives back of its reservation
+    (None: unknown, the view assumes everything unused)."""
+
+    tokens: int
+    refund: int | None = None
+
+
+@dataclass(frozen=True)
 class Decision:
     """The verdict of one admission attempt; `wait` says how long until it could succeed."""
 
@@ -516,7 +533,14 @@ class Pace:
 class LimiterBackend(Protocol):
     """Where limit state lives. Implementations: `MemoryLimiter` (one process)."""
 
-    def try_acquire(self, key: str, rates: Sequence[Rate], tokens: int, now: float) -> Decision: ...
+    def try_acquire(
+        self,
+        key: str,
+        rates: Sequence[Rate],
+        tokens: int,
+        now: float,
+        total: int | None = None,
+    ) -> Decision: ...
 
     def confirm(self, reservation: Reservation, now: float) -> None: ...
 
@@ -526,7 +550,10 @@ class LimiterBackend(Protocol):
         actual_tokens: int,
         now: float,
         refund: int | None = None,
+        total: Settled | None = None,
     ) -> None: ...
+
+    def exhaust(self, key: str, rate: Rate, now: float) -> None: ...
 
     def release(self, reservation: Reservation, now: float) -> None: ...
 
@@ -547,8 +574,9 @@ class UpstreamViews:
     """Upstream's view of every limit (one `UpstreamView` per slot, re-built per report) and
     what the reports teach about others' usage of the organization's limits."""
 
-    def __init__(self, view_margin: float) -> None:
+    def __init__(self, view_margin: float, resync_interval: float) -> None:
         self._view_margin = view_margin  # share of a limit the view keeps back (0: exact tests)
+        self._resync_interval = resync_interval  # 0: every report re-syncs (exact tests)
         self._views: dict[Slot, UpstreamView] = {}
         self._drift: dict[Slot, UpstreamDrift] = {}
         self._epochs = itertools.count(1)
@@ -599,6 +627,63 @@ class UpstreamViews:
         self._views[slot] = view
         return view.epoch
 
+    def observe(
+        self,
+        key: str,
+        reports: Sequence[RateReport],
+        in_flight: Iterable[Reservation],
+        now: float,
+    ) -> bool:
+        """Re-sync the views of `key` from one response's `x-ratelimit-*` reports, with our
+        reservations `in_flight` (released, not confirmed) held aside; False when the reports
+        changed nothing (see `_is_news`).
+
+        Upstream writes a report when it sends the answer, and any of our requests still in
+        flight may or may not be in it: one released earlier can reach upstream later (another
+        connection, another thread). So every request in flight is held aside, on top of what
+        the report says; one that was in the report is counted twice only until the next
+        report after its own answer.
+        """
+        wanted = {(key, r.unit, r.period): r for r in reports if r.limit > 0}
+        for slot, report in wanted.items():
+            if self._is_news(slot, report, now):
+                break
+        else:
+            return False
+        flying = dict.fromkeys(wanted, 0)
+        parts: list[_Part] = []
+        for reservation in in_flight:
+            for part in reservation.parts:
+                if part.slot in wanted:
+                    parts.append(part)
+                    flying[part.slot] += part.amount
+        epochs = {
+            slot: self.resync(slot, report, flying[slot], now) for slot, report in wanted.items()
+        }
+        for part in parts:
+            part.view_epoch = epochs[part.slot]
+            part.in_flight_at_report = True
+        return True
+
+    def _is_news(self, slot: Slot, report: RateReport, now: float) -> bool:
+        """Whether `report` must re-base the view of `slot` now.
+
+        Always, unless the view was re-synced less than `RESYNC_INTERVAL` ago and the report
+        says upstream has at least as much left as the view already assumes with every request
+        of ours in flight counted: then re-basing could only give room back, and skipping it
+        keeps the view on the safe side for a few milliseconds (the next report re-bases it).
+        A report that says less is always applied, so others' usage is never learnt later.
+        """
+        view = self._views.get(slot)
+        if (
+            view is None
+            or view.limit != report.limit
+            or now - view.synced_at >= self._resync_interval
+        ):
+            return True
+        reported_left = min(max(report.remaining, 0), report.limit)
+        return reported_left < view.left(now) - view.in_flight
+
     def learned_limits(self, key: str) -> dict[tuple[Unit, float], int]:
         return {
             (unit, period): view.limit
@@ -618,9 +703,8 @@ class MemoryLimiter:
     def __init__(
         self, view_margin: float = VIEW_MARGIN, resync_interval: float = RESYNC_INTERVAL
     ) -> None:
-        self._resync_interval = resync_interval  # 0: every report re-syncs (exact tests)
         self._counters: dict[Slot, Counter] = {}
-        self._views = UpstreamViews(view_margin)
+        self._views = UpstreamViews(view_margin, resync_interval)
         self._paces: dict[Slot, Pace] = {}
         # Released and not yet confirmed: a report re-bases the view on top of them.
         self._in_flight: dict[str, dict[Reservation, None]] = {}
@@ -661,7 +745,18 @@ class MemoryLimiter:
 
     # -- admission -----------------------------------------------------------------------------
 
-    def try_acquire(self, key: str, rates: Sequence[Rate], tokens: int, now: float) -> Decision:
+    def try_acquire(
+        self,
+        key: str,
+        rates: Sequence[Rate],
+        tokens: int,
+        now: float,
+        total: int | None = None,
+    ) -> Decision:
+        """Reserve one request and `tokens` under every limit, or say how long until it fits.
+
+        `tokens` is what the `tokens` limits (the uncached ones, when the prompt cache is
+        modelled) are charged, `total` what the `total_tokens` limit is (None: `tokens`)."""
         # Look every structure up once per rate: this runs for every release decision.
         plan = []
         worst_wait, binding = 0.0, None
@@ -670,9 +765,16 @@ class MemoryLimiter:
             view = self._views.get(slot)
             limit = rate.limit if view is None else min(rate.limit, view.limit)
             counter = self._counter(slot, rate, limit, now)
-            # A request larger than a token limit could never fit; charging it the whole
-            # limit lets it through once the bucket is full instead of holding it forever.
-            amount = 1 if rate.unit == "requests" else min(tokens, limit)
+            # An estimate larger than a token limit could never fit. What a request certainly
+            # needs was checked at submit (too large: refused), so the excess here is our own
+            # margin or default reservation: charging the whole limit lets it through once the
+            # bucket is full instead of holding it forever.
+            if rate.unit == "requests":
+                amount = 1
+            elif rate.unit == "tokens" or total is None:
+                amount = min(tokens, limit)
+            else:
+                amount = min(total, limit)
             wait = counter.wait_time(amount, limit, now)
             if view is not None:
                 wait = max(wait, view.wait_time(amount, now))
@@ -703,51 +805,8 @@ class MemoryLimiter:
 
     def observe(self, key: str, reports: Sequence[RateReport], now: float) -> bool:
         """Re-sync upstream's view of `key` from one response's `x-ratelimit-*` reports;
-        False when the reports changed nothing (see `_is_news`).
-
-        Upstream writes a report when it sends the answer, and any of our requests still in
-        flight may or may not be in it: one released earlier can reach upstream later (another
-        connection, another thread). So every request in flight is held aside, on top of what
-        the report says; one that was in the report is counted twice only until the next
-        report after its own answer.
-        """
-        wanted = {(key, r.unit, r.period): r for r in reports if r.limit > 0}
-        if not any(self._is_news(slot, report, now) for slot, report in wanted.items()):
-            return False
-        flying = dict.fromkeys(wanted, 0)
-        parts: list[_Part] = []
-        for reservation in self._in_flight.get(key, ()):
-            for part in reservation.parts:
-                if part.slot in wanted:
-                    parts.append(part)
-                    flying[part.slot] += part.amount
-        epochs = {
-            slot: self._views.resync(slot, report, flying[slot], now)
-            for slot, report in wanted.items()
-        }
-        for part in parts:
-            part.view_epoch = epochs[part.slot]
-            part.in_flight_at_report = True
-        return True
-
-    def _is_news(self, slot: Slot, report: RateReport, now: float) -> bool:
-        """Whether `report` must re-base the view of `slot` now.
-
-        Always, unless the view was re-synced less than `RESYNC_INTERVAL` ago and the report
-        says upstream has at least as much left as the view already assumes with every request
-        of ours in flight counted: then re-basing could only give room back, and skipping it
-        keeps the view on the safe side for a few milliseconds (the next report re-bases it).
-        A report that says less is always applied, so others' usage is never learnt later.
-        """
-        view = self._views.get(slot)
-        if (
-            view is None
-            or view.limit != report.limit
-            or now - view.synced_at >= self._resync_interval
-        ):
-            return True
-        reported_left = min(max(report.remaining, 0), report.limit)
-        return reported_left < view.left(now) - view.in_flight
+        False when they changed nothing (see `UpstreamViews.observe`)."""
+        return self._views.observe(key, reports, self._in_flight.get(key, ()), now)
 
     def learned_limits(self, key: str) -> dict[tuple[Unit, float], int]:
         return self._views.learned_limits(key)
@@ -782,6 +841,7 @@ class MemoryLimiter:
         actual_tokens: int,
         now: float,
         refund: int | None = None,
+        total: Settled | None = None,
     ) -> None:
         """Upstream answered: correct the token count to what it reports it used.
 
@@ -789,31 +849,44 @@ class MemoryLimiter:
         than this; the view credits it a moment later, as far as upstream has been seen to.
         `refund` is what upstream gives back (the unused *output* reservation; our input
         estimate may differ from upstream's count, which it keeps): the view never credits
-        more, whatever our estimate was.
+        more, whatever our estimate was. `actual_tokens` and `refund` are for the `tokens`
+        limits; `total`, for the `total_tokens` limit (None: it keeps what it reserved).
         """
         if not reservation.open:
             return
         self.confirm(reservation, now)
         actual = max(int(actual_tokens), 0)
         for part in reservation.parts:
-            if part.slot[1] != "tokens":
+            unit = part.slot[1]
+            if unit == "tokens":
+                used, given = actual, refund
+            elif unit == "total_tokens" and total is not None:
+                used, given = max(int(total.tokens), 0), total.refund
+            else:
                 continue
             counter = self._counters.get(part.slot)
             if counter is not None:
-                counter.correct(part.handle, part.amount, actual, part.limit, now)
+                counter.correct(part.handle, part.amount, used, part.limit, now)
             view = self._views.get(part.slot)
             if view is not None:
-                if actual > part.amount:
-                    view.charge(actual - part.amount, now)  # upstream counted more
+                if used > part.amount:
+                    view.charge(used - part.amount, now)  # upstream counted more
                 else:
                     # Credited later, as far as upstream is known to refund (see UpstreamView).
-                    unused = part.amount - actual
-                    view.refund(unused if refund is None else max(min(refund, unused), 0), now)
+                    unused = part.amount - used
+                    view.refund(unused if given is None else max(min(given, unused), 0), now)
             if part.pace is not None:
                 bucket, capacity, rate = part.pace
-                bucket.take(actual - part.amount, capacity, rate, now)
+                bucket.take(used - part.amount, capacity, rate, now)
         reservation.tokens = actual
         self._close(reservation)
+
+    def exhaust(self, key: str, rate: Rate, now: float) -> None:
+        """Upstream refused a request on this limit (a 429 naming it) while our picture had
+        room: count the limit as used up now, so that it refills from here as upstream's does."""
+        slot = (key, rate.unit, rate.period)
+        limit = self.limit(key, rate)
+        self._counter(slot, rate, limit, now).exhaust(limit, now)
 
     def release(self, reservation: Reservation, now: float) -> None:
         """Upstream charged nothing (never reached it, or refused it): give everything back.

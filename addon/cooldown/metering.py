@@ -32,7 +32,7 @@ from .routing import client_of, is_cerebras, is_metered_path, key_for, route
 from .runtime import Runtime
 from .settle import account, add_proxy_headers, cool_down, settle_error
 from .streams import find_stream, stream_reset
-from .tickets import Outcome, policy_of
+from .tickets import Outcome, Ticket, policy_of
 from .upstream import SSEUsageTap, classify_429
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ OUTCOME_LABELS = {
     Outcome.BREAKER_OPEN: "refused_breaker_open",
     Outcome.SHUTDOWN: "refused_shutdown",
     Outcome.CANCELLED: "cancelled",
+    Outcome.TOO_LARGE: "refused_too_large",
 }
 
 
@@ -120,15 +121,21 @@ class Metering:
             self._refuse(f, Outcome.SHUTDOWN, 5.0)
             return
         estimate = metered.estimate = self.runtime.estimate(metered.key, metered.shape)
+        guess = metered.cache = self.runtime.predict(metered.key, metered.shape, estimate)
+        uncached, total = self.runtime.admission(estimate, guess)
         # A retry was admitted once already: a queue that filled up meanwhile does not refuse it.
         ticket = metered.ticket = gate.submit(
-            estimate.total,
+            uncached,
             key=metered.key,
             requeue=is_copy,
             client=metered.client,
             policy=metered.policy,
+            need=estimate.need,
+            total=total,
         )
         f.metadata["cooldown_estimate"] = estimate.total
+        if guess is not None:
+            f.metadata["cooldown_cached_predicted"] = guess.prediction.cached
         outcome = await self._hold(metered) if ticket.held else ticket.outcome
         f.metadata["cooldown_waited"] = round(ticket.waited, 3)
         if outcome is Outcome.RELEASED and (
@@ -140,11 +147,12 @@ class Metering:
             outcome = Outcome.CANCELLED
         # A retry that goes out is counted by cooldown_retries_total, not as a new request.
         if outcome is not None and (not is_copy or outcome is not Outcome.RELEASED):
-            self.runtime.metrics.request_outcome(
-                metered.key, OUTCOME_LABELS[outcome], ticket.waited
-            )
+            waited = ticket.waited if ticket.queued else None
+            self.runtime.metrics.request_outcome(metered.key, OUTCOME_LABELS[outcome], waited)
         if outcome is Outcome.RELEASED:
             metered.phase = Phase.IN_FLIGHT
+            if not ticket.queued:
+                f.comment = answers.released_comment(f, ticket, metered.cache)
             if metered.retries_left > 0:
                 metered.request = snapshot_request(f.request)  # before routing and later addons
             route(self.runtime.config, f)
@@ -164,14 +172,16 @@ class Metering:
             if is_copy and f.killable:
                 f.kill()  # a copy has no client to leave
             return
-        self._refuse(f, outcome, ticket.retry_after)
+        self._refuse(f, outcome, ticket.retry_after, ticket)
 
     async def _hold(self, metered: MeteredFlow) -> Outcome | None:
         f, ticket, estimate = metered.flow, metered.ticket, metered.estimate
         assert ticket is not None and estimate is not None
         metered.phase = Phase.HELD
         f.intercept()
-        f.comment = answers.held_comment(f, ticket, estimate, self.runtime.gate.depth)
+        f.comment = answers.held_comment(
+            f, ticket, estimate, self.runtime.gate.depth, metered.cache
+        )
         self._trigger_update(f)
         metered.stream = find_stream(f)  # to notice a reset stream (check_resets)
         try:
@@ -189,12 +199,20 @@ class Metering:
             if f.intercepted:
                 f.resume()
             if ticket.outcome is Outcome.RELEASED:
-                waited = f"waited {ticket.waited:.3f}s, estimate {ticket.tokens} tokens"
-                f.comment = f"{answers.label(f)}{waited}"
+                if metered.cache is not None:  # others' prompts may have been answered since
+                    metered.cache = self.runtime.repredict(
+                        metered.key, metered.cache.keys, metered.estimate or estimate
+                    )
+                f.comment = answers.released_comment(f, ticket, metered.cache)
             self._trigger_update(f)
 
-    def _refuse(self, f: http.HTTPFlow, outcome: Outcome, retry_after: float) -> None:
-        answers.refuse(f, outcome, retry_after)
+    def _refuse(
+        self, f: http.HTTPFlow, outcome: Outcome, retry_after: float, ticket: Ticket | None = None
+    ) -> None:
+        if ticket is not None and ticket.too_large is not None:
+            answers.refuse(f, outcome, retry_after, ticket.too_large, ticket.key)
+        else:
+            answers.refuse(f, outcome, retry_after)
         if self.runtime.debug:
             log.debug("flow %s refused: %s", f.id, outcome.value)
         self._full_log.refused(outcome, self.runtime.gate.depth)
@@ -209,12 +227,12 @@ class Metering:
 
     def re_estimate_held(self, key: str) -> None:
         """Apply what calibration just learnt to the requests still waiting for `key`."""
-        sizes = []
+        sizes: list[tuple[Ticket, int, int | None]] = []
         for metered in self.table:
             if metered.phase is Phase.HELD and metered.key == key and metered.ticket is not None:
                 estimate = self.runtime.estimate(metered.key, metered.shape)
                 metered.flow.metadata["cooldown_estimate"] = estimate.total
-                sizes.append((metered.ticket, estimate.total))
+                sizes.append((metered.ticket, *self.runtime.admission(estimate, metered.cache)))
         self.runtime.gate.resize(sizes)
 
     @staticmethod
@@ -232,6 +250,8 @@ class Metering:
         # Upstream counts a request before it answers: from now on its reservation ages (a
         # 429 was not counted: its reservation is given back before the report is read).
         self.runtime.gate.confirm(metered.ticket, f.response.status_code, f.response.headers)
+        if f.response.status_code == 200:
+            self.runtime.processed(metered.cache)
         add_proxy_headers(self.runtime.gate, f.response, metered)
         (content_type,) = header_values(f.response.headers, b"content-type")
         if content_type is not None and content_type.startswith("text/event-stream"):
@@ -272,7 +292,7 @@ class Metering:
             if metered.phase is Phase.HELD and metered.ticket is not None:
                 self.runtime.gate.cancel(metered.ticket)  # its request hook then ends it
             elif metered.phase is Phase.IN_FLIGHT:
-                settle_error(self.runtime.gate, metered)
+                settle_error(self.runtime, metered)
                 self._end(metered)
         finally:
             if metered.parent is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
@@ -22,10 +22,12 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from .gate import Gate
+    from .prompt_cache import PromptCache
 
 WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 RATIO_BUCKETS = (0.5, 0.8, 0.9, 0.95, 1.0, 1.05, 1.1, 1.25, 1.5, 2, 4, 10)
 _SAMPLES = 2048  # recent waits / ratios kept per model for the JSON quantiles
+_MODELS_SHOWN = 256  # model names come from clients: the per-model cache figures are bounded
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -45,6 +47,17 @@ def _quantiles(values: Iterable[float]) -> dict[str, float] | None:
         "mean": statistics.fmean(data),
         "count": len(data),
     }
+
+
+def _per_model(
+    name: str, documentation: str, values: Mapping[str, float | None]
+) -> GaugeMetricFamily:
+    """A gauge labelled by model; a None value is left out (unknown, not zero)."""
+    gauge = GaugeMetricFamily(name, documentation, labels=["model"])
+    for model, value in values.items():
+        if value is not None:
+            gauge.add_metric([model], value)
+    return gauge
 
 
 class _GateCollector(Collector):
@@ -74,15 +87,63 @@ class _GateCollector(Collector):
         for model, limits in status["usage"].items():
             for name, ratio in limits.items():
                 usage.add_metric([model, name], ratio)
-        foreign = GaugeMetricFamily(
+        foreign = _per_model(
             "cooldown_foreign_tokens_per_minute",
             "Tokens per minute others of the organization use of a model's limit, estimated from "
             "upstream's x-ratelimit reports (they are charged to the limiter between reports).",
+            status["foreign_tokens_per_minute"],
+        )
+        for model, ratio in status["total_usage"].items():
+            usage.add_metric([model, "total_tpm"], ratio)
+        held = status["held"]
+        oldest = _per_model(
+            "cooldown_queue_oldest_held_seconds",
+            "How long the longest-held request of a model has waited (models with requests held).",
+            {model: h["oldest_held_seconds"] for model, h in held.items()},
+        )
+        next_release = _per_model(
+            "cooldown_queue_next_release_seconds",
+            "Seconds until the head of a model's queue may go, as of the last decision "
+            "(absent while it waits for an answer from upstream).",
+            {model: h["next_release_in_seconds"] for model, h in held.items()},
+        )
+        yield from (depth, reservations, breaker, usage, foreign, oldest, next_release)
+
+
+class _CacheCollector(Collector):
+    """The prompt cache model's figures at scrape time (see Metrics.cache_view)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        view = self.metrics.cache_view()
+        share = GaugeMetricFamily(
+            "cooldown_cached_input_ratio",
+            "Share of input tokens upstream reported as found in its prompt cache.",
             labels=["model"],
         )
-        for model, rate in status["foreign_tokens_per_minute"].items():
-            foreign.add_metric([model], rate)
-        yield from (depth, reservations, breaker, usage, foreign)
+        bias = GaugeMetricFamily(
+            "cooldown_cache_prediction_ratio",
+            "Predicted cached tokens divided by reported ones, recent answers (above 1: the "
+            "model over-predicts; its correction then scales predictions down).",
+            labels=["model"],
+        )
+        error = GaugeMetricFamily(
+            "cooldown_cache_prediction_error_ratio",
+            "Mean absolute error of the predicted cached tokens over the reported ones.",
+            labels=["model"],
+        )
+        blocks = GaugeMetricFamily(
+            "cooldown_prompt_cache_blocks", "Blocks the prompt cache model holds now."
+        )
+        blocks.add_metric([], view["blocks"])
+        for model, figures in view["models"].items():
+            share.add_metric([model], figures["cached_share"])
+            if "predicted_over_reported" in figures:
+                bias.add_metric([model], figures["predicted_over_reported"])
+                error.add_metric([model], figures["abs_error_share"])
+        yield from (share, bias, error, blocks)
 
 
 class Metrics:
@@ -90,6 +151,10 @@ class Metrics:
         self.gate = gate
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_GateCollector(gate))
+        self.cache: PromptCache | None = None  # the runtime's model, when there is one
+        self._prompt_tokens: Counter[str] = Counter()
+        self._cached_tokens: Counter[str] = Counter()
+        self.registry.register(_CacheCollector(self))
         self._requests = PromCounter(
             "cooldown_requests",
             "Metered requests by what became of them (forwarded, or refused and why).",
@@ -138,7 +203,8 @@ class Metrics:
         ).set_function(lambda: self.paced_held())
         self._wait = Histogram(
             "cooldown_queue_wait_seconds",
-            "Time a request was held before release or refusal.",
+            "Time a request waited in the queue before release or refusal; requests released "
+            "or refused at once are not observed (cooldown_requests_total counts them).",
             ["model"],
             buckets=WAIT_BUCKETS,
             registry=self.registry,
@@ -167,7 +233,9 @@ class Metrics:
 
     # -- events --------------------------------------------------------------------------------
 
-    def request_outcome(self, model: str, outcome: str, waited: float) -> None:
+    def request_outcome(self, model: str, outcome: str, waited: float | None) -> None:
+        """One request's end; `waited` only for one that waited in the queue (None: released
+        or refused at once), so that the waits describe waiting, not the instant path."""
         key = (model, outcome)
         self._counts[key] += 1
         children = self._outcome_children.get(key)
@@ -183,7 +251,7 @@ class Metrics:
             self._outcome_children[key] = children
         requests, wait, waits = children
         requests.inc()
-        if wait is not None:
+        if wait is not None and waited is not None:
             wait.observe(waited)
             waits.append(waited)  # type: ignore[union-attr]
 
@@ -217,7 +285,27 @@ class Metrics:
         children[0].observe(ratio)
         children[1].append(ratio)
 
+    def cached_input(self, model: str, prompt_tokens: int, cached_tokens: int) -> None:
+        """An answer's input tokens and the part upstream found in its prompt cache."""
+        if len(self._prompt_tokens) < _MODELS_SHOWN or model in self._prompt_tokens:
+            self._prompt_tokens[model] += prompt_tokens
+            self._cached_tokens[model] += cached_tokens
+
     # -- views ---------------------------------------------------------------------------------
+
+    def cache_view(self) -> dict[str, Any]:
+        """Per model: the share of input found cached, and how good the predictions are."""
+        models: dict[str, dict[str, Any]] = {}
+        for model, prompt in sorted(self._prompt_tokens.items()):
+            figures: dict[str, Any] = {
+                "cached_share": round(self._cached_tokens[model] / prompt, 4) if prompt else 0.0,
+                "prompt_tokens": prompt,
+                "cached_tokens": self._cached_tokens[model],
+            }
+            accuracy = self.cache.accuracy(model) if self.cache is not None else None
+            figures.update(accuracy or {})
+            models[model] = figures
+        return {"blocks": len(self.cache) if self.cache is not None else 0, "models": models}
 
     def prometheus(self) -> bytes:
         return generate_latest(self.registry)
@@ -244,11 +332,16 @@ class Metrics:
             "cerebras_rpm_usage": highest("rpm"),
             "cerebras_tpm_usage": highest("tpm"),
             "cerebras_circuit_breaker_open": status["breaker"] == "open",
+            "oldest_held_seconds": status["oldest_held_seconds"],
+            "next_release_in_seconds": status["next_release_in_seconds"],
+            "held": status["held"],
             "breaker_state": status["breaker"],
             "open_reservations": status["open_reservations"],
             "tracked_flows": self.tracked_flows(),
             "queue_by_client": status["queue_by_client"],
             "usage": usage,
+            "total_usage": status["total_usage"],
+            "prompt_cache": self.cache_view(),
             "algorithm": status["algorithm"],
             "foreign_tokens_per_minute": status["foreign_tokens_per_minute"],
             "requests": outcomes,

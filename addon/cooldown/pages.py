@@ -3,11 +3,13 @@
 `http://cooldown.local/metrics` (Prometheus text) and `/metrics.json` are answered by the
 proxy itself, like mitmproxy's `mitm.it` onboarding app; `metrics_listen` serves the same
 pages on a plain address for scrapers; `cooldown.status` prints the JSON in mitmproxy's
-console. Nothing here changes state.
+console; while requests are held, an INFO line per model says why (held.py). Nothing here
+changes state.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -16,6 +18,7 @@ from mitmproxy import command, http
 from mitmproxy.utils import asyncio_utils
 
 from .config import Config
+from .held import HeldLog
 from .listener import MetricsListener
 from .metrics import PROMETHEUS_CONTENT_TYPE
 from .runtime import Runtime
@@ -26,6 +29,9 @@ log = logging.getLogger(__name__)
 STATUS_HOST = "cooldown.local"
 # The Prometheus page is served as rendered for this long (seconds); scrapes come every 15 s+.
 RENDER_TTL = 1.0
+# How often the held-requests line may be logged, and how often that is looked at.
+HELD_LOG_SECONDS = 10.0
+HELD_CHECK_SECONDS = 1.0
 clock = time.monotonic  # (tests replace it)
 
 
@@ -37,6 +43,8 @@ class StatusPages:
         self._listener: MetricsListener | None = None
         self._listener_wanted: tuple[str, int] | None = None
         self._rendered: tuple[float, bytes] | None = None
+        self._held_log = HeldLog(HELD_LOG_SECONDS)
+        self._held_task: asyncio.Task[None] | None = None
         runtime.on_config(self._config_changed)
 
     # -- pages -----------------------------------------------------------------------------------
@@ -90,11 +98,32 @@ class StatusPages:
 
     def running(self) -> None:
         self._restart_listener()
+        self._held_task = asyncio_utils.create_task(
+            self._report_held(), name="cooldown held reporter", keep_ref=True
+        )
 
     def done(self) -> None:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
+        if self._held_task is not None:
+            self._held_task.cancel()
+            self._held_task = None
+
+    # -- the held-requests line ------------------------------------------------------------------
+
+    def report_held(self) -> list[str]:
+        """Log what is held, if anything is and the last line is old enough; the lines."""
+        gate = self.runtime.gate
+        lines = self._held_log.lines(gate.held(), clock()) if gate.depth else []
+        for line in lines:
+            log.info("Cooldown: %s", line)
+        return lines
+
+    async def _report_held(self) -> None:
+        while True:
+            await asyncio.sleep(HELD_CHECK_SECONDS)
+            self.report_held()
 
     def _config_changed(self, config: Config) -> None:
         if self.runtime.running:

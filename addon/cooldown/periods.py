@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-Unit = Literal["requests", "tokens"]
+# "tokens" are the uncached tokens when the prompt cache is modelled (Cerebras's primary limit),
+# "total_tokens" cached and uncached together (its second bucket, see prompt_cache.py).
+Unit = Literal["requests", "tokens", "total_tokens"]
 
 PERIODS: dict[str, float] = {"minute": 60.0, "hour": 3600.0, "day": 86400.0}
 
@@ -21,8 +23,15 @@ RATE_NAMES: dict[str, tuple[Unit, float]] = {
 }
 
 
+# Cerebras's second token bucket: cached and uncached tokens per minute (config key
+# `total_tpm_limit`). Only per minute: that is the only one its documentation names.
+TOTAL_TPM = "total_tpm"
+
+
 def describe(name: str) -> str:
     """`tpm` -> "tokens per minute" (an unknown name is returned as it is)."""
+    if name == TOTAL_TPM:
+        return "total tokens per minute"
     if name not in RATE_NAMES:
         return name
     unit, seconds = RATE_NAMES[name]

@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterator, Sequence
 from .accounts import Accounts
 from .breaker import BreakerState, CircuitBreaker
 from .config import CerebrasLimits
+from .estimate import Need, TooLarge, too_large
 from .limiter import LimiterBackend, Rate, Reservation
 from .probe import ProbeFirst
 from .queues import KeyQueue
@@ -52,6 +53,10 @@ from .tickets import base_priority as base_priority
 log = logging.getLogger(__name__)
 
 BACKFILL_SHARE = 0.5
+# What held requests wait for besides a limit (see Scheduler.waiting).
+UPSTREAM_429 = "upstream_429"  # the pause after an upstream 429
+PROBE = "probe"  # the first answer from upstream (probe first)
+BREAKER_PROBE = "breaker_probe"  # the half-open breaker's one probe
 
 
 def is_tight(
@@ -61,6 +66,14 @@ def is_tight(
     return any(
         limiter.used(key, rate, now) > threshold * limiter.limit(key, rate) for rate in rates
     )
+
+
+def too_large_for(
+    limiter: LimiterBackend, key: str, rates: Sequence[Rate], need: Need
+) -> TooLarge | None:
+    """`need` against the context and every token limit of `key`, each as the limiter applies
+    it (the lower of the configured limit and upstream's)."""
+    return too_large(need, ((r.name, limiter.limit(key, r)) for r in rates if r.unit == "tokens"))
 
 
 class ClientShares:
@@ -126,9 +139,15 @@ class Scheduler:
         self._depth = 0
         self.shares = ClientShares()
         self._last_wait: dict[str, float] = {}
+        # Per key with requests held, as of the last pump: what its head waits for (a rate's
+        # name, UPSTREAM_429, PROBE, BREAKER_PROBE) and when it may go (None: unknown).
+        self.waiting: dict[str, tuple[str | None, float | None]] = {}
         self.pauses = Pauses()
         self.probes = ProbeFirst()
         self.accounts = Accounts(limiter, breaker, self.probes, self.invalidate)
+        # After release a ticket's account is the accounts' business (accounts.py).
+        self.confirm, self.finish = self.accounts.confirm, self.accounts.finish
+        self.abort = self.accounts.abort
         # Bumped whenever capacity may have come back or limits changed (see KeyQueue.refused);
         # only through invalidate(), so no change can forget it.
         self._generation = 0
@@ -175,18 +194,21 @@ class Scheduler:
         requeue: bool = False,
         client: str | None = None,
         policy: Policy = NORMAL,
+        need: Need | None = None,
+        total: int | None = None,
     ) -> Ticket:
-        """Queue a request; it may be refused at once (queue full, client's share full,
-        breaker open). `requeue`: admitted once already (a retry), never refused for room."""
-        ticket = Ticket(
-            id=next(self._ids),
-            key=key,
-            tokens=max(int(tokens), 1),
-            enqueued_at=now,
-            deadline=now + self.limits.request_timeout,
-            client=client,
-            policy=policy,
-        )
+        """Queue a request; it may be refused at once (too large for a limit, queue full,
+        client's share full, breaker open). `requeue`: admitted once already (a retry), never
+        refused for room. `need`: what it certainly needs, checked against every token limit.
+        `total`: its amount for the total-tokens limit, when not `tokens`."""
+        deadline = now + self.limits.request_timeout
+        ticket = Ticket(next(self._ids), key, max(int(tokens), 1), now, deadline, client=client)
+        ticket.total, ticket.policy = None if total is None else max(int(total), 1), policy
+        if need is not None:  # first: waiting, retrying or a closed breaker change nothing
+            ticket.too_large = too_large_for(self.limiter, key, self.rates_for(key), need)
+            if ticket.too_large is not None:
+                self._finalize(ticket, Outcome.TOO_LARGE, now, 0.0)
+                return ticket
         if self.breaker.state(now) is BreakerState.OPEN:
             self._finalize(ticket, Outcome.BREAKER_OPEN, now, self.breaker.retry_after(now))
             return ticket
@@ -202,6 +224,7 @@ class Scheduler:
             return ticket
         queue = self._queues[key] = queue or KeyQueue()
         queue.push(ticket, self.limits.priority_aging, self.rates_for(key))
+        ticket.queued = True
         heapq.heappush(self._deadlines, (ticket.deadline, ticket.id, ticket))
         self._depth += 1
         self.shares.add(client)
@@ -219,7 +242,7 @@ class Scheduler:
         if self.breaker.state(now) is not BreakerState.CLOSED:
             return False
         rates = self.rates_for(key)
-        decision = self.limiter.try_acquire(key, rates, ticket.tokens, now)
+        decision = self.limiter.try_acquire(key, rates, ticket.tokens, now, ticket.total)
         if not decision.granted:
             return False
         ticket.reservation = decision.reservation
@@ -245,21 +268,21 @@ class Scheduler:
             return None
         next_at = self._deadlines[0][0] if self._deadlines else None
         for key, queue in list(self._queues.items()):
-            wake = self._release_from(key, queue, now)
+            wake, reason = self._release_from(key, queue, now)
             if wake is not None:
                 next_at = wake if next_at is None else min(next_at, wake)
+            self.waiting[key] = (reason, wake)
             if queue.live == 0:
-                del self._queues[key]
+                del self._queues[key], self.waiting[key]
         return next_at
 
-    def forget_upstream_state(self) -> None:
-        """Upstream's state is unknown again (new limits): probe before the next wave."""
-        self.probes.forget()
-
-    def _release_from(self, key: str, queue: KeyQueue, now: float) -> float | None:
+    def _release_from(
+        self, key: str, queue: KeyQueue, now: float
+    ) -> tuple[float | None, str | None]:
+        """Release what may go of `key`; then what its head waits for, and until when."""
         paused = self.pauses.until(key, now)
         if paused is not None:
-            return paused
+            return paused, UPSTREAM_429
         rates = self.rates_for(key)
         # Usage only rises while releasing, so once tight, tight for the rest of this pump; and
         # with one request waiting, the order does not matter.
@@ -270,13 +293,13 @@ class Scheduler:
             ticket = queue.head(tight)
             if ticket is None:
                 self._last_wait.pop(key, None)
-                return None
+                return None, None
             probe_until = self.probes.wait(key, now)
             if probe_until is not None:
-                return probe_until
+                return probe_until, PROBE
             half_open = self.breaker.state(now) is BreakerState.HALF_OPEN
             if half_open and self.breaker.probe_in_flight():
-                return None  # wait for the probe's answer; its finish() pumps again
+                return None, BREAKER_PROBE  # its answer's finish() pumps again
             refused = queue.refused
             if (
                 refused is not None
@@ -286,7 +309,7 @@ class Scheduler:
             ):
                 head_until = refused[2]
             else:
-                decision = self.limiter.try_acquire(key, rates, ticket.tokens, now)
+                decision = self.limiter.try_acquire(key, rates, ticket.tokens, now, ticket.total)
                 if decision.granted:
                     self._release(ticket, decision.reservation, key, rates, half_open, now)
                     continue
@@ -296,7 +319,7 @@ class Scheduler:
                 queue.refused = (ticket.id, self._generation, head_until)
             if tight and not half_open and self._backfill(key, queue, ticket, rates, now):
                 continue
-            return head_until
+            return head_until, ticket.wait_reason
 
     def _backfill(
         self, key: str, queue: KeyQueue, head: Ticket, rates: Sequence[Rate], now: float
@@ -307,7 +330,7 @@ class Scheduler:
         small = queue.backfill_candidate(head)
         if small is None or head.backfilled + small.tokens > BACKFILL_SHARE * head.tokens:
             return False
-        decision = self.limiter.try_acquire(key, rates, small.tokens, now)
+        decision = self.limiter.try_acquire(key, rates, small.tokens, now, small.total)
         if not decision.granted:
             return False
         head.backfilled += small.tokens
@@ -338,24 +361,6 @@ class Scheduler:
             _, _, ticket = heapq.heappop(deadlines)
             if ticket.held:
                 self._resolve(ticket, Outcome.TIMEOUT, now, self.retry_hint(ticket.key))
-
-    # -- after release: the ticket's account (accounts.py) ------------------------------------
-
-    def confirm(self, ticket: Ticket, now: float) -> None:
-        self.accounts.confirm(ticket, now)
-
-    def finish(
-        self,
-        ticket: Ticket,
-        status: int,
-        actual_tokens: int | None,
-        now: float,
-        refund: int | None = None,
-    ) -> None:
-        self.accounts.finish(ticket, status, actual_tokens, now, refund)
-
-    def abort(self, ticket: Ticket, reached_upstream: bool, now: float) -> None:
-        self.accounts.abort(ticket, reached_upstream, now)
 
     def shutdown(self, now: float) -> list[Ticket]:
         """Resolve every held request (the proxy is stopping)."""

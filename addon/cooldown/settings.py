@@ -1,7 +1,8 @@
 """The settings addon: the `cerebras_config` option, its YAML file, and reloading it on change.
 
-A bad file at start-up is one ERROR line (mitmdump then exits with status 1); a bad file
-later keeps the running config, as mitmproxy does with a script that fails to reload.
+A bad file at start-up is one line on stderr and exit status 1, before any listener opens; a bad
+file later keeps the running config, as mitmproxy does with a script that fails to reload (a
+reloaded script that finds a bad file logs the error and starts on the built-in defaults).
 """
 
 from __future__ import annotations
@@ -31,6 +32,13 @@ def file_stamp(path: Path | None) -> tuple[float, int] | None:
     except OSError:
         return None
     return (stat.st_mtime, stat.st_size)
+
+
+def proxy_listening() -> bool:
+    """Whether mitmproxy's listeners are up: not yet while it starts (it loads scripts before
+    its servers listen), already when a script is reloaded in a running proxy."""
+    proxyserver = ctx.master.addons.get("proxyserver")
+    return proxyserver is not None and bool(proxyserver.listen_addrs())
 
 
 class Settings:
@@ -86,9 +94,17 @@ class Settings:
                 raise exceptions.OptionsError(
                     f"cerebras_config not applied, keeping the running config: {e}"
                 ) from e
-            # At start-up an exception here would print a script traceback; one ERROR line is
-            # clearer, and mitmdump exits with status 1 on any error logged during start-up.
-            log.error("Cooldown cannot start: cerebras_config: %s", e)
+            message = f"Cooldown cannot start: cerebras_config: {e}"
+            if not proxy_listening():
+                # At start-up an exception here would print a script traceback, and an ERROR
+                # log stops mitmdump only after its listeners say they listen (mitmproxy checks
+                # for start-up errors once the servers are up). mitmproxy loads the script
+                # while the servers are still being set up, so exiting here comes first: one
+                # line on stderr (also under the console UI, whose log would never be seen),
+                # status 1, nothing that looks like a running proxy; as for a bad option.
+                raise SystemExit(message) from None
+            # The script was reloaded in a running proxy: exiting would drop every flow.
+            log.error(message)
             return
         self.runtime.apply(config)
 

@@ -12,9 +12,10 @@ import time
 
 from mitmproxy import http
 
+from . import answers
 from .flows import MeteredFlow, header_values
 from .gate import Gate
-from .periods import RATE_NAMES
+from .periods import RATE_NAMES, TOTAL_TPM
 from .runtime import Runtime
 from .upstream import SSEUsageTap, Upstream429, parse_retry_after, usage_from_json
 
@@ -33,6 +34,9 @@ def add_proxy_headers(gate: Gate, response: http.Response, metered: MeteredFlow)
     added.append((b"X-Cooldown-Estimated-Tokens", str(metered.estimate.total).encode()))
     if metered.shape.clamped is not None:  # the client should know why its answer is short
         added.append((b"X-Cooldown-Clamped", metered.shape.clamped.encode()))
+    if metered.cache is not None:
+        cached = metered.cache.prediction.cached
+        added.append((b"X-Cooldown-Cached-Tokens", str(cached).encode()))
     # One rebuild of the header tuple instead of a scan-and-rebuild per header. Upstream's
     # own X-RateLimit-* names differ from ours, so a client-visible clash is rare: only then
     # is anything dropped.
@@ -42,16 +46,22 @@ def add_proxy_headers(gate: Gate, response: http.Response, metered: MeteredFlow)
     )
 
 
-# Our header names per limit ("tpm" -> X-RateLimit-Limit-TPM, X-RateLimit-Remaining-TPM).
+# Our header names per limit ("tpm" -> X-RateLimit-Limit-TPM, X-RateLimit-Remaining-TPM;
+# "total_tpm" -> X-RateLimit-Limit-Total-TPM).
 _RATE_HEADERS = {
     name: (
         f"X-RateLimit-Limit-{name.upper()}".encode(),
         f"X-RateLimit-Remaining-{name.upper()}".encode(),
     )
     for name in RATE_NAMES
-}
+} | {TOTAL_TPM: (b"X-RateLimit-Limit-Total-TPM", b"X-RateLimit-Remaining-Total-TPM")}
 _OURS = frozenset(
-    [b"x-cooldown-wait", b"x-cooldown-estimated-tokens", b"x-cooldown-clamped"]
+    [
+        b"x-cooldown-wait",
+        b"x-cooldown-estimated-tokens",
+        b"x-cooldown-clamped",
+        b"x-cooldown-cached-tokens",
+    ]
     + [header.lower() for pair in _RATE_HEADERS.values() for header in pair]
 )
 
@@ -99,7 +109,12 @@ def account(runtime: Runtime, metered: MeteredFlow, response: http.Response) -> 
     f, key = metered.flow, metered.key
     usage = usage_of(metered, response)
     total = usage.get("total_tokens") if usage else None
-    runtime.gate.finish(metered.ticket, response.status_code, total, refund(metered, usage))
+    charge = runtime.charge(
+        key, metered.cache if response.status_code == 200 else None, usage, refund(metered, usage)
+    )
+    runtime.gate.finish(
+        metered.ticket, response.status_code, charge.uncached, charge.refund, charge.total
+    )
     learnt = False
     if usage and "prompt_tokens" in usage and metered.shape.understood:
         calibration = runtime.calibration
@@ -109,19 +124,25 @@ def account(runtime: Runtime, metered: MeteredFlow, response: http.Response) -> 
     if total is not None:
         runtime.metrics.estimate_vs_actual(key, metered.estimate.total, total)
         f.metadata["cooldown_actual_tokens"] = total
-        f.comment = f"{f.comment}, actual {total} tokens"
+        f.comment = answers.with_actual(f.comment, total)
+        if charge.total is not None and usage is not None:
+            runtime.metrics.cached_input(key, usage.get("prompt_tokens", 0), charge.cached)
+            f.metadata["cooldown_cached_tokens"] = charge.cached
+            f.comment = f"{f.comment} ({charge.cached} cached)"
     if response.status_code == 429:
         log.info("upstream answered 429 for flow %s (%s); no retries left", f.id, key)
     return learnt
 
 
-def settle_error(gate: Gate, metered: MeteredFlow) -> None:
+def settle_error(runtime: Runtime, metered: MeteredFlow) -> None:
     """A released flow failed (connection error, killed, stream broken)."""
     assert metered.ticket is not None
+    gate = runtime.gate
     usage = metered.tap.usage if metered.tap is not None else None
     if usage is not None:
         # The stream broke after upstream reported usage: that is what it charged.
-        gate.finish(metered.ticket, 200, usage["total_tokens"])
+        charge = runtime.charge(metered.key, None, usage, None)
+        gate.finish(metered.ticket, 200, charge.uncached, None, charge.total)
         return
     server = metered.flow.server_conn
     reached = server is not None and server.timestamp_tcp_setup is not None
@@ -139,6 +160,10 @@ def cool_down(
     cooldown = retry_after if retry_after is not None else 1.0
     cooldown = min(cooldown, runtime.config.cerebras_limits.request_timeout)
     runtime.gate.pause(metered.key, cooldown)
+    if verdict.unit == "total_tokens":
+        # Our picture of the total bucket had room where upstream's had none (traffic that
+        # bypassed the proxy, an upstream that reports no headers for it): start it empty.
+        runtime.gate.exhaust(metered.key, "total_tokens")
     log.info(
         "upstream 429 (%s%s) for %s: cooling down %.1fs",
         verdict.kind,

@@ -10,6 +10,7 @@ import enum
 from dataclasses import dataclass, field
 
 from .config import Config
+from .estimate import TooLarge
 from .limiter import Reservation
 
 SMALL_REQUEST_TOKENS = 1_000
@@ -24,6 +25,7 @@ class Outcome(enum.Enum):
     BREAKER_OPEN = "breaker_open"
     CANCELLED = "cancelled"  # the client went away or the flow was killed
     SHUTDOWN = "shutdown"
+    TOO_LARGE = "too_large"  # no limit could ever hold it (see estimate.too_large)
 
 
 # Priority classes, by the names X-Cooldown-Priority and `clients:` use.
@@ -81,6 +83,11 @@ class Ticket:
     client: str | None = None  # who asked (an API-key fingerprint or an address), for its share
     policy: Policy = NORMAL  # its priority class and its client's weight
     cost: float = 1.0  # its share of the tightest per-minute limit (queues.cost_of)
+    too_large: TooLarge | None = None  # for TOO_LARGE: the limit it can never fit
+    queued: bool = False  # it waited in a queue (not released or refused at once)
+    # Tokens for the `total_tokens` limit when they differ from `tokens` (the uncached ones,
+    # with the prompt cache modelled); None: the same.
+    total: int | None = None
 
     @property
     def held(self) -> bool:

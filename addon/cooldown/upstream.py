@@ -31,11 +31,16 @@ def _number(value: str) -> float | None:
 
 
 # Every name of the family, lower-case, with what it says: a dictionary lookup per header
-# instead of a regex.
+# instead of a regex. Cerebras has not published names for its total-tokens bucket; an
+# upstream that reports it as `x-ratelimit-*-total-tokens-*` (the project's mock does) is read.
 _RATE_NAMES: dict[str, tuple[str, str, str]] = {
-    f"x-ratelimit-{kind}-{unit}-{period}": (kind, unit, period)
+    f"x-ratelimit-{kind}-{word}-{period}": (kind, unit, period)
     for kind in ("limit", "remaining", "reset")
-    for unit in ("requests", "tokens")
+    for word, unit in (
+        ("requests", "requests"),
+        ("tokens", "tokens"),
+        ("total-tokens", "total_tokens"),
+    )
     for period in ("minute", "hour", "day")
 }
 _RATE_NAMES_BYTES = {name.encode(): parts for name, parts in _RATE_NAMES.items()}
@@ -149,7 +154,9 @@ def classify_429(body: bytes | None) -> Upstream429:
     if code == "queue_exceeded" or "high traffic" in message:
         return Upstream429("capacity", None)
     unit: Unit | None = None
-    if code == "token_quota_exceeded" or "token" in error_type:
+    if "total token" in message:  # Cerebras's 429s name the bucket: total or uncached
+        unit = "total_tokens"
+    elif code == "token_quota_exceeded" or "token" in error_type:
         unit = "tokens"
     elif code == "request_quota_exceeded" or "request" in error_type:
         unit = "requests"
@@ -178,6 +185,11 @@ def _usage_of(data: Any) -> dict[str, int] | None:
     }
     if "total_tokens" not in clean and {"prompt_tokens", "completion_tokens"} <= clean.keys():
         clean["total_tokens"] = clean["prompt_tokens"] + clean["completion_tokens"]
+    # The prompt cache's part of the input (Cerebras, as OpenAI: prompt_tokens_details).
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    if isinstance(cached, int) and not isinstance(cached, bool) and cached >= 0:
+        clean["cached_tokens"] = min(cached, clean.get("prompt_tokens", cached))
     return clean if "total_tokens" in clean else None
 
 

@@ -84,10 +84,17 @@ class Launcher:
         config: dict[str, Any],
         *,
         verbosity: str = "debug",
+        reverse_to: str | None = None,
         options: tuple[str, ...] = (),
     ) -> Proxy:
         return start_proxy(
-            self.request, self.tmp_path, self.started, config, verbosity=verbosity, options=options
+            self.request,
+            self.tmp_path,
+            self.started,
+            config,
+            verbosity=verbosity,
+            reverse_to=reverse_to,
+            options=options,
         )
 
     def stopped_by_test(self, proxy: Proxy) -> None:
@@ -116,32 +123,6 @@ def launcher(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Launche
     problems = launcher.stop_all()
     if problems:
         pytest.fail("\n\n".join(problems), pytrace=False)
-
-
-# CPython 3.12.1's asyncio.streams done-callback calls task.exception() on a cancelled
-# connection task and logs the CancelledError with a traceback; later releases check
-# task.cancelled() first. It happens when mitmproxy exits with client connections still open
-# (a shutdown test's whole point); it is neither mitmproxy's nor Cooldown's doing.
-_EXIT_NOISE_FRAMES = ("asyncio/streams.py", "exc = task.exception()")
-_EXIT_NOISE_ERROR = "asyncio.exceptions.CancelledError"
-
-
-def assert_clean_log(proxy: Proxy, *, at_exit: bool = False) -> None:
-    """No addon error and no traceback in the mitmdump log. With `at_exit`, a traceback that
-    is only the interpreter's cancelled-connection noise at exit (see above) is tolerated."""
-    text = proxy.log_text()
-    for marker in ("Addon error", "Error in hook"):
-        assert marker not in text, f"{marker!r} in the mitmdump log:\n{proxy.log_tail()}"
-    for block in text.split("Traceback (most recent call last):")[1:]:
-        lines = block.splitlines()[1:]
-        stack = [line for line in lines if line.startswith(" ")]
-        error = next((line for line in lines if not line.startswith(" ")), "")
-        noise = (
-            at_exit
-            and error.strip() == _EXIT_NOISE_ERROR
-            and all(any(frame in line for line in stack) for frame in _EXIT_NOISE_FRAMES)
-        )
-        assert noise, f"a traceback in the mitmdump log:\n{proxy.log_tail()}"
 
 
 # ---------------------------------------------------------------------------------------------

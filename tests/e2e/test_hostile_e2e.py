@@ -41,7 +41,6 @@ from .faults_support import (
     METRICS_JSON,
     METRICS_TEXT,
     Launcher,
-    assert_clean_log,
     async_metrics,
     async_wait_metric,
     cooldown_config,
@@ -191,7 +190,7 @@ async def test_reset_http2_streams_leave_the_queue_and_are_never_forwarded(
         snapshot = await wait_settled(status)
     assert_settled(snapshot)
     assert mock_upstream.stats()["requests"] == forwarded_total(snapshot) == 2
-    assert_clean_log(proxy)
+    proxy.assert_clean_log()
 
 
 RACED_STREAMS = 50
@@ -239,7 +238,7 @@ async def test_reset_streams_given_room_at_that_moment_are_not_forwarded(
         snapshot = await wait_settled(status)
     assert_settled(snapshot)
     assert mock_upstream.stats()["requests"] == forwarded_total(snapshot) == 2
-    assert_clean_log(proxy)
+    proxy.assert_clean_log()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,7 +342,7 @@ async def test_one_key_flooding_the_queue_leaves_room_for_another(
     assert mock_upstream.stats()["requests"] == 1 + FLOOD_SHARE + 2
     log = proxy.log_text()
     assert KEY_A not in log and KEY_B not in log
-    assert_clean_log(proxy)
+    proxy.assert_clean_log()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,4 +426,4 @@ async def test_long_and_invented_model_names_stay_bounded(
     log = proxy.log_text()
     runs = {(PATTERN * (1024 // len(PATTERN) + 2))[i : i + 1024] for i in range(len(PATTERN))}
     assert not any(run in log for run in runs), "a 1 KB run of the long model name is in the log"
-    assert_clean_log(proxy)
+    proxy.assert_clean_log()

@@ -40,7 +40,7 @@ from .conftest import (
     start_proxy,
     wait_until,
 )
-from .faults_support import assert_clean_log, metrics, wait_settled
+from .faults_support import metrics, wait_settled
 
 pytestmark = pytest.mark.e2e
 
@@ -97,7 +97,7 @@ def assert_retried_once(proxy: Proxy, mock: Any, answer: httpx.Response) -> None
     log = proxy.log_text()
     assert "[replay]" in log  # mitmproxy's own replay of the copy
     assert "retry of flow" not in log or "failed" not in log
-    assert_clean_log(proxy)
+    proxy.assert_clean_log()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,7 +337,7 @@ def test_shutdown_during_a_retry_does_not_hang(
     else:
         assert not isinstance(answer, httpx.TimeoutException), answer
     assert mock_upstream.stats()["requests"] == (1 if phase == "held" else 2)
-    assert_clean_log(proxy, at_exit=True)
+    proxy.assert_clean_log()
 
 
 def test_a_retry_idle_at_upstream_ends_with_mitmproxys_idle_timeout(
@@ -369,4 +369,4 @@ def test_a_retry_idle_at_upstream_ends_with_mitmproxys_idle_timeout(
     snapshot = wait_settled(proxy)
     assert (snapshot["open_reservations"], snapshot["cerebras_queue_depth"]) == (0, 0), snapshot
     assert mock_upstream.stats()["requests"] == 2
-    assert_clean_log(proxy)
+    proxy.assert_clean_log()
