@@ -5,8 +5,8 @@ Every figure is printed beside the baseline it was compared with in the same run
 shared, noisy 2-core machine are only meaningful as ratios), and all of it is written to a JSON
 file (default benchmarks/results/quick.json or full.json) plus a Markdown table beside it.
 Missing a target does not fail the run: the exit status is 1 only if a benchmark crashed.
-Benchmarks: core, estimate, proxy, memory, saturation, fullspeed, hostile, cache (see
-docs/benchmarks.md).
+Benchmarks: core, estimate, proxy, memory, saturation, fullspeed, hostile, cache, policies
+(see docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from benchmarks import (
     bench_fullspeed,
     bench_hostile,
     bench_memory,
+    bench_policies,
     bench_proxy,
     bench_saturation,
 )
@@ -53,6 +54,7 @@ BENCHMARKS = {
     "fullspeed": bench_fullspeed.run,
     "hostile": bench_hostile.run,
     "cache": bench_cache.run,
+    "policies": bench_policies.run,
 }
 
 

@@ -17,9 +17,11 @@ CORE = [
     "limiter",
     "listener",
     "metrics",
+    "pacing",
     "periods",
     "probe",
     "prompt_cache",
+    "queues",
     "runtime",
     "scheduler",
     "tickets",
@@ -49,7 +51,7 @@ def test_the_core_does_not_import_mitmproxy(name):
 
 def test_every_module_is_listed_as_core_or_shell():
     shell = {"addon", "answers", "departures", "flows", "metering", "pages", "retry", "routing"}
-    shell |= {"settings"}
+    shell |= {"settings", "paced"}
     shell |= {"settle", "streams", "web", "__init__"}
     assert {path.stem for path in modules()} == shell | set(CORE)
 

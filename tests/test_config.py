@@ -7,6 +7,7 @@ from cooldown.config import (
     DEFAULT_HOSTS,
     Config,
     ConfigError,
+    Pace,
     load_config,
     parse_config,
     parse_duration,
@@ -36,7 +37,7 @@ def test_seed_example_file_loads():
     assert config.cerebras_limits.request_timeout == 600.0
     assert config.rate_limits[0].domain == "*.openai.com"
     assert config.rate_limits[0].requests_per_second == 50
-    assert config.default_rate_limit == 10
+    assert config.default_rate_limit == Pace(requests_per_second=10)
 
 
 @pytest.mark.parametrize(
@@ -92,6 +93,15 @@ def test_bad_durations(bad):
             ["requests_per_second", "0"],
         ),
         ({"default_rate_limit": {"rps": 3}}, ["default_rate_limit.rps", "unknown key"]),
+        ({"default_rate_limit": {"burst": 3}}, ["default_rate_limit", "missing requests_per"]),
+        (
+            {"rate_limits": [{"domain": "a*.x.com", "requests_per_second": 1}]},
+            ["rate_limits[0].domain", "*. and a domain"],
+        ),
+        (
+            {"rate_limits": [{"domain": "x.com", "requests_per_second": 1, "burst": 0}]},
+            ["rate_limits[0].burst", "positive integer"],
+        ),
         ({"circuit_breaker": {"failure_threshold": 0}}, ["circuit_breaker.failure_threshold", "0"]),
         ([1, 2], ["(top level)", "mapping"]),
     ],

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 from unittest import mock
 
+from cooldown import queues as queues_module
 from cooldown import scheduler as scheduler_module
 from cooldown.breaker import CircuitBreaker
 from cooldown.config import BreakerConfig, CerebrasLimits, Config
@@ -104,7 +105,8 @@ class CountingLimiter(MemoryLimiter):
 
 
 class CountingHeapq:
-    """Stands in for the scheduler module's `heapq`: counts operations and elements touched.
+    """Stands in for `heapq` in the scheduler and the queues: counts operations and elements
+    touched.
 
     `heapify` and list rebuilds are O(n); they are counted by the number of elements, so an
     amortized O(n) compaction shows up in the count instead of hiding in one call.
@@ -120,6 +122,10 @@ class CountingHeapq:
     def heappop(self, heap: list[Any]) -> Any:
         self.ops["heappop"] += 1
         return heapq.heappop(heap)
+
+    def heapreplace(self, heap: list[Any], item: Any) -> Any:
+        self.ops["heapreplace"] += 1
+        return heapq.heapreplace(heap, item)
 
     def heapify(self, heap: list[Any]) -> None:
         self.ops["heapify"] += 1
@@ -345,7 +351,10 @@ def count_operations(held: int, cycles: int) -> OperationCounts:
     function calls / C calls (sys.setprofile). None of them depends on timing noise."""
     limiter = CountingLimiter()
     heap = CountingHeapq()
-    with mock.patch.object(scheduler_module, "heapq", heap):
+    with (
+        mock.patch.object(scheduler_module, "heapq", heap),
+        mock.patch.object(queues_module, "heapq", heap),  # the held tickets' heaps
+    ):
         harness = CoreHarness(held, limiter=limiter)
         heap.ops.clear()
         limiter.calls.clear()

@@ -9,7 +9,8 @@ mitmproxy is built from small addons with one concern each; Cooldown follows sui
   them from upstream's answer, retries after a 429 (retry.py);
 - `Departures` (departures.py): ends the wait of held flows whose client left (disconnect,
   kill, reset HTTP/2 stream), pauses again those resumed by hand;
-- `WebColumns` (web.py): under mitmweb, a Comment column in the flow list.
+- `WebColumns` (web.py): under mitmweb, a Comment column in the flow list;
+- `Pacing` (paced.py): holds requests to other hosts for their turn (`rate_limits`).
 
 They share one `Runtime` (runtime.py): the config, the gate, the metrics; metering and
 departures also share the table of metered flows.
@@ -21,6 +22,7 @@ from typing import Any
 
 from .departures import Departures
 from .metering import Metering
+from .paced import Pacing
 from .pages import StatusPages
 from .runtime import Runtime
 from .settings import Settings
@@ -36,9 +38,17 @@ class Cooldown:
         self.pages = StatusPages(self.runtime)
         self.metering = Metering(self.runtime)
         self.departures = Departures(self.runtime, self.metering.table, self.metering.retries)
+        self.pacing = Pacing(self.runtime)
         self.web = WebColumns()
 
     @property
     def addons(self) -> list[Any]:
         # The status pages answer cooldown.local before metering looks at a flow.
-        return [self.settings, self.pages, self.metering, self.departures, self.web]
+        return [
+            self.settings,
+            self.pages,
+            self.metering,
+            self.departures,
+            self.web,
+            self.pacing,
+        ]

@@ -24,7 +24,7 @@ from mitmproxy import http
 from .estimate import Estimate, TooLarge
 from .periods import describe
 from .runtime import CacheGuess
-from .tickets import Outcome, Ticket, base_priority
+from .tickets import PRIORITIES, Outcome, Ticket, base_priority
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,10 @@ class ProxyError:
     code: str
     message: str
 
-    def response(self, retry_after: float = 0.0, detail: str = "") -> http.Response:
-        message = f"{self.message}{detail} (answered by the {PROXY_NAME}, not by Cerebras)"
+    def response(
+        self, retry_after: float = 0.0, detail: str = "", upstream: str = "Cerebras"
+    ) -> http.Response:
+        message = f"{self.message}{detail} (answered by the {PROXY_NAME}, not by {upstream})"
         body = {"error": {"message": message, "type": self.type, "code": self.code}}
         headers = {"Content-Type": "application/json", "X-Cooldown-Refused": self.code}
         if retry_after > 0:
@@ -85,6 +87,14 @@ REFUSALS = {
         "The Cooldown proxy is shutting down; retry shortly.",
     ),
 }
+
+PACED_TOO_LONG = ProxyError(
+    429,
+    "cooldown_pacing_timeout",
+    "pacing_timeout",
+    "Requests to this host are paced by the Cooldown proxy (rate_limits), and this one's "
+    "turn is further away than request_timeout; retry later.",
+)
 
 # A request that can never fit. Not a 429: clients and SDKs retry a 429 (the openai SDK does,
 # with back-off), and no retry can ever succeed. Longer than the context is what upstream (and
@@ -137,6 +147,15 @@ def retry_failed(reason: str) -> http.Response:
     return RETRY_FAILED.response(detail=f": {reason}")
 
 
+def refuse_paced(f: http.HTTPFlow, reason: str, retry_after: float) -> None:
+    """Answer a paced request (another host) that gets no turn: queue full, or too far off."""
+    error = REFUSALS[Outcome.QUEUE_FULL] if reason == "queue_full" else PACED_TOO_LONG
+    f.metadata["cooldown_refused"] = error.code
+    f.comment = f"Cooldown: paced, refused ({error.code})"
+    f.marked = ":no_entry:"
+    f.response = error.response(retry_after, upstream=f.request.pretty_host)
+
+
 def label(f: http.HTTPFlow) -> str:
     """How Cooldown's comment on a flow begins; a retry's copy names the flow it retries."""
     retry_of = f.metadata.get("cooldown_retry_of")
@@ -172,8 +191,17 @@ def held_comment(
         f"{label(f)}HELD for {ticket.key} (#{depth} in queue), waiting for {reason}; "
         f"estimate {estimate.total} tokens "
         f"({estimate.input_tokens} in + {estimate.output_tokens} out){cached_note(guess)}, "
-        f"priority {base_priority(estimate.total):g}"
+        f"priority {base_priority(estimate.total):g}{_class_of(ticket)}"
     )
+
+
+_CLASS_NAMES = {value: name for name, value in PRIORITIES.items()}
+
+
+def _class_of(ticket: Ticket) -> str:
+    """The priority class, when it is not the default (X-Cooldown-Priority, clients:)."""
+    priority = ticket.policy.priority
+    return "" if priority == 0 else f", class {_CLASS_NAMES.get(priority, priority)}"
 
 
 def resumed_comment(held: str) -> str:

@@ -74,6 +74,11 @@ class CerebrasLimits:
     # The most of `max_queue_depth` one client (API key, else source address) may hold, so a
     # runaway agent cannot lock the others out; 1 turns the cap off.
     max_queue_share_per_client: float = 0.9
+    # Opt-in: the most output a request may ask for. Cerebras reserves a request's whole
+    # max_completion_tokens up front, so agents asking for 32K each drain the minute's tokens
+    # with a handful of requests; larger asks are lowered to this, and a request asking for
+    # none is given it. A model's own entry overrides this default.
+    max_completion_tokens_cap: int | None = None
     # Cerebras's second token bucket, cached and uncached tokens together (`tpm_limit` and the
     # hour/day token limits count uncached tokens, its primary limit). None: 3 x `tpm_limit`;
     # 0: not enforced. Only with the prompt cache modelled (`prompt_cache.enabled`).
@@ -110,6 +115,7 @@ class ModelLimits:
     context_length: int | None = None
     output_reservation: int | None = None
     algorithm: Algorithm | None = None
+    max_completion_tokens_cap: int | None = None
     total_tpm_limit: int | None = None
 
 
@@ -120,9 +126,30 @@ class BreakerConfig:
 
 
 @dataclass(frozen=True)
-class DomainRateLimit:
-    domain: str
+class Pace:
+    """Requests per second to one host (or pattern), `burst` of them back to back."""
+
     requests_per_second: float
+    burst: int = 1
+
+
+@dataclass(frozen=True)
+class DomainRateLimit(Pace):
+    """A `rate_limits` entry: an exact host name, or `*.` and a domain for its subdomains."""
+
+    domain: str = ""
+
+
+Priority = Literal["high", "normal", "low"]
+PRIORITY_NAMES: tuple[Priority, ...] = ("high", "normal", "low")
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """One client's place: its default priority class and its weight within a class."""
+
+    priority: Priority = "normal"
+    weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -133,10 +160,14 @@ class Config:
     # For tests, demos and benchmarks only: send intercepted requests to this base URL
     # (e.g. a local mock of Cerebras) instead of the host the client asked for.
     cerebras_upstream: str | None = None
-    # The original Cooldown Proxy's per-domain pacing: accepted and validated, not yet enforced.
+    # The original Cooldown Proxy's per-domain pacing of other hosts (pacing.py); without a
+    # default, hosts no entry names pass unpaced.
     rate_limits: tuple[DomainRateLimit, ...] = ()
-    default_rate_limit: float | None = 10.0
+    default_rate_limit: Pace | None = None
     models: Mapping[str, ModelLimits] = field(default_factory=dict)
+    # By client fingerprint (`sha256:` + 12 hex digits of the API key's hash, or
+    # `address:<ip>`, as cooldown.status shows them): default priority and fair-share weight.
+    clients: Mapping[str, ClientConfig] = field(default_factory=dict)
     # Optional separate address for Prometheus scrapes, e.g. ("127.0.0.1", 9464).
     metrics_listen: tuple[str, int] | None = None
     prompt_cache: PromptCacheConfig = field(default_factory=PromptCacheConfig)
@@ -174,6 +205,16 @@ class Config:
             if len(cache) < _MODEL_LIMITS_KEPT:  # model names come from clients: bounded
                 cache[model] = limits
         return limits
+
+    def output_cap(self, model: str | None) -> int | None:
+        """The `max_completion_tokens_cap` for `model` (None: no cap).
+
+        Asked before the model has a limiter key, possibly from a worker thread: a plain
+        lookup, no cache."""
+        own = self.models.get(model) if model is not None else None
+        if own is not None and own.max_completion_tokens_cap is not None:
+            return own.max_completion_tokens_cap
+        return self.cerebras_limits.max_completion_tokens_cap
 
 
 _NO_OVERRIDES = ModelLimits()
@@ -357,6 +398,7 @@ _LIMIT_FIELDS: dict[str, Callable[[str, Any], Any]] = {
     "probe_first": _bool,
     "probe_timeout": _duration,
     "max_queue_share_per_client": _share,
+    "max_completion_tokens_cap": _optional_positive_int,
     "total_tpm_limit": _optional_non_negative_int,
 }
 
@@ -379,7 +421,10 @@ _BREAKER_FIELDS: dict[str, Callable[[str, Any], Any]] = {
     "open_duration": _duration,
 }
 
-_RPS_FIELDS: dict[str, Callable[[str, Any], Any]] = {"requests_per_second": _positive_number}
+_PACE_FIELDS: dict[str, Callable[[str, Any], Any]] = {
+    "requests_per_second": _positive_number,
+    "burst": _positive_int,
+}
 
 
 def _hosts(key: str, value: Any) -> tuple[str, ...]:
@@ -392,16 +437,33 @@ def _rate_limits(key: str, value: Any) -> tuple[DomainRateLimit, ...]:
     if value is None:
         return ()
     if not isinstance(value, list):
-        raise _fail(key, value, "a list of {domain, requests_per_second} entries")
+        raise _fail(key, value, "a list of {domain, requests_per_second, burst} entries")
     entries = []
     for i, item in enumerate(value):
-        fields = {"domain": _hostname, **_RPS_FIELDS}
+        fields = {"domain": _domain_pattern, **_PACE_FIELDS}
         parsed = _section(f"{key}[{i}]", item, fields)
-        missing = [name for name in fields if name not in parsed]
+        missing = [name for name in ("domain", "requests_per_second") if name not in parsed]
         if missing:
             raise ConfigError(f"{key}[{i}]: missing {', '.join(missing)}")
         entries.append(DomainRateLimit(**parsed))
     return tuple(entries)
+
+
+def _domain_pattern(key: str, value: Any) -> str:
+    """A host name, or `*.` and a domain: a `*` anywhere else would match in surprising ways."""
+    name = _hostname(key, value)
+    if "*" in name.removeprefix("*.") or name == "*.":
+        raise _fail(key, value, "a host name, or *. and a domain such as *.openai.com")
+    return name
+
+
+def _default_pace(key: str, value: Any) -> Pace | None:
+    if value is None:
+        return None
+    parsed = _section(key, value, _PACE_FIELDS)
+    if "requests_per_second" not in parsed:
+        raise ConfigError(f"{key}: missing requests_per_second")
+    return Pace(**parsed)
 
 
 def _models(key: str, value: Any) -> dict[str, ModelLimits]:
@@ -411,6 +473,33 @@ def _models(key: str, value: Any) -> dict[str, ModelLimits]:
             raise _fail(key, name, "model names as keys, e.g. llama3.1-8b")
         models[name] = ModelLimits(**_section(f"{key}.{name}", entry, _MODEL_FIELDS))
     return models
+
+
+def _priority(key: str, value: Any) -> Priority:
+    if value not in PRIORITY_NAMES:
+        raise _fail(key, value, " or ".join(PRIORITY_NAMES))
+    return value  # type: ignore[no-any-return]
+
+
+_CLIENT_FIELDS: dict[str, Callable[[str, Any], Any]] = {
+    "priority": _priority,
+    "weight": _positive_number,
+}
+_CLIENT_NAME = re.compile(r"sha256:[0-9a-f]{12}|address:[0-9A-Fa-f.:]+|address:unknown")
+
+
+def _clients(key: str, value: Any) -> dict[str, ClientConfig]:
+    clients = {}
+    for name, entry in _mapping(key, value).items():
+        if not isinstance(name, str) or not _CLIENT_NAME.fullmatch(name):
+            # Not echoed: someone may have pasted an API key instead of its fingerprint.
+            size = len(name) if isinstance(name, str) else 0
+            raise ConfigError(
+                f"{key}: a client name of {size} characters (not shown) is not a fingerprint; "
+                "expected sha256: and 12 hex digits, or address:IP, as cooldown.status shows"
+            )
+        clients[name] = ClientConfig(**_section(f"{key}.{name}", entry, _CLIENT_FIELDS))
+    return clients
 
 
 def _listen_address(key: str, value: Any) -> tuple[str, int] | None:
@@ -442,6 +531,7 @@ def parse_config(data: Any, source: str = "config") -> Config:
         "default_rate_limit",
         "server",
         "models",
+        "clients",
         "metrics_listen",
         "prompt_cache",
     }
@@ -463,18 +553,17 @@ def parse_config(data: Any, source: str = "config") -> Config:
     )
     upstream = _upstream_url("cerebras_upstream", top.get("cerebras_upstream"))
     rate_limits = _rate_limits("rate_limits", top.get("rate_limits"))
-    default_rps = _section("default_rate_limit", top.get("default_rate_limit"), _RPS_FIELDS)
+    default_pace = _default_pace("default_rate_limit", top.get("default_rate_limit"))
     _server("server", top.get("server"))
-    if rate_limits or "default_rate_limit" in top:
-        log.info("rate_limits/default_rate_limit are accepted but not enforced yet")
     return Config(
         cerebras_limits=limits,
         circuit_breaker=breaker,
         cerebras_hosts=hosts,
         cerebras_upstream=upstream,
         rate_limits=rate_limits,
-        default_rate_limit=default_rps.get("requests_per_second", 10.0),
+        default_rate_limit=default_pace,
         models=_models("models", top.get("models")),
+        clients=_clients("clients", top.get("clients")),
         metrics_listen=_listen_address("metrics_listen", top.get("metrics_listen")),
         prompt_cache=PromptCacheConfig(
             **_section("prompt_cache", top.get("prompt_cache"), _PROMPT_CACHE_FIELDS)

@@ -328,6 +328,8 @@ class RequestShape:
     choices: int = 1
     understood: bool = True
     stream: bool = False
+    # What the output cap changed, as the X-Cooldown-Clamped header says it (None: nothing).
+    clamped: str | None = None
     # False when some text was too long to tokenize and was counted by its bytes (an upper
     # bound): then the input count is not what the request certainly needs.
     exact: bool = True
@@ -400,6 +402,37 @@ def parse_request(path: str, body: bytes | str | None, segments: bool = False) -
         exact=len(raw) <= _EXACT_COUNT_MAX_CHARS,
         segments=tuple(pieces) if pieces else (),
     )
+
+
+OUTPUT_FIELDS = ("max_completion_tokens", "max_tokens")
+
+
+def clamp_output(document: dict[str, Any], path: str, cap: int) -> str | None:
+    """Lower the output a request asks for to `cap`, in place; what changed, or None.
+
+    Every output field the client set above the cap is lowered (a client may send both, and
+    upstream must not see either above it); a request that sets none gets the cap in the
+    field its endpoint knows (`max_tokens` for legacy completions), since without one Cerebras
+    reserves the context length minus the input. A field that is not a whole number counts
+    as unset, like in `_requested_output`.
+    """
+    changes = []
+    present = False
+    for name in OUTPUT_FIELDS:
+        value = document.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            present = True
+            if value > cap:
+                document[name] = cap
+                changes.append(f"{name}={value}->{cap}")
+    if not present:
+        route = path.split("?", 1)[0].rstrip("/")
+        name = "max_completion_tokens" if route.endswith("/chat/completions") else "max_tokens"
+        for other in OUTPUT_FIELDS:
+            document.pop(other, None)  # a null or a string: replaced, not left beside it
+        document[name] = cap
+        changes.append(f"{name}=unset->{cap}")
+    return ", ".join(changes) or None
 
 
 def estimate_request(path: str, body: bytes | str | None, context_length: int) -> Estimate:

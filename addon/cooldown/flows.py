@@ -9,17 +9,18 @@ in a second map.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from mitmproxy import http
 
-from .estimate import Estimate, RequestShape, parse_request
+from .estimate import Estimate, RequestShape, clamp_output, parse_request
 from .runtime import CacheGuess
-from .tickets import Ticket
+from .tickets import NORMAL, Policy, Ticket
 from .upstream import SSEUsageTap
 
 
@@ -63,6 +64,7 @@ class MeteredFlow:
     stopped: str | None = field(default=None)  # for a copy: why nobody waits for it any more
     client: str | None = None  # who sent it: an API-key fingerprint or an address (routing.py)
     stream: Any = None  # while held: mitmproxy's layer for its stream, to notice a reset
+    policy: Policy = NORMAL  # its priority class and its client's weight (tickets.policy_of)
     cache: CacheGuess | None = None  # its blocks in the prompt cache model, and the prediction
 
     @property
@@ -130,44 +132,68 @@ class FlowTable:
 OFFLOAD_BODY_BYTES = 32 * 1024
 
 
-async def prepare(f: http.HTTPFlow) -> RequestShape:
-    """Tokenize the request (see prepare_request), in a worker thread if it is large."""
+async def prepare(f: http.HTTPFlow, cap_of: OutputCap = None) -> RequestShape:
+    """Tokenize and edit the request (see prepare_request), in a worker thread if it is large."""
     body = f.request.get_content(strict=False) or b""
+    path = f.request.path
     if len(body) > OFFLOAD_BODY_BYTES:
-        shape, new_body = await asyncio.to_thread(prepare_request, f.request.path, body)
+        shape, new_body, added_usage = await asyncio.to_thread(prepare_request, path, body, cap_of)
     else:
-        shape, new_body = prepare_request(f.request.path, body)
+        shape, new_body, added_usage = prepare_request(path, body, cap_of)
     if new_body is not None:
         f.request.content = new_body  # re-encoded as the content-encoding says
+    if added_usage:
         f.metadata["cooldown_added_include_usage"] = True
+    if shape.clamped is not None:
+        f.metadata["cooldown_clamped"] = shape.clamped
     return shape
 
 
-def prepare_request(path: str, body: bytes) -> tuple[RequestShape, bytes | None]:
-    """Tokenize once and, for a stream that does not ask for usage, ask for it.
+# The output cap for a model name (config.Config.output_cap), or None for no cap at all.
+OutputCap = Callable[[str | None], int | None] | None
+
+
+def prepare_request(
+    path: str, body: bytes, cap_of: OutputCap = None
+) -> tuple[RequestShape, bytes | None, bool]:
+    """Tokenize once; for a stream that does not ask for usage, ask for it; apply the output
+    cap (estimate.clamp_output). One JSON edit for both.
 
     Upstream reports `usage` in a stream only with `stream_options.include_usage`; without it
-    the reservation could only be settled at its estimate. Returns the new body, or None when
-    the body stays as it is. The client then sees `usage` in the stream's last data chunk
-    (the one with `finish_reason`), a field OpenAI-compatible clients ignore unless asked.
+    the reservation could only be settled at its estimate. The client then sees `usage` in
+    the stream's last data chunk (the one with `finish_reason`), a field OpenAI-compatible
+    clients ignore unless asked. Returns the shape, the new body (None when the body stays as
+    it is) and whether `include_usage` was added.
     """
     # The prompt's segments for the prompt cache model cost a hash of each message's texts,
     # which the token count's lookup has already computed: rendered whether used or not.
     shape = parse_request(path, body, segments=True)
-    if not (shape.understood and shape.stream):
-        return shape, None
+    if not shape.understood:
+        return shape, None, False
+    cap = cap_of(shape.model) if cap_of is not None else None
+    clamp = cap is not None and (shape.requested_output is None or shape.requested_output > cap)
+    if not (shape.stream or clamp):
+        return shape, None, False
     try:
         document = json.loads(body)
         options = document.get("stream_options")
-        if isinstance(options, dict) and options.get("include_usage") is True:
-            return shape, None
-        document["stream_options"] = {
-            **(options if isinstance(options, dict) else {}),
-            "include_usage": True,
-        }
-        return shape, json.dumps(document, ensure_ascii=False).encode()
+        add_usage = shape.stream and not (
+            isinstance(options, dict) and options.get("include_usage") is True
+        )
+        if add_usage:
+            document["stream_options"] = {
+                **(options if isinstance(options, dict) else {}),
+                "include_usage": True,
+            }
+        if cap is not None and clamp:
+            clamped = clamp_output(document, path, cap)
+            output = cap if shape.requested_output is None else min(shape.requested_output, cap)
+            shape = dataclasses.replace(shape, requested_output=output, clamped=clamped)
+        elif not add_usage:
+            return shape, None, False
+        return shape, json.dumps(document, ensure_ascii=False).encode(), add_usage
     except (ValueError, TypeError, RecursionError):
-        return shape, None
+        return shape, None, False
 
 
 def header_values(headers: http.Headers, *names: bytes) -> list[str | None]:
@@ -180,6 +206,19 @@ def header_values(headers: http.Headers, *names: bytes) -> list[str | None]:
             if lowered == wanted and found[i] is None:
                 found[i] = value.decode("latin-1")
     return found
+
+
+PRIORITY_HEADER = b"x-cooldown-priority"
+
+
+def take_priority(request: http.Request) -> str | None:
+    """The X-Cooldown-Priority a client sent, removed: it is the proxy's, not upstream's."""
+    (asked,) = header_values(request.headers, PRIORITY_HEADER)
+    if asked is not None:
+        request.headers.fields = tuple(
+            field for field in request.headers.fields if field[0].lower() != PRIORITY_HEADER
+        )
+    return asked
 
 
 def snapshot_request(request: http.Request) -> http.Request:

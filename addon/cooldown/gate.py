@@ -24,7 +24,7 @@ from .held import HeldModel, held_by_model, status_fields
 from .limiter import LimiterBackend, MemoryLimiter, Rate, Settled, Unit
 from .periods import RATE_NAMES, TOTAL_TPM
 from .scheduler import Scheduler
-from .tickets import Outcome, Ticket
+from .tickets import NORMAL, Outcome, Policy, Ticket
 from .upstream import RateReport, parse_rate_headers
 
 log = logging.getLogger(__name__)
@@ -186,6 +186,7 @@ class Gate:
         key: str = DEFAULT_KEY,
         requeue: bool = False,
         client: str | None = None,
+        policy: Policy = NORMAL,
         need: Need | None = None,
         total: int | None = None,
     ) -> Ticket:
@@ -196,7 +197,14 @@ class Gate:
         same)."""
         self.stats.submitted += 1
         ticket = self.scheduler.submit(
-            key, tokens, self.clock(), requeue=requeue, client=client, need=need, total=total
+            key,
+            tokens,
+            self.clock(),
+            requeue=requeue,
+            client=client,
+            policy=policy,
+            need=need,
+            total=total,
         )
         if ticket.held:
             self.pump()

@@ -18,13 +18,21 @@ from mitmproxy import connection, ctx, hooks, http
 from mitmproxy.utils import asyncio_utils
 
 from . import answers
-from .flows import FlowTable, MeteredFlow, Phase, header_values, prepare, snapshot_request
+from .flows import (
+    FlowTable,
+    MeteredFlow,
+    Phase,
+    header_values,
+    prepare,
+    snapshot_request,
+    take_priority,
+)
 from .retry import Retries
 from .routing import client_of, is_cerebras, is_metered_path, key_for, route
 from .runtime import Runtime
 from .settle import account, add_proxy_headers, cool_down, settle_error
 from .streams import find_stream, stream_reset
-from .tickets import Outcome, Ticket
+from .tickets import Outcome, Ticket, policy_of
 from .upstream import SSEUsageTap, classify_429
 
 log = logging.getLogger(__name__)
@@ -87,13 +95,17 @@ class Metering:
             config = self.runtime.config
             if not is_cerebras(config, f):
                 return
+            asked = take_priority(f.request)
             if not is_metered_path(f.request):
                 route(config, f)
                 return
-            shape = await prepare(f)
+            shape = await prepare(f, config.output_cap)
             key = key_for(config, self.runtime.gate.keys, shape.model)
+            if shape.clamped is not None:
+                self.runtime.metrics.clamped(key)
             metered = MeteredFlow(f, key, shape, config.cerebras_limits.max_retries)
             metered.client = client_of(f)
+            metered.policy = policy_of(config, metered.client, asked)
             self.table.add(metered)
         await self._admit(metered)
 
@@ -117,6 +129,7 @@ class Metering:
             key=metered.key,
             requeue=is_copy,
             client=metered.client,
+            policy=metered.policy,
             need=estimate.need,
             total=total,
         )

@@ -15,7 +15,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
 from prometheus_client import Counter as PromCounter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -173,6 +173,34 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
+        self._clamped = PromCounter(
+            "cooldown_clamped_requests",
+            "Requests whose max_completion_tokens was lowered (or set) to the model's "
+            "max_completion_tokens_cap.",
+            ["model"],
+            registry=self.registry,
+        )
+        self._paced = PromCounter(
+            "cooldown_paced_requests",
+            "Requests to other hosts paced by rate_limits/default_rate_limit, by entry and by "
+            "what became of them.",
+            ["rule", "outcome"],
+            registry=self.registry,
+        )
+        self._paced_wait = Histogram(
+            "cooldown_paced_wait_seconds",
+            "Time a paced request to another host was held before it went.",
+            ["rule"],
+            buckets=WAIT_BUCKETS,
+            registry=self.registry,
+        )
+        # Paced requests held now; set by the pacing addon (like tracked_flows).
+        self.paced_held: Callable[[], int] = lambda: 0
+        Gauge(
+            "cooldown_paced_held",
+            "Requests to other hosts held for their turn now.",
+            registry=self.registry,
+        ).set_function(lambda: self.paced_held())
         self._wait = Histogram(
             "cooldown_queue_wait_seconds",
             "Time a request waited in the queue before release or refusal; requests released "
@@ -193,6 +221,8 @@ class Metrics:
         self.tracked_flows: Callable[[], int] = lambda: 0
         self._counts: Counter[tuple[str, str]] = Counter()
         self._429s: Counter[tuple[str, str]] = Counter()
+        self._clamps: Counter[str] = Counter()
+        self._paced_counts: Counter[tuple[str, str]] = Counter()
         self._waits: dict[str, deque[float]] = {}
         self._ratios: dict[str, deque[float]] = {}
         # The labelled children and sample deques each event updates, found with one lookup
@@ -228,6 +258,16 @@ class Metrics:
     def upstream_429(self, model: str, kind: str) -> None:
         self._429s[(model, kind)] += 1
         self._upstream_429.labels(model, kind).inc()
+
+    def clamped(self, model: str) -> None:
+        self._clamps[model] += 1
+        self._clamped.labels(model).inc()
+
+    def paced(self, rule: str, outcome: str, waited: float) -> None:
+        self._paced_counts[(rule, outcome)] += 1
+        self._paced.labels(rule, outcome).inc()
+        if outcome == "forwarded":
+            self._paced_wait.labels(rule).observe(waited)
 
     def retry(self, model: str) -> None:
         self._retries.labels(model).inc()
@@ -281,6 +321,9 @@ class Metrics:
         outcomes: dict[str, dict[str, int]] = {}
         for (model, outcome), count in sorted(self._counts.items()):
             outcomes.setdefault(model, {})[outcome] = count
+        paced: dict[str, dict[str, int]] = {}
+        for (rule, outcome), count in sorted(self._paced_counts.items()):
+            paced.setdefault(rule, {})[outcome] = count
         upstream_429s: dict[str, dict[str, int]] = {}
         for (model, kind), count in sorted(self._429s.items()):
             upstream_429s.setdefault(model, {})[kind] = count
@@ -303,6 +346,9 @@ class Metrics:
             "foreign_tokens_per_minute": status["foreign_tokens_per_minute"],
             "requests": outcomes,
             "upstream_429s": upstream_429s,
+            "clamped_requests": dict(sorted(self._clamps.items())),
+            "paced_held": self.paced_held(),
+            "paced_requests": paced,
             "queue_wait_seconds": {m: _quantiles(w) for m, w in sorted(self._waits.items())},
             "estimate_to_actual_ratio": {m: _quantiles(r) for m, r in sorted(self._ratios.items())},
         }

@@ -152,6 +152,7 @@ class Retries:
             attempt=metered.attempt + 1,
             parent=metered,
             client=metered.client,
+            policy=metered.policy,
         )
         self.table.add(copy_entry)
         metered.retry = retry

@@ -16,6 +16,7 @@ from .estimate import Estimate, InputCalibration, RequestShape
 from .gate import Gate
 from .limiter import Settled
 from .metrics import Metrics
+from .pacing import Pacer
 from .prompt_cache import Prediction, PromptCache
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class Runtime:
         self.calibration = InputCalibration()
         self.cache = PromptCache()
         self.metrics = Metrics(self.gate)
+        self.pacer = Pacer()  # other hosts' rate_limits (the gate is Cerebras's)
         self.metrics.cache = self.cache
         self.running = False  # mitmproxy's `running` hook has run: config errors no longer fatal
         self.stopping = False  # mitmproxy is exiting: new requests are answered, not held
@@ -124,6 +126,7 @@ class Runtime:
         """Apply a new config without dropping anything held or in flight."""
         self.config = config
         self.gate.reconfigure(config)
+        self.pacer.reconfigure(config.rate_limits, config.default_rate_limit)
         cache = config.prompt_cache
         self.cache.resize(cache.block_tokens, cache.ttl, cache.max_blocks)
         for listener in self._on_config:

@@ -35,7 +35,7 @@ import heapq
 import itertools
 import logging
 import math
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 
 from .accounts import Accounts
@@ -44,7 +44,8 @@ from .config import CerebrasLimits
 from .estimate import Need, TooLarge, too_large
 from .limiter import LimiterBackend, Rate, Reservation
 from .probe import ProbeFirst
-from .tickets import SMALL_REQUEST_TOKENS
+from .queues import KeyQueue
+from .tickets import NORMAL, SMALL_REQUEST_TOKENS, Policy
 from .tickets import Outcome as Outcome  # re-exported: callers name outcomes here
 from .tickets import Ticket as Ticket
 from .tickets import base_priority as base_priority
@@ -56,54 +57,6 @@ BACKFILL_SHARE = 0.5
 UPSTREAM_429 = "upstream_429"  # the pause after an upstream 429
 PROBE = "probe"  # the first answer from upstream (probe first)
 BREAKER_PROBE = "breaker_probe"  # the half-open breaker's one probe
-
-
-class _KeyQueue:
-    """The held tickets of one limiter key, in both FIFO and priority order."""
-
-    def __init__(self) -> None:
-        self.fifo: deque[Ticket] = deque()
-        self.by_priority: list[tuple[float, int, Ticket]] = []
-        self.smalls: deque[Ticket] = deque()  # small ones in arrival order, for backfill
-        self.live = 0
-        # The last refusal of the head: (ticket id, limiter generation, until when). While the
-        # same head waits, nothing freed capacity and that moment has not come, asking the
-        # limiter again can only say no again.
-        self.refused: tuple[int, int, float] | None = None
-
-    def push(self, ticket: Ticket, aging: float) -> None:
-        self.fifo.append(ticket)
-        key = ticket.enqueued_at / aging - base_priority(ticket.tokens)
-        heapq.heappush(self.by_priority, (key, ticket.id, ticket))
-        if ticket.tokens < SMALL_REQUEST_TOKENS:
-            self.smalls.append(ticket)
-        self.live += 1
-
-    def backfill_candidate(self, head: Ticket) -> Ticket | None:
-        """The oldest small request held behind `head`."""
-        while self.smalls and not self.smalls[0].held:
-            self.smalls.popleft()
-        for ticket in itertools.islice(self.smalls, 2):
-            if ticket is not head and ticket.held:
-                return ticket
-        return None
-
-    def head(self, tight: bool) -> Ticket | None:
-        if tight:
-            while self.by_priority and not self.by_priority[0][2].held:
-                heapq.heappop(self.by_priority)
-            return self.by_priority[0][2] if self.by_priority else None
-        while self.fifo and not self.fifo[0].held:
-            self.fifo.popleft()
-        return self.fifo[0] if self.fifo else None
-
-    def compact(self) -> None:
-        """Drop resolved tickets once they outnumber live ones, so memory tracks the queue."""
-        if len(self.fifo) > 2 * self.live + 64:
-            self.fifo = deque(t for t in self.fifo if t.held)
-            self.smalls = deque(t for t in self.smalls if t.held)
-            self.by_priority = [e for e in self.by_priority if e[2].held]
-            heapq.heapify(self.by_priority)
 
 
 def is_tight(
@@ -180,7 +133,7 @@ class Scheduler:
         self.breaker = breaker
         self.rates_for = rates_for
         self.on_resolved = on_resolved
-        self._queues: dict[str, _KeyQueue] = {}
+        self._queues: dict[str, KeyQueue] = {}
         self._deadlines: list[tuple[float, int, Ticket]] = []
         self._ids = itertools.count(1)
         self._depth = 0
@@ -195,7 +148,7 @@ class Scheduler:
         # After release a ticket's account is the accounts' business (accounts.py).
         self.confirm, self.finish = self.accounts.confirm, self.accounts.finish
         self.abort = self.accounts.abort
-        # Bumped whenever capacity may have come back or limits changed (see _KeyQueue.refused);
+        # Bumped whenever capacity may have come back or limits changed (see KeyQueue.refused);
         # only through invalidate(), so no change can forget it.
         self._generation = 0
 
@@ -212,8 +165,7 @@ class Scheduler:
         return self._depth
 
     def held_tickets(self) -> Iterator[Ticket]:
-        for queue in self._queues.values():
-            yield from (t for t in queue.fifo if t.held)
+        return itertools.chain.from_iterable(q.tickets() for q in self._queues.values())
 
     # -- transitions ---------------------------------------------------------------------------
 
@@ -223,11 +175,9 @@ class Scheduler:
         """Take a held ticket out of the queue with its outcome."""
         if ticket.outcome is not None:
             return
-        queue = self._queues[ticket.key]
-        queue.live -= 1
+        self._queues[ticket.key].left(ticket, outcome is Outcome.RELEASED)
         self._depth -= 1
         self.shares.remove(ticket.client)
-        queue.compact()
         self._finalize(ticket, outcome, now, retry_after)
 
     def _finalize(self, ticket: Ticket, outcome: Outcome, now: float, retry_after: float) -> None:
@@ -243,6 +193,7 @@ class Scheduler:
         now: float,
         requeue: bool = False,
         client: str | None = None,
+        policy: Policy = NORMAL,
         need: Need | None = None,
         total: int | None = None,
     ) -> Ticket:
@@ -252,7 +203,7 @@ class Scheduler:
         `total`: its amount for the total-tokens limit, when not `tokens`."""
         deadline = now + self.limits.request_timeout
         ticket = Ticket(next(self._ids), key, max(int(tokens), 1), now, deadline, client=client)
-        ticket.total = None if total is None else max(int(total), 1)
+        ticket.total, ticket.policy = None if total is None else max(int(total), 1), policy
         if need is not None:  # first: waiting, retrying or a closed breaker change nothing
             ticket.too_large = too_large_for(self.limiter, key, self.rates_for(key), need)
             if ticket.too_large is not None:
@@ -271,9 +222,8 @@ class Scheduler:
         queue = self._queues.get(key)
         if (queue is None or queue.live == 0) and self._release_at_once(key, ticket, now):
             return ticket
-        if queue is None:
-            queue = self._queues[key] = _KeyQueue()
-        queue.push(ticket, self.limits.priority_aging)
+        queue = self._queues[key] = queue or KeyQueue()
+        queue.push(ticket, self.limits.priority_aging, self.rates_for(key))
         ticket.queued = True
         heapq.heappush(self._deadlines, (ticket.deadline, ticket.id, ticket))
         self._depth += 1
@@ -327,7 +277,7 @@ class Scheduler:
         return next_at
 
     def _release_from(
-        self, key: str, queue: _KeyQueue, now: float
+        self, key: str, queue: KeyQueue, now: float
     ) -> tuple[float | None, str | None]:
         """Release what may go of `key`; then what its head waits for, and until when."""
         paused = self.pauses.until(key, now)
@@ -372,7 +322,7 @@ class Scheduler:
             return head_until, ticket.wait_reason
 
     def _backfill(
-        self, key: str, queue: _KeyQueue, head: Ticket, rates: Sequence[Rate], now: float
+        self, key: str, queue: KeyQueue, head: Ticket, rates: Sequence[Rate], now: float
     ) -> bool:
         """Let the oldest small request past a waiting head that is not small, within budget."""
         if head.tokens < SMALL_REQUEST_TOKENS:

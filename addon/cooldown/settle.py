@@ -32,6 +32,8 @@ def add_proxy_headers(gate: Gate, response: http.Response, metered: MeteredFlow)
         added.append((remaining_name, str(remaining).encode()))
     added.append((b"X-Cooldown-Wait", f"{metered.ticket.waited:.3f}".encode()))
     added.append((b"X-Cooldown-Estimated-Tokens", str(metered.estimate.total).encode()))
+    if metered.shape.clamped is not None:  # the client should know why its answer is short
+        added.append((b"X-Cooldown-Clamped", metered.shape.clamped.encode()))
     if metered.cache is not None:
         cached = metered.cache.prediction.cached
         added.append((b"X-Cooldown-Cached-Tokens", str(cached).encode()))
@@ -54,7 +56,12 @@ _RATE_HEADERS = {
     for name in RATE_NAMES
 } | {TOTAL_TPM: (b"X-RateLimit-Limit-Total-TPM", b"X-RateLimit-Remaining-Total-TPM")}
 _OURS = frozenset(
-    [b"x-cooldown-wait", b"x-cooldown-estimated-tokens", b"x-cooldown-cached-tokens"]
+    [
+        b"x-cooldown-wait",
+        b"x-cooldown-estimated-tokens",
+        b"x-cooldown-clamped",
+        b"x-cooldown-cached-tokens",
+    ]
     + [header.lower() for pair in _RATE_HEADERS.values() for header in pair]
 )
 

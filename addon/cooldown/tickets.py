@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from .config import Config
 from .estimate import TooLarge
 from .limiter import Reservation
 
@@ -25,6 +26,33 @@ class Outcome(enum.Enum):
     CANCELLED = "cancelled"  # the client went away or the flow was killed
     SHUTDOWN = "shutdown"
     TOO_LARGE = "too_large"  # no limit could ever hold it (see estimate.too_large)
+
+
+# Priority classes, by the names X-Cooldown-Priority and `clients:` use.
+PRIORITIES = {"high": 1, "normal": 0, "low": -1}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Where a request stands: its priority class, and its client's weight within it."""
+
+    priority: int = 0  # PRIORITIES: X-Cooldown-Priority, else the client's default
+    weight: float = 1.0  # the client's weight in the fair share of its class (queues.py)
+
+
+NORMAL = Policy()
+
+
+def policy_of(config: Config, client: str | None, asked: str | None) -> Policy:
+    """A request's policy: the class it asked for (X-Cooldown-Priority; an unknown value
+    counts as not asking), else its client's default; its client's weight."""
+    own = config.clients.get(client) if client is not None else None
+    priority = PRIORITIES.get(asked.strip().lower()) if asked is not None else None
+    if own is None:
+        return NORMAL if priority is None else Policy(priority)
+    if priority is None:
+        priority = PRIORITIES[own.priority]
+    return Policy(priority, own.weight)
 
 
 def base_priority(tokens: int) -> float:
@@ -53,6 +81,8 @@ class Ticket:
     wait_reason: str | None = field(default=None)  # which limit it is waiting for, if any
     backfilled: int = 0  # tokens of small requests let past it while it waited at the head
     client: str | None = None  # who asked (an API-key fingerprint or an address), for its share
+    policy: Policy = NORMAL  # its priority class and its client's weight
+    cost: float = 1.0  # its share of the tightest per-minute limit (queues.cost_of)
     too_large: TooLarge | None = None  # for TOO_LARGE: the limit it can never fit
     queued: bool = False  # it waited in a queue (not released or refused at once)
     # Tokens for the `total_tokens` limit when they differ from `tokens` (the uncached ones,
