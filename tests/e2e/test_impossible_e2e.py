@@ -35,6 +35,7 @@ def test_a_request_larger_than_the_tpm_limit_is_refused_at_once(
     assert "not by Cerebras" in error["message"]
     assert "retry-after" not in response.headers
     assert mock_upstream.stats()["requests"] == 0  # nothing went upstream
+    print(f"\nrefused in {response.elapsed.total_seconds():.3f} s (a figure, not asserted)")
     # The proxy is not left in a state that holds the next one: it fits and goes at once.
     assert client.post(CEREBRAS_CHAT, json=chat_body()).status_code == 200
     assert mock_upstream.stats()["requests"] == 1
@@ -62,4 +63,5 @@ def test_more_than_the_context_is_refused_at_once_like_upstream_would(
         in (error["message"])
     )
     assert mock_upstream.stats()["requests"] == 0
+    print(f"\nrefused in {response.elapsed.total_seconds():.3f} s (a figure, not asserted)")
     cooldown.assert_clean_log()
