@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Coroutine
+from typing import Any
 
 from mitmproxy import connection, ctx, flow, hooks, http
 
@@ -31,14 +33,20 @@ class Pacing:
         self._held: dict[str, tuple[http.HTTPFlow, asyncio.Event]] = {}
         runtime.metrics.paced_held = lambda: runtime.pacer.held
 
-    async def request(self, f: http.HTTPFlow) -> None:
+    def request(self, f: http.HTTPFlow) -> Coroutine[Any, Any, None] | None:
+        """The flow's pacing, as a coroutine for mitmproxy to await; None (nothing to await)
+        for a flow no rule paces. mitmproxy awaits what a hook returns when it is awaitable,
+        and most flows (every Cerebras one) are not paced: they skip a coroutine each."""
         if f.response or f.error or not f.live:
-            return
-        runtime = self.runtime
-        config = runtime.config
+            return None
+        config = self.runtime.config
         if (config.default_rate_limit is None and not config.rate_limits) or is_cerebras(config, f):
-            return
-        limits = config.cerebras_limits
+            return None
+        return self._pace(f)
+
+    async def _pace(self, f: http.HTTPFlow) -> None:
+        runtime = self.runtime
+        limits = runtime.config.cerebras_limits
         slot = runtime.pacer.take(
             f.request.pretty_host,
             runtime.gate.clock(),
