@@ -70,7 +70,6 @@ def test_settle_refunds_unused_tokens_but_not_the_request():
     assert limiter.used("k", TPM, 1) == 25
     assert limiter.used("k", RPM, 1) == 1
     assert limiter.open_reservations() == 0
-    assert not reservation.open
     limiter.settle(reservation, 99, now=2)  # settling twice changes nothing
     assert limiter.used("k", TPM, 2) == 25
 

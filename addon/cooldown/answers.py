@@ -80,6 +80,14 @@ REFUSALS = {
         "Cerebras answered 429 repeatedly, so the Cooldown proxy is pausing requests "
         "(circuit breaker open); retry after the indicated time.",
     ),
+    Outcome.LIMITS_UNAVAILABLE: ProxyError(
+        503,
+        "cooldown_limits_unavailable",
+        "shared_limits_unavailable",
+        "The Cooldown proxy cannot reach the limits it shares with other proxies (Redis) and "
+        "is set to refuse rather than guess (shared_limits.on_error: reject); retry after the "
+        "indicated time.",
+    ),
     Outcome.SHUTDOWN: ProxyError(
         503,
         "cooldown_shutdown",

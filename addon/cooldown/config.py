@@ -25,6 +25,8 @@ DEFAULT_HOSTS = ("api.cerebras.ai", "inference.cerebras.ai")
 Algorithm = Literal["token_bucket", "sliding_window"]
 ALGORITHMS: tuple[Algorithm, ...] = ("token_bucket", "sliding_window")
 Admission = Literal["full", "predicted"]
+OnError = Literal["local", "hold", "reject"]
+ON_ERRORS: tuple[OnError, ...] = ("local", "hold", "reject")
 ADMISSIONS: tuple[Admission, ...] = ("full", "predicted")
 # Cerebras's total-tokens limit is this many times the uncached one unless set.
 TOTAL_TPM_FACTOR = 3
@@ -103,6 +105,20 @@ class PromptCacheConfig:
 
 
 @dataclass(frozen=True)
+class SharedLimitsConfig:
+    """Limits shared by several proxies through Redis (backends/shared.py).
+
+    `on_error` says what a proxy does while Redis cannot be reached: `local` decides alone on
+    its share of the limits (1/N, N the proxies last seen alive), `hold` keeps requests held
+    (each until its `request_timeout`), `reject` answers 503 with Retry-After.
+    """
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "cooldown:"
+    on_error: OnError = "hold"
+
+
+@dataclass(frozen=True)
 class ModelLimits:
     """One model's own limits; a None falls back to `cerebras_limits`."""
 
@@ -171,6 +187,8 @@ class Config:
     # Optional separate address for Prometheus scrapes, e.g. ("127.0.0.1", 9464).
     metrics_listen: tuple[str, int] | None = None
     prompt_cache: PromptCacheConfig = field(default_factory=PromptCacheConfig)
+    # None: every limit lives in this process alone.
+    shared_limits: SharedLimitsConfig | None = None
     source: str = "built-in defaults"
 
     def total_tpm_limit(self, model: str) -> int:
@@ -286,6 +304,42 @@ def _bool(key: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise _fail(key, value, "true or false")
     return value
+
+
+def redact_url(url: str) -> str:
+    """`url` with any password replaced by `***`: for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")
+    user = netloc[0].partition(":")[0]
+    return parts._replace(netloc=f"{user}:***@{netloc[2]}").geturl()
+
+
+def _redis_url(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise _fail(key, value, "a URL such as redis://127.0.0.1:6379/0")
+    parts = urlsplit(value)
+    if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+        # Never echo the value: it may carry a password.
+        raise ConfigError(
+            f"{key}: got {redact_url(value)!r}; expected redis://host:port/db, "
+            "rediss://host:port/db or unix:///path/to/socket"
+        )
+    return value
+
+
+def _key_prefix(key: str, value: Any) -> str:
+    # Braces would make the prefix the hash tag of every key: all models on one Cluster slot.
+    if not isinstance(value, str) or not value or "{" in value or "}" in value:
+        raise _fail(key, value, 'a non-empty string without braces, such as "cooldown:"')
+    return value
+
+
+def _on_error(key: str, value: Any) -> OnError:
+    if value not in ON_ERRORS:
+        raise _fail(key, value, " or ".join(ON_ERRORS))
+    return value  # type: ignore[no-any-return]
 
 
 def _positive_number(key: str, value: Any) -> float:
@@ -408,6 +462,12 @@ _PROMPT_CACHE_FIELDS: dict[str, Callable[[str, Any], Any]] = {
     "block_tokens": _positive_int,
     "ttl": _duration,
     "max_blocks": _positive_int,
+}
+
+_SHARED_LIMITS_FIELDS: dict[str, Callable[[str, Any], Any]] = {
+    "redis_url": _redis_url,
+    "key_prefix": _key_prefix,
+    "on_error": _on_error,
 }
 
 _MODEL_FIELDS: dict[str, Callable[[str, Any], Any]] = {
@@ -534,6 +594,7 @@ def parse_config(data: Any, source: str = "config") -> Config:
         "clients",
         "metrics_listen",
         "prompt_cache",
+        "shared_limits",
     }
     for name in top:
         if name not in known:
@@ -555,6 +616,7 @@ def parse_config(data: Any, source: str = "config") -> Config:
     rate_limits = _rate_limits("rate_limits", top.get("rate_limits"))
     default_pace = _default_pace("default_rate_limit", top.get("default_rate_limit"))
     _server("server", top.get("server"))
+    shared = _shared_limits(top.get("shared_limits"), limits, top.get("models"))
     return Config(
         cerebras_limits=limits,
         circuit_breaker=breaker,
@@ -568,8 +630,27 @@ def parse_config(data: Any, source: str = "config") -> Config:
         prompt_cache=PromptCacheConfig(
             **_section("prompt_cache", top.get("prompt_cache"), _PROMPT_CACHE_FIELDS)
         ),
+        shared_limits=shared,
         source=source,
     )
+
+
+def _shared_limits(value: Any, limits: CerebrasLimits, models: Any) -> SharedLimitsConfig | None:
+    if value is None:
+        return None
+    shared = SharedLimitsConfig(**_section("shared_limits", value, _SHARED_LIMITS_FIELDS))
+    # The shared scripts keep token buckets only (a window's log per limit in Redis would cost
+    # a sorted set per limit and model, for an algorithm upstream does not use).
+    windowed = limits.algorithm == "sliding_window" or any(
+        isinstance(m, Mapping) and m.get("algorithm") == "sliding_window"
+        for m in _mapping("models", models).values()
+    )
+    if windowed:
+        raise ConfigError(
+            "shared_limits: works with algorithm: token_bucket only; remove "
+            "algorithm: sliding_window or the shared_limits section"
+        )
+    return shared
 
 
 def load_config(path: str | Path | None) -> Config:

@@ -469,16 +469,25 @@ class _Part:
     in_flight_at_report: bool = False  # ... since that view's report (which may count it)
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True, slots=True)
 class Reservation:
-    """What one released request holds against the limits until it is settled or released."""
+    """What the backend hands out for one released request: an opaque `id` (the backend keeps
+    what it holds under it), the limiter key, and the amount charged against the token
+    limits. Plain values only, so that a backend whose state lives elsewhere (Redis) hands
+    out the same thing as the in-process one."""
+
+    id: str
+    key: str
+    tokens: int
+
+
+@dataclass(eq=False, slots=True)
+class _Held:
+    """The in-process backend's record of one reservation: a part per limit."""
 
     key: str
-    tokens: int  # the amount charged against token limits right now
-    # The backend's own record of what it holds per limit; opaque to everyone else.
-    parts: list[_Part] = field(default_factory=list, repr=False)
+    parts: list[_Part] = field(default_factory=list)
     confirmed: bool = False
-    open: bool = True
 
 
 @dataclass(frozen=True)
@@ -498,6 +507,9 @@ class Decision:
     reservation: Reservation | None = None
     wait: float = 0.0
     binding: str | None = None  # the name of the rate that said no
+    # The limits could not be consulted (shared state unreachable, `on_error: reject`): refuse
+    # the request now rather than hold it.
+    unavailable: bool = False
 
 
 class Pace:
@@ -531,7 +543,13 @@ class Pace:
 
 
 class LimiterBackend(Protocol):
-    """Where limit state lives. Implementations: `MemoryLimiter` (one process)."""
+    """Where limit state lives: `MemoryLimiter` (one process), `backends.shared.SharedLimiter`
+    (Redis, several proxies). Every call takes primitives (a key, rates, amounts, `now`) and
+    a reservation is a plain value (`Reservation`): the state stays the backend's own.
+
+    `waited` and `priority` place a request among those every instance holds (the oldest, and
+    the highest class, first); a backend with one instance's queue ignores them.
+    """
 
     def try_acquire(
         self,
@@ -540,6 +558,8 @@ class LimiterBackend(Protocol):
         tokens: int,
         now: float,
         total: int | None = None,
+        waited: float = 0.0,
+        priority: int = 0,
     ) -> Decision: ...
 
     def confirm(self, reservation: Reservation, now: float) -> None: ...
@@ -631,7 +651,7 @@ class UpstreamViews:
         self,
         key: str,
         reports: Sequence[RateReport],
-        in_flight: Iterable[Reservation],
+        in_flight: Iterable[_Held],
         now: float,
     ) -> bool:
         """Re-sync the views of `key` from one response's `x-ratelimit-*` reports, with our
@@ -652,8 +672,8 @@ class UpstreamViews:
             return False
         flying = dict.fromkeys(wanted, 0)
         parts: list[_Part] = []
-        for reservation in in_flight:
-            for part in reservation.parts:
+        for held in in_flight:
+            for part in held.parts:
                 if part.slot in wanted:
                     parts.append(part)
                     flying[part.slot] += part.amount
@@ -711,8 +731,9 @@ class MemoryLimiter:
         self._views = UpstreamViews(view_margin, resync_interval)
         self._paces: dict[Slot, Pace] = {}
         # Released and not yet confirmed: a report re-bases the view on top of them.
-        self._in_flight: dict[str, dict[Reservation, None]] = {}
-        self._open = 0
+        self._in_flight: dict[str, dict[_Held, None]] = {}
+        self._held: dict[str, _Held] = {}  # every open reservation, by id
+        self._ids = itertools.count(1)
 
     # -- state lookup ------------------------------------------------------------------------
 
@@ -756,6 +777,8 @@ class MemoryLimiter:
         tokens: int,
         now: float,
         total: int | None = None,
+        waited: float = 0.0,
+        priority: int = 0,
     ) -> Decision:
         """Reserve one request and `tokens` under every limit, or say how long until it fits.
 
@@ -791,7 +814,7 @@ class MemoryLimiter:
             plan.append((slot, counter, view, pace, amount, limit))
         if binding is not None:
             return Decision(False, wait=worst_wait, binding=binding)
-        reservation = Reservation(key, tokens)
+        held = _Held(key)
         for slot, counter, view, pace, amount, limit in plan:
             counter.hold(amount)
             part = _Part(slot, amount, limit, pace)
@@ -800,9 +823,10 @@ class MemoryLimiter:
                 part.view_epoch = view.epoch
             if pace is not None:
                 pace[0].take(amount, pace[1], pace[2], now)
-            reservation.parts.append(part)
-        self._in_flight.setdefault(key, {})[reservation] = None
-        self._open += 1
+            held.parts.append(part)
+        self._in_flight.setdefault(key, {})[held] = None
+        reservation = Reservation(f"m{next(self._ids)}", key, tokens)
+        self._held[reservation.id] = held
         return Decision(True, reservation=reservation)
 
     # -- upstream's reports --------------------------------------------------------------------
@@ -823,9 +847,14 @@ class MemoryLimiter:
 
     def confirm(self, reservation: Reservation, now: float) -> None:
         """Upstream has admitted the request by `now`: charge it at this moment."""
-        if not reservation.open or reservation.confirmed:
+        held = self._held.get(reservation.id)
+        if held is not None:
+            self._confirm(held, now)
+
+    def _confirm(self, held: _Held, now: float) -> None:
+        if held.confirmed:
             return
-        for part in reservation.parts:
+        for part in held.parts:
             counter = self._counters.get(part.slot)
             if counter is not None:
                 part.handle = counter.count(part.amount, part.limit, now)
@@ -836,8 +865,8 @@ class MemoryLimiter:
                 if part.in_flight_at_report:
                     view.counted_twice += part.amount
                 part.view_epoch = None
-        self._forget_in_flight(reservation)
-        reservation.confirmed = True
+        self._forget_in_flight(held)
+        held.confirmed = True
 
     def settle(
         self,
@@ -856,11 +885,12 @@ class MemoryLimiter:
         more, whatever our estimate was. `actual_tokens` and `refund` are for the `tokens`
         limits; `total`, for the `total_tokens` limit (None: it keeps what it reserved).
         """
-        if not reservation.open:
+        held = self._held.pop(reservation.id, None)
+        if held is None:
             return
-        self.confirm(reservation, now)
+        self._confirm(held, now)
         actual = max(int(actual_tokens), 0)
-        for part in reservation.parts:
+        for part in held.parts:
             unit = part.slot[1]
             if unit == "tokens":
                 used, given = actual, refund
@@ -882,8 +912,6 @@ class MemoryLimiter:
             if part.pace is not None:
                 bucket, capacity, rate = part.pace
                 bucket.take(used - part.amount, capacity, rate, now)
-        reservation.tokens = actual
-        self._close(reservation)
 
     def exhaust(self, key: str, rate: Rate, now: float) -> None:
         """Upstream refused a request on this limit (a 429 naming it) while our picture had
@@ -899,12 +927,13 @@ class MemoryLimiter:
         for sure). A refusal after confirmation is a 429 whose own headers re-sync the view,
         so the view is left alone.
         """
-        if not reservation.open:
+        held = self._held.pop(reservation.id, None)
+        if held is None:
             return
-        for part in reservation.parts:
+        for part in held.parts:
             counter = self._counters.get(part.slot)
             view = self._views.get(part.slot)
-            if not reservation.confirmed:
+            if not held.confirmed:
                 if counter is not None:
                     counter.unhold(part.amount)
                 if view is not None and part.view_epoch == view.epoch:
@@ -914,20 +943,14 @@ class MemoryLimiter:
             if part.pace is not None:
                 bucket, capacity, rate = part.pace
                 bucket.take(-part.amount, capacity, rate, now)
-        self._forget_in_flight(reservation)
-        reservation.tokens = 0
-        self._close(reservation)
+        self._forget_in_flight(held)
 
-    def _forget_in_flight(self, reservation: Reservation) -> None:
-        flying = self._in_flight.get(reservation.key)
+    def _forget_in_flight(self, held: _Held) -> None:
+        flying = self._in_flight.get(held.key)
         if flying is not None:
-            flying.pop(reservation, None)
+            flying.pop(held, None)
             if not flying:
-                del self._in_flight[reservation.key]
-
-    def _close(self, reservation: Reservation) -> None:
-        reservation.open = False
-        self._open -= 1
+                del self._in_flight[held.key]
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -940,4 +963,4 @@ class MemoryLimiter:
         return local if view is None else max(local, limit - view.room(now))
 
     def open_reservations(self) -> int:
-        return self._open
+        return len(self._held)

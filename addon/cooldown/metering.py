@@ -47,6 +47,7 @@ OUTCOME_LABELS = {
     Outcome.SHUTDOWN: "refused_shutdown",
     Outcome.CANCELLED: "cancelled",
     Outcome.TOO_LARGE: "refused_too_large",
+    Outcome.LIMITS_UNAVAILABLE: "refused_limits_unavailable",
 }
 
 

@@ -242,7 +242,12 @@ class Scheduler:
         if self.breaker.state(now) is not BreakerState.CLOSED:
             return False
         rates = self.rates_for(key)
-        decision = self.limiter.try_acquire(key, rates, ticket.tokens, now, ticket.total)
+        decision = self.limiter.try_acquire(
+            key, rates, ticket.tokens, now, ticket.total, 0.0, ticket.policy.priority
+        )
+        if decision.unavailable:
+            self._finalize(ticket, Outcome.LIMITS_UNAVAILABLE, now, decision.wait)
+            return True
         if not decision.granted:
             return False
         ticket.reservation = decision.reservation
@@ -309,9 +314,20 @@ class Scheduler:
             ):
                 head_until = refused[2]
             else:
-                decision = self.limiter.try_acquire(key, rates, ticket.tokens, now, ticket.total)
+                decision = self.limiter.try_acquire(
+                    key,
+                    rates,
+                    ticket.tokens,
+                    now,
+                    ticket.total,
+                    now - ticket.enqueued_at,
+                    ticket.policy.priority,
+                )
                 if decision.granted:
                     self._release(ticket, decision.reservation, key, rates, half_open, now)
+                    continue
+                if decision.unavailable:
+                    self._resolve(ticket, Outcome.LIMITS_UNAVAILABLE, now, decision.wait)
                     continue
                 ticket.wait_reason = decision.binding
                 self._last_wait[key] = decision.wait
@@ -330,7 +346,10 @@ class Scheduler:
         small = queue.backfill_candidate(head)
         if small is None or head.backfilled + small.tokens > BACKFILL_SHARE * head.tokens:
             return False
-        decision = self.limiter.try_acquire(key, rates, small.tokens, now, small.total)
+        waited, priority = now - small.enqueued_at, small.policy.priority
+        decision = self.limiter.try_acquire(
+            key, rates, small.tokens, now, small.total, waited, priority
+        )
         if not decision.granted:
             return False
         head.backfilled += small.tokens

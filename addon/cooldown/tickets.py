@@ -26,6 +26,8 @@ class Outcome(enum.Enum):
     CANCELLED = "cancelled"  # the client went away or the flow was killed
     SHUTDOWN = "shutdown"
     TOO_LARGE = "too_large"  # no limit could ever hold it (see estimate.too_large)
+    # The shared limits could not be consulted (Redis unreachable, `on_error: reject`).
+    LIMITS_UNAVAILABLE = "limits_unavailable"
 
 
 # Priority classes, by the names X-Cooldown-Priority and `clients:` use.
