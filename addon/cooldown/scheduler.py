@@ -42,7 +42,7 @@ from .accounts import Accounts
 from .breaker import BreakerState, CircuitBreaker
 from .config import CerebrasLimits
 from .estimate import Need, TooLarge, too_large
-from .limiter import LimiterBackend, Rate, Reservation
+from .limiter import Decision, LimiterBackend, Rate, Reservation
 from .probe import ProbeFirst
 from .queues import KeyQueue
 from .tickets import NORMAL, SMALL_REQUEST_TOKENS, Policy
@@ -101,6 +101,27 @@ class ClientShares:
         return dict(self._held)
 
 
+class Deadlines:
+    """Held tickets by deadline, the earliest first (tickets resolved meanwhile are skipped)."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Ticket]] = []
+
+    def add(self, ticket: Ticket) -> None:
+        heapq.heappush(self._heap, (ticket.deadline, ticket.id, ticket))
+
+    def earliest(self) -> float | None:
+        return self._heap[0][0] if self._heap else None
+
+    def expired(self, now: float) -> Iterator[Ticket]:
+        """The held tickets whose deadline has come, taken off."""
+        heap = self._heap
+        while heap and (heap[0][0] <= now or not heap[0][2].held):
+            ticket = heapq.heappop(heap)[2]
+            if ticket.held:
+                yield ticket
+
+
 class Pauses:
     """Keys that release nothing until a moment (a cooldown after an upstream 429)."""
 
@@ -134,7 +155,7 @@ class Scheduler:
         self.rates_for = rates_for
         self.on_resolved = on_resolved
         self._queues: dict[str, KeyQueue] = {}
-        self._deadlines: list[tuple[float, int, Ticket]] = []
+        self._deadlines = Deadlines()
         self._ids = itertools.count(1)
         self._depth = 0
         self.shares = ClientShares()
@@ -225,7 +246,7 @@ class Scheduler:
         queue = self._queues[key] = queue or KeyQueue()
         queue.push(ticket, self.limits.priority_aging, self.rates_for(key))
         ticket.queued = True
-        heapq.heappush(self._deadlines, (ticket.deadline, ticket.id, ticket))
+        self._deadlines.add(ticket)
         self._depth += 1
         self.shares.add(client)
         return ticket
@@ -242,9 +263,7 @@ class Scheduler:
         if self.breaker.state(now) is not BreakerState.CLOSED:
             return False
         rates = self.rates_for(key)
-        decision = self.limiter.try_acquire(
-            key, rates, ticket.tokens, now, ticket.total, 0.0, ticket.policy.priority
-        )
+        decision = self._acquire(key, rates, ticket, now)
         if decision.unavailable:
             self._finalize(ticket, Outcome.LIMITS_UNAVAILABLE, now, decision.wait)
             return True
@@ -267,11 +286,10 @@ class Scheduler:
         """Release every held request that may go now; return when to pump next (or None)."""
         self._expire(now)
         if self.breaker.state(now) is BreakerState.OPEN:
-            retry = self.breaker.retry_after(now)
             for ticket in list(self.held_tickets()):
-                self._resolve(ticket, Outcome.BREAKER_OPEN, now, retry)
+                self._resolve(ticket, Outcome.BREAKER_OPEN, now, self.breaker.retry_after(now))
             return None
-        next_at = self._deadlines[0][0] if self._deadlines else None
+        next_at = self._deadlines.earliest()
         for key, queue in list(self._queues.items()):
             wake, reason = self._release_from(key, queue, now)
             if wake is not None:
@@ -314,15 +332,7 @@ class Scheduler:
             ):
                 head_until = refused[2]
             else:
-                decision = self.limiter.try_acquire(
-                    key,
-                    rates,
-                    ticket.tokens,
-                    now,
-                    ticket.total,
-                    now - ticket.enqueued_at,
-                    ticket.policy.priority,
-                )
+                decision = self._acquire(key, rates, ticket, now)
                 if decision.granted:
                     self._release(ticket, decision.reservation, key, rates, half_open, now)
                     continue
@@ -346,15 +356,18 @@ class Scheduler:
         small = queue.backfill_candidate(head)
         if small is None or head.backfilled + small.tokens > BACKFILL_SHARE * head.tokens:
             return False
-        waited, priority = now - small.enqueued_at, small.policy.priority
-        decision = self.limiter.try_acquire(
-            key, rates, small.tokens, now, small.total, waited, priority
-        )
+        decision = self._acquire(key, rates, small, now)
         if not decision.granted:
             return False
         head.backfilled += small.tokens
         self._release(small, decision.reservation, key, rates, False, now)
         return True
+
+    def _acquire(self, key: str, rates: Sequence[Rate], ticket: Ticket, now: float) -> Decision:
+        waited, ticket_class = now - ticket.enqueued_at, ticket.policy.priority  # its place
+        return self.limiter.try_acquire(
+            key, rates, ticket.tokens, now, ticket.total, waited, ticket_class
+        )
 
     def _release(
         self,
@@ -375,11 +388,8 @@ class Scheduler:
         self._resolve(ticket, Outcome.RELEASED, now)
 
     def _expire(self, now: float) -> None:
-        deadlines = self._deadlines
-        while deadlines and (deadlines[0][0] <= now or not deadlines[0][2].held):
-            _, _, ticket = heapq.heappop(deadlines)
-            if ticket.held:
-                self._resolve(ticket, Outcome.TIMEOUT, now, self.retry_hint(ticket.key))
+        for ticket in self._deadlines.expired(now):
+            self._resolve(ticket, Outcome.TIMEOUT, now, self.retry_hint(ticket.key))
 
     def shutdown(self, now: float) -> list[Ticket]:
         """Resolve every held request (the proxy is stopping)."""
