@@ -60,6 +60,7 @@ def make(request):
             resync_interval=resync_interval,
             lease=math.inf,  # leases are Redis's own (test_shared_limits.py)
             max_wait=math.inf,
+            fresh_for=0.0,  # `used` asks Redis every time
         )
 
     yield shared

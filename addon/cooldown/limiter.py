@@ -577,7 +577,16 @@ class LimiterBackend(Protocol):
 
     def release(self, reservation: Reservation, now: float) -> None: ...
 
-    def observe(self, key: str, reports: Sequence[RateReport], now: float) -> bool: ...
+    def observe(
+        self, key: str, reports: Sequence[RateReport], now: float, defer: bool = False
+    ) -> bool:
+        """Re-sync from one answer's reports; `defer`: the rest of the answer follows at once,
+        and a backend may apply them (as of `now`) with its settle."""
+        ...
+
+    def withdraw(self, key: str, now: float) -> None:
+        """Nothing of `key` is held here any more (shared queues: make no room for it)."""
+        ...
 
     def used(self, key: str, rate: Rate, now: float) -> float: ...
 
@@ -843,9 +852,11 @@ class MemoryLimiter:
 
     # -- upstream's reports --------------------------------------------------------------------
 
-    def observe(self, key: str, reports: Sequence[RateReport], now: float) -> bool:
+    def observe(
+        self, key: str, reports: Sequence[RateReport], now: float, defer: bool = False
+    ) -> bool:
         """Re-sync upstream's view of `key` from one response's `x-ratelimit-*` reports;
-        False when they changed nothing (see `UpstreamViews.observe`)."""
+        False when they changed nothing (see `UpstreamViews.observe`). Always at once."""
         return self._views.observe(key, reports, self._in_flight.get(key, ()), now)
 
     def learned_limits(self, key: str) -> dict[tuple[Unit, float], int]:
@@ -979,6 +990,9 @@ class MemoryLimiter:
 
     def tick(self, now: float) -> None:
         """Nothing to do now and then: everything here happens when it is called."""
+
+    def withdraw(self, key: str, now: float) -> None:
+        """One process, one queue: nobody else to make room for."""
 
     def shared_status(self) -> dict[str, object] | None:
         """None: the limits live in this process alone."""

@@ -297,6 +297,7 @@ class Scheduler:
             self.waiting[key] = (reason, wake)
             if queue.live == 0:
                 del self._queues[key], self.waiting[key]
+                self.limiter.withdraw(key, now)
         return next_at
 
     def _release_from(
@@ -307,8 +308,7 @@ class Scheduler:
         if paused is not None:
             return paused, UPSTREAM_429
         rates = self.rates_for(key)
-        # Usage only rises while releasing, so once tight, tight for the rest of this pump; and
-        # with one request waiting, the order does not matter.
+        # Once tight, tight for this pump (releasing only adds); one waiting: order is moot.
         tight = False
         while True:
             if not tight and queue.live > 1:

@@ -13,16 +13,16 @@
 --
 -- ARGV[1] now in seconds ("" = Redis's TIME: the one clock every proxy shares; tests pass
 --         their own), ARGV[2] the calling proxy's id, ARGV[3] lease seconds, then operations:
---         a code, the number of its arguments, its arguments. Confirms, settles and releases
---         come first with their age: a proxy sends them with its next call, and they apply
---         at the moment they happened. Results come back flat, in order, as strings (Lua
+--         a code, the number of its arguments, its arguments. Confirms, settles, releases,
+--         reports and withdrawals take their age first: a proxy may send them with its next
+--         call, and they apply at the moment they happened. Results come back flat, in order, as strings (Lua
 --         numbers would be truncated to integers).
 
 local EPSILON = 1e-6
 local REFUND_CREDIT_DELAY = 0.25
 local REFUND_TRUST = 0.9
 local STALE_RECHECK_SECONDS = 1.0
-local HEAD_TTL = 2.0          -- a published head not refreshed for this long is ignored
+local HEAD_TTL = 1.0          -- a published head not refreshed for this long is ignored
 local HEAD_RECHECK = 0.5      -- a proxy yielding to another's head looks again this often
 local CLASS_SECONDS = 86400.0 -- one priority class outranks any wait within a day
 
@@ -457,7 +457,7 @@ while i <= #ARGV do
   for j = 1, count do args[j] = ARGV[i + 1 + j] end
   i = i + 2 + count
   now = call_time
-  if code == "C" or code == "S" or code == "R" then
+  if code == "C" or code == "S" or code == "R" or code == "O" or code == "W" then
     now = call_time - tonumber(table.remove(args, 1))
   end
   if code == "A" then
@@ -476,6 +476,9 @@ while i <= #ARGV do
     op_charge(args[1], tonumber(args[2]), tonumber(args[3]), tonumber(args[4]))
   elseif code == "Q" then
     op_query(args)
+  elseif code == "W" then -- nothing of this model waits at this proxy any more
+    redis.call("ZREM", KEYS[4], me)
+    redis.call("HDEL", KEYS[5], me)
   else
     return redis.error_reply("cooldown: unknown operation " .. tostring(code))
   end

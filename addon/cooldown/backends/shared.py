@@ -216,15 +216,21 @@ class SharedLimiter:
         owner = self._owners.pop(reservation.id, None)
         if owner is not None:
             owner.settle(reservation, actual_tokens, now, refund, total)
-        else:
-            self.shared.settle(reservation, actual_tokens, now, refund, total)
+            return
+        try:
+            self.shared.settle(reservation, actual_tokens, now, refund, total, not self.up)
+        except SharedStateError as e:
+            self._down(e, now)
 
     def release(self, reservation: Reservation, now: float) -> None:
         owner = self._owners.pop(reservation.id, None)
         if owner is not None:
             owner.release(reservation, now)
-        else:
-            self.shared.release(reservation, now)
+            return
+        try:
+            self.shared.release(reservation, now, not self.up)
+        except SharedStateError as e:
+            self._down(e, now)
 
     def exhaust(self, key: str, rate: Rate, now: float) -> None:
         if self.up:
@@ -236,14 +242,20 @@ class SharedLimiter:
         if self._alone is not None:
             self._alone.exhaust(key, self._scaled(rate), now)
 
-    def observe(self, key: str, reports: Sequence[RateReport], now: float) -> bool:
+    def observe(
+        self, key: str, reports: Sequence[RateReport], now: float, defer: bool = False
+    ) -> bool:
         if self.up:
             try:
-                return self.shared.observe(key, reports, now)
+                return self.shared.observe(key, reports, now, defer)
             except SharedStateError as e:
                 self._down(e, now)
         # Alone, upstream's reports still say what the whole organization left.
         return self._alone is not None and self._alone.observe(key, reports, now)
+
+    def withdraw(self, key: str, now: float) -> None:
+        if self.up:
+            self.shared.withdraw(key, now)
 
     def used(self, key: str, rate: Rate, now: float) -> float:
         if self.up:
