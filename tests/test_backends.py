@@ -345,3 +345,15 @@ def test_a_stale_view_lets_one_request_ask_upstream(make):
     limiter.confirm(probe.reservation, stale + 0.5)
     limiter.observe("k", report(remaining=25_000, limit=60_000), now=stale + 0.5)
     assert limiter.try_acquire("k", (BIG,), 100, stale + 0.5).granted
+
+
+def test_a_deferred_report_applies_as_of_its_arrival_by_the_settle(make):
+    """A report whose answer's body follows at once may travel with the settle (Redis: one
+    round trip less); it re-syncs the view as of its arrival either way."""
+    limiter = make()
+    reservation = granted(limiter, (TPM,), 300, 0)
+    limiter.confirm(reservation, now=1)
+    limiter.observe("k", report(remaining=100), now=1, defer=True)  # others used 200
+    limiter.settle(reservation, 300, now=1)
+    assert limiter.used("k", TPM, 1) == pytest.approx(500)
+    assert limiter.used("k", TPM, 2) == pytest.approx(490)  # refilled since its arrival

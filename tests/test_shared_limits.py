@@ -18,11 +18,13 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cooldown.backends.redis import SHARED_QUEUE, RedisLimiter
-from cooldown.backends.shared import UNAVAILABLE, SharedLimiter
-from cooldown.config import Config, SharedLimitsConfig
+from cooldown.backends.redis import RedisLimiter
+from cooldown.backends.shared import SharedLimiter
+from cooldown.config import Config, SharedLimitsConfig, parse_config
 from cooldown.gate import Gate
-from cooldown.limiter import MemoryLimiter, Rate
+from cooldown.limiter import SHARED_QUEUE, MemoryLimiter, Rate
+from cooldown.limiter import SHARED_UNAVAILABLE as UNAVAILABLE
+from cooldown.runtime import Runtime
 from cooldown.tickets import Outcome
 
 RPM = Rate("rpm", "requests", 10)
@@ -53,6 +55,7 @@ def clients(shared_redis):
 def proxy(clients, prefix, name, **options):
     """One proxy's limiter on the test's clock (`now` as passed)."""
     options.setdefault("max_wait", math.inf)
+    options.setdefault("fresh_for", 0.0)
     return RedisLimiter(clients(), prefix, name, use_redis_time=False, **options)
 
 
@@ -192,6 +195,7 @@ def test_the_script_and_the_memory_limiter_make_the_same_decisions(clients, ops)
         use_redis_time=False,
         lease=math.inf,
         max_wait=math.inf,
+        fresh_for=0.0,
     )
     now, held = 0.0, []
     for kind, n, extra in ops:
@@ -315,3 +319,43 @@ def test_redis_away_at_start_up_is_tried_again(own_redis, prefix):
     limiter.tick(1.5)
     assert limiter.shared_status()["state"] == "shared"
     limiter.close()
+
+
+def test_a_proxy_with_nothing_waiting_withdraws_its_head(clients, prefix):
+    a, b = proxy(clients, prefix, "a"), proxy(clients, prefix, "b")
+    a.confirm(a.try_acquire("m", (TPM,), 600, now=0).reservation, now=0)
+    assert not a.try_acquire("m", (TPM,), 400, now=10, waited=10).granted
+    assert b.try_acquire("m", (TPM,), 100, now=10.2).binding == SHARED_QUEUE
+    a.withdraw("m", now=10.3)  # its client left: nothing of "m" waits at a
+    a.flush(10.3)
+    assert b.try_acquire("m", (TPM,), 100, now=10.4).granted
+
+
+def test_the_runtime_keeps_limits_where_shared_limits_says(shared_redis, prefix, caplog):
+    runtime = Runtime()
+    shared = {"redis_url": shared_redis.url, "key_prefix": prefix}
+    runtime.apply(parse_config({"shared_limits": shared}))
+    assert isinstance(runtime.gate.limiter, SharedLimiter)
+    assert runtime.gate.status()["shared_limits"]["state"] == "shared"
+    held = runtime.gate.submit(10, key="m")
+    assert held.outcome is Outcome.RELEASED  # holds a reservation: no switching now
+    with caplog.at_level(logging.WARNING):
+        runtime.apply(parse_config({}))
+    assert isinstance(runtime.gate.limiter, SharedLimiter)
+    assert "restart the proxy" in caplog.text
+    runtime.gate.finish(held, 200, 10)
+    runtime.apply(parse_config({}))  # nothing held or in flight: applied
+    assert isinstance(runtime.gate.limiter, MemoryLimiter)
+    assert "shared_limits" not in runtime.gate.status()
+    runtime.close()
+
+
+def test_a_proxy_starts_while_redis_is_away_and_says_so(own_redis, prefix, caplog):
+    own_redis.kill()
+    runtime = Runtime()
+    config = {"shared_limits": {"redis_url": own_redis.url, "key_prefix": prefix}}
+    with caplog.at_level(logging.WARNING):
+        runtime.apply(parse_config(config))
+    assert runtime.gate.status()["shared_limits"]["state"] == "holding"
+    assert "unavailable" in caplog.text
+    runtime.close()

@@ -77,6 +77,10 @@ REFUND_TRUST = 0.9
 # MemoryLimiter.observe): under load, answers come back hundreds of times a second, and
 # re-syncing on each of them was the largest single cost of an answer.
 RESYNC_INTERVAL = 0.01
+# What a request may wait for with shared limits, besides a limit (Decision.binding): another
+# proxy's request that came first, or Redis itself (`on_error: hold`).
+SHARED_QUEUE = "shared_queue"
+SHARED_UNAVAILABLE = "shared_limits_unavailable"
 
 
 @dataclass(frozen=True)

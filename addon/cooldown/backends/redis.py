@@ -33,6 +33,7 @@ import redis
 
 from ..limiter import (
     RESYNC_INTERVAL,
+    SHARED_QUEUE,
     VIEW_MARGIN,
     Decision,
     Rate,
@@ -56,8 +57,6 @@ MAX_WAIT = 0.5
 # `used` answers from the last call for the model when it is at most this old (it orders the
 # queue and fills the X-RateLimit-* headers; admission never reads it).
 USED_FRESH_SECONDS = 0.25
-# The binding the script reports when another proxy's earlier request goes first.
-SHARED_QUEUE = "shared_queue"
 _KEY_SUFFIXES = (":s", ":r", ":x", ":h", ":hi")
 
 

@@ -30,6 +30,7 @@ from importlib import resources
 import redis
 
 from ..config import SharedLimitsConfig, redact_url
+from ..limiter import SHARED_UNAVAILABLE as UNAVAILABLE
 from ..limiter import Decision, MemoryLimiter, Rate, RateReport, Reservation, Settled, Unit
 from .redis import RedisLimiter, SharedStateError
 
@@ -41,7 +42,6 @@ ALIVE_SECONDS = 5.0
 RETRY_SECONDS = 1.0  # how often a proxy without Redis tries it again
 # Redis on the proxy's path must answer fast or not at all: a decision waits for it.
 SOCKET_TIMEOUT = 0.25
-UNAVAILABLE = "shared_limits_unavailable"  # what held requests wait for under `hold`
 
 
 def instance_id() -> str:
