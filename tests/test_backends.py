@@ -357,3 +357,25 @@ def test_a_deferred_report_applies_as_of_its_arrival_by_the_settle(make):
     limiter.settle(reservation, 300, now=1)
     assert limiter.used("k", TPM, 1) == pytest.approx(500)
     assert limiter.used("k", TPM, 2) == pytest.approx(490)  # refilled since its arrival
+
+
+def test_only_requests_in_flight_at_a_report_make_the_next_one_unsure(make):
+    """Others' usage is learnt from reports that cannot have miscounted ours: one released
+    and answered between two reports is in neither's doubt; one in flight at a report is."""
+    limiter = make(resync_interval=0)
+    now, left = 0.0, 1_000
+    limiter.observe("k", report(remaining=left, limit=6_000), now=now)
+    for _ in range(12):
+        reservation = granted(limiter, (Rate("tpm", "tokens", 6_000),), 100, now + 1)
+        limiter.confirm(reservation, now=now + 1)  # after the last report: no doubt
+        now += 5
+        left += 100 * 5 - 100 - 20 * 5  # refill, ours, and others' 20 a second
+        limiter.observe("k", report(remaining=left, limit=6_000), now=now)
+        limiter.settle(reservation, 100, now=now)
+    assert limiter.foreign_rate("k", "tokens", 60.0, now) == pytest.approx(20, rel=0.05)
+    flying = granted(limiter, (Rate("tpm", "tokens", 6_000),), 1_000, now)
+    limiter.observe("k", report(remaining=left - 1_000, limit=6_000), now=now + 1)
+    limiter.confirm(flying, now=now + 2)  # in flight at that report: it may count it twice
+    before = limiter.foreign_rate("k", "tokens", 60.0, now + 2)
+    limiter.observe("k", report(remaining=left - 3_000, limit=6_000), now=now + 3)
+    assert limiter.foreign_rate("k", "tokens", 60.0, now + 3) == pytest.approx(before)

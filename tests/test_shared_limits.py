@@ -12,17 +12,25 @@ import itertools
 import logging
 import math
 import threading
+import time
 
 import pytest
 import redis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from cooldown.backends.redis import RedisLimiter
 from cooldown.backends.shared import SharedLimiter
 from cooldown.config import Config, SharedLimitsConfig, parse_config
 from cooldown.gate import Gate
-from cooldown.limiter import SHARED_QUEUE, MemoryLimiter, Rate
+from cooldown.limiter import (
+    SHARED_QUEUE,
+    UPSTREAM_429,
+    MemoryLimiter,
+    Rate,
+    RateReport,
+    UpstreamDrift,
+)
 from cooldown.limiter import SHARED_UNAVAILABLE as UNAVAILABLE
 from cooldown.runtime import Runtime
 from cooldown.tickets import Outcome
@@ -171,17 +179,27 @@ _op = st.one_of(
     st.tuples(st.just("settle"), st.integers(0, 30), st.integers(0, 900)),
     st.tuples(st.just("release"), st.integers(0, 30), st.none()),
     st.tuples(st.just("wait"), st.integers(1, 40), st.none()),
+    st.tuples(st.just("report"), st.integers(0, 600), st.integers(0, 5)),
 )
 
 
 @settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(ops=st.lists(_op, max_size=40))
-def test_the_script_and_the_memory_limiter_make_the_same_decisions(clients, ops):
-    """Any sequence of acquires, confirms, settles, releases and waits gets the same grants,
-    the same waits and the same usage from both backends (buckets and paces: what upstream's
-    reports do not touch)."""
+# Found by this test: the script's pace forgot the refill it computed for a refusal.
+@example(
+    ops=[("acquire", 1, None), ("wait", 1, None), ("acquire", 1, None), ("acquire", 299, None)]
+)
+def test_the_script_and_the_memory_limiter_make_the_same_decisions(clients, monkeypatch, ops):
+    """Any sequence of acquires, confirms, settles, releases, waits and upstream's reports
+    gets the same grants, the same waits and the same usage from both backends: buckets,
+    paces, and upstream's view with its skip and stale rules and others' usage learnt. (Refunds
+    are not credited here: upstream refunds nothing, so both views learn a share of 0; the
+    script credits them in batches, see test_backends.py. Nor is others' usage learnt: the
+    shared view gets each proxy's estimate with its next report, one report later than the
+    in-process view, so the learner, the same Python on both sides, is switched off.)"""
+    monkeypatch.setattr(UpstreamDrift, "add", lambda self, *sample: None)
     rates = (
         Rate("rpm", "requests", 5),
         Rate("tpm", "tokens", 600, burst=0.5),
@@ -196,11 +214,17 @@ def test_the_script_and_the_memory_limiter_make_the_same_decisions(clients, ops)
         lease=math.inf,
         max_wait=math.inf,
         fresh_for=0.0,
+        view_margin=0.0,
     )
     now, held = 0.0, []
     for kind, n, extra in ops:
         if kind == "wait":
             now += n / 4
+        elif kind == "report":
+            reports = [RateReport("tokens", 60.0, 600, n, float(extra) * 10)]
+            if extra % 2:
+                reports.append(RateReport("requests", 60.0, 5, extra, 5.0))
+            assert memory.observe("m", reports, now) == shared.observe("m", reports, now)
         elif kind == "acquire":
             one = memory.try_acquire("m", rates, n, now, extra)
             two = shared.try_acquire("m", rates, n, now, extra)
@@ -214,8 +238,8 @@ def test_the_script_and_the_memory_limiter_make_the_same_decisions(clients, ops)
                 memory.confirm(first, now)
                 shared.confirm(second, now)
             elif kind == "settle":
-                memory.settle(first, extra, now)
-                shared.settle(second, extra, now)
+                memory.settle(first, extra, now, refund=0)
+                shared.settle(second, extra, now, refund=0)
                 held.remove((first, second))
             else:
                 memory.release(first, now)
@@ -227,6 +251,18 @@ def test_the_script_and_the_memory_limiter_make_the_same_decisions(clients, ops)
 
 
 # -- SharedLimiter: Redis away and back --------------------------------------------------------
+
+
+def reconnects(limiter, now=0.0, timeout=10.0):
+    """Tick (as the proxy does every second) until the watcher thread has seen Redis answer
+    and the limiter shares again; False after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        limiter.tick(now)
+        if limiter.up:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def shared_limiter(server, on_error, prefix, instance="p1"):
@@ -256,7 +292,7 @@ def test_while_redis_is_away_hold_keeps_requests_waiting(own_redis, prefix, capl
     assert own_redis.url.split("@")[-1] in caplog.records[0].message
     assert limiter.shared_status()["state"] == "holding"
     own_redis.start()
-    limiter.tick(10.0)
+    assert reconnects(limiter)
     assert limiter.shared_status()["state"] == "shared"
     assert limiter.try_acquire("m", (TPM,), 10, now=11.0).granted
     limiter.close()
@@ -286,8 +322,7 @@ def test_local_decides_on_its_share_and_reconciles_when_redis_is_back(own_redis,
     for decision in admitted[:2]:
         one.settle(decision.reservation, 1, now=2.0)  # settled where it was made
     own_redis.start()  # empty: a restart keeps nothing
-    one.tick(3.0)
-    assert one.shared_status()["state"] == "shared"
+    assert reconnects(one, now=3.0)
     # What p1 counted alone (5 requests at 1 s, less 2 s of its 5-a-minute refill) is in the
     # shared bucket now, once (the shared bucket runs on Redis's clock: hardly any later).
     assert one.used("m", RPM, 3.0) == pytest.approx(5 - 2 * 5 / 60, abs=0.01)
@@ -313,10 +348,10 @@ def test_redis_away_at_start_up_is_tried_again(own_redis, prefix):
     own_redis.kill()
     limiter = shared_limiter(own_redis, "hold", prefix)
     assert limiter.shared_status()["state"] == "holding"
-    own_redis.start()
-    limiter.tick(0.5)  # too soon: at most once a second
+    limiter.tick(0.5)  # nothing answered the watcher yet: the tick waits for nothing
     assert limiter.shared_status()["state"] == "holding"
-    limiter.tick(1.5)
+    own_redis.start()
+    assert reconnects(limiter)
     assert limiter.shared_status()["state"] == "shared"
     limiter.close()
 
@@ -359,3 +394,12 @@ def test_a_proxy_starts_while_redis_is_away_and_says_so(own_redis, prefix, caplo
     assert runtime.gate.status()["shared_limits"]["state"] == "holding"
     assert "unavailable" in caplog.text
     runtime.close()
+
+
+def test_an_upstream_429_pauses_every_proxy(clients, prefix):
+    a, b = proxy(clients, prefix, "a"), proxy(clients, prefix, "b")
+    a.pause("m", 5.0, now=0)
+    paused = b.try_acquire("m", (TPM,), 10, now=1)
+    assert (paused.granted, paused.binding) == (False, UPSTREAM_429)
+    assert paused.wait == pytest.approx(4)
+    assert b.try_acquire("m", (TPM,), 10, now=5.1).granted

@@ -221,7 +221,9 @@ class Gate:
 
     def pause(self, key: str, seconds: float) -> None:
         """Release nothing more for `key` for `seconds` (upstream said 429)."""
-        self.scheduler.pauses.pause(key, self.clock() + seconds)
+        now = self.clock()
+        self.scheduler.pauses.pause(key, now + seconds)
+        self.limiter.pause(key, seconds, now)
         self.pump()
 
     def exhaust(self, key: str, unit: Unit) -> None:

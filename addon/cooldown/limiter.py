@@ -81,6 +81,7 @@ RESYNC_INTERVAL = 0.01
 # proxy's request that came first, or Redis itself (`on_error: hold`).
 SHARED_QUEUE = "shared_queue"
 SHARED_UNAVAILABLE = "shared_limits_unavailable"
+UPSTREAM_429 = "upstream_429"  # the pause after an upstream 429 (any proxy's, when shared)
 
 
 @dataclass(frozen=True)
@@ -592,6 +593,11 @@ class LimiterBackend(Protocol):
         """Nothing of `key` is held here any more (shared queues: make no room for it)."""
         ...
 
+    def pause(self, key: str, seconds: float, now: float) -> None:
+        """Upstream said 429: release nothing of `key` for `seconds`. The scheduler pauses its
+        own queue; a shared backend pauses every proxy's."""
+        ...
+
     def used(self, key: str, rate: Rate, now: float) -> float: ...
 
     def limit(self, key: str, rate: Rate) -> int: ...
@@ -742,7 +748,24 @@ class UpstreamViews:
         return 0.0 if drift is None else drift.rate(now)
 
 
-class MemoryLimiter:
+class _Alone:
+    """The calls that only matter when limits are shared, as one process answers them."""
+
+    def tick(self, now: float) -> None:
+        """Nothing to do now and then: everything here happens when it is called."""
+
+    def withdraw(self, key: str, now: float) -> None:
+        """One process, one queue: nobody else to make room for."""
+
+    def pause(self, key: str, seconds: float, now: float) -> None:
+        """One process: the scheduler's own pause is the whole of it."""
+
+    def shared_status(self) -> dict[str, object] | None:
+        """None: the limits live in this process alone."""
+        return None
+
+
+class MemoryLimiter(_Alone):
     """The in-process backend: one counter per (key, unit, period), plus upstream's view."""
 
     def __init__(
@@ -991,13 +1014,3 @@ class MemoryLimiter:
 
     def open_reservations(self) -> int:
         return len(self._held)
-
-    def tick(self, now: float) -> None:
-        """Nothing to do now and then: everything here happens when it is called."""
-
-    def withdraw(self, key: str, now: float) -> None:
-        """One process, one queue: nobody else to make room for."""
-
-    def shared_status(self) -> dict[str, object] | None:
-        """None: the limits live in this process alone."""
-        return None

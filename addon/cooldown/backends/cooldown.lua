@@ -153,12 +153,16 @@ end
 -- Pacing (burst < 1): a small bucket of `burst * limit`, refilled at limit / period.
 local function pace_level(s, capacity, rate)
   local level, at = get(s, "pl", capacity), get(s, "pt", now)
-  if now > at then level = math.min(capacity, level + rate * (now - at)) end
-  set(s, "pt", math.max(now, at))
+  if now > at then
+    level = math.min(capacity, level + rate * (now - at))
+    set(s, "pl", level)
+    set(s, "pt", now)
+  end
   return level
 end
 local function pace_take(s, amount, capacity, rate)
   set(s, "pl", math.min(capacity, pace_level(s, capacity, rate) - amount))
+  set(s, "pt", math.max(now, get(s, "pt", now)))
 end
 
 local function effective_limit(s, limit)
@@ -315,6 +319,9 @@ local function op_acquire(args)
     if wait > worst then worst, binding = wait, i end
     plan[i] = {s = s, amount = amount, limit = limit, period = period, burst = burst}
   end
+  -- Some proxy drew an upstream 429: nobody sends until its pause is over.
+  local paused = get("pause", "until", 0)
+  if paused > now and paused - now > worst then worst, binding = paused - now, -2 end
   -- Another proxy's head that came first and would not fit beside this one goes first.
   local rank = now - waited - class * CLASS_SECONDS
   if binding == 0 then
@@ -476,6 +483,8 @@ while i <= #ARGV do
     op_charge(args[1], tonumber(args[2]), tonumber(args[3]), tonumber(args[4]))
   elseif code == "Q" then
     op_query(args)
+  elseif code == "P" then -- an upstream 429: every proxy pauses this model
+    set("pause", "until", math.max(get("pause", "until", 0), now + tonumber(args[1])))
   elseif code == "W" then -- nothing of this model waits at this proxy any more
     redis.call("ZREM", KEYS[4], me)
     redis.call("HDEL", KEYS[5], me)

@@ -34,6 +34,7 @@ import redis
 from ..limiter import (
     RESYNC_INTERVAL,
     SHARED_QUEUE,
+    UPSTREAM_429,
     VIEW_MARGIN,
     Decision,
     Rate,
@@ -172,7 +173,7 @@ class RedisLimiter:
         if granted:
             self._open.add(rid)
             return Decision(True, reservation=Reservation(rid, key, int(tokens)))
-        name = SHARED_QUEUE if binding < 0 else rates[binding - 1].name
+        name = {-1: SHARED_QUEUE, -2: UPSTREAM_429}.get(binding) or rates[binding - 1].name
         return Decision(False, wait=min(wait, self._max_wait), binding=name)
 
     # -- a reservation's life --------------------------------------------------------------
@@ -214,6 +215,10 @@ class RedisLimiter:
         self._later(key, now, op)
         if not later:
             self.call(key, (), now)  # a failure leaves it waiting with the others
+
+    def pause(self, key: str, seconds: float, now: float) -> None:
+        """Every proxy releases nothing of `key` for `seconds` (an upstream 429)."""
+        self.call(key, ["P", "1", _fmt(seconds)], now)
 
     def withdraw(self, key: str, now: float) -> None:
         """Nothing of `key` waits here any more: stop asking the others to make room for this
