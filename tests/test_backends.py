@@ -387,7 +387,7 @@ def test_reports_rounded_down_to_whole_units_are_not_taken_for_others_usage(make
     limiter = make(resync_interval=0)
     rpm = Rate("rpm", "requests", 30)  # refills half a request a second
     level, now = 30.0, 0.0
-    for step in range(40):
+    for _ in range(40):
         reservation = granted(limiter, (rpm,), 1, now)
         level -= 1
         limiter.confirm(reservation, now)
