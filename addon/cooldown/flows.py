@@ -209,16 +209,25 @@ def header_values(headers: http.Headers, *names: bytes) -> list[str | None]:
 
 
 PRIORITY_HEADER = b"x-cooldown-priority"
+AUTHORIZATION = b"authorization"
 
 
-def take_priority(request: http.Request) -> str | None:
-    """The X-Cooldown-Priority a client sent, removed: it is the proxy's, not upstream's."""
-    (asked,) = header_values(request.headers, PRIORITY_HEADER)
+def take_priority(request: http.Request) -> tuple[str | None, str | None]:
+    """The X-Cooldown-Priority a client sent, removed (it is the proxy's, not upstream's),
+    and the Authorization it sent (routing.client_of): one pass over the raw fields."""
+    asked = authorization = None
+    for name, value in request.headers.fields:
+        lowered = name.lower()
+        if lowered == AUTHORIZATION:
+            if authorization is None:
+                authorization = value.decode("latin-1")
+        elif lowered == PRIORITY_HEADER and asked is None:
+            asked = value.decode("latin-1")
     if asked is not None:
         request.headers.fields = tuple(
             field for field in request.headers.fields if field[0].lower() != PRIORITY_HEADER
         )
-    return asked
+    return asked, authorization
 
 
 def snapshot_request(request: http.Request) -> http.Request:

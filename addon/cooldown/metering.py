@@ -22,7 +22,6 @@ from .flows import (
     FlowTable,
     MeteredFlow,
     Phase,
-    header_values,
     prepare,
     snapshot_request,
     take_priority,
@@ -96,7 +95,7 @@ class Metering:
             config = self.runtime.config
             if not is_cerebras(config, f):
                 return
-            asked = take_priority(f.request)
+            asked, authorization = take_priority(f.request)
             if not is_metered_path(f.request):
                 route(config, f)
                 return
@@ -105,7 +104,7 @@ class Metering:
             if shape.clamped is not None:
                 self.runtime.metrics.clamped(key)
             metered = MeteredFlow(f, key, shape, config.cerebras_limits.max_retries)
-            metered.client = client_of(f)
+            metered.client = client_of(f, authorization)
             metered.policy = policy_of(config, metered.client, asked)
             self.table.add(metered)
         await self._admit(metered)
@@ -253,8 +252,7 @@ class Metering:
         self.runtime.gate.confirm(metered.ticket, f.response.status_code, f.response.headers)
         if f.response.status_code == 200:
             self.runtime.processed(metered.cache)
-        add_proxy_headers(self.runtime.gate, f.response, metered)
-        (content_type,) = header_values(f.response.headers, b"content-type")
+        content_type = add_proxy_headers(self.runtime.gate, f.response, metered)
         if content_type is not None and content_type.startswith("text/event-stream"):
             if metered.parent is not None:
                 # A retry's copy: buffered whole, to be handed to the flow it retries (whose

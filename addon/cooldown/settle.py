@@ -22,12 +22,13 @@ from .upstream import SSEUsageTap, Upstream429, parse_retry_after, usage_from_js
 log = logging.getLogger(__name__)
 
 
-def add_proxy_headers(gate: Gate, response: http.Response, metered: MeteredFlow) -> None:
-    """The proxy's own view, beside upstream's x-ratelimit-* (which pass unchanged)."""
+def add_proxy_headers(gate: Gate, response: http.Response, metered: MeteredFlow) -> str | None:
+    """The proxy's own view, beside upstream's x-ratelimit-* (which pass unchanged); returns
+    the answer's Content-Type, found in the same pass over its header fields."""
     assert metered.ticket is not None and metered.estimate is not None
     added: list[tuple[bytes, bytes]] = []
-    for name, (limit, remaining) in gate.rate_view(metered.key).items():
-        limit_name, remaining_name = _RATE_HEADERS[name]
+    for rate, (limit, remaining) in gate.rate_view(metered.key).items():
+        limit_name, remaining_name = _RATE_HEADERS[rate]
         added.append((limit_name, str(limit).encode()))
         added.append((remaining_name, str(remaining).encode()))
     added.append((b"X-Cooldown-Wait", f"{metered.ticket.waited:.3f}".encode()))
@@ -40,10 +41,18 @@ def add_proxy_headers(gate: Gate, response: http.Response, metered: MeteredFlow)
     # One rebuild of the header tuple instead of a scan-and-rebuild per header. Upstream's
     # own X-RateLimit-* names differ from ours, so a client-visible clash is rare: only then
     # is anything dropped.
-    response.headers.fields = (
-        *(field for field in response.headers.fields if field[0].lower() not in _OURS),
-        *added,
-    )
+    kept: list[tuple[bytes, bytes]] = []
+    content_type: str | None = None
+    for field in response.headers.fields:
+        name = field[0].lower()
+        if name in _OURS:
+            continue
+        if name == b"content-type" and content_type is None:
+            content_type = field[1].decode("latin-1")
+        kept.append(field)
+    kept += added
+    response.headers.fields = tuple(kept)
+    return content_type
 
 
 # Our header names per limit ("tpm" -> X-RateLimit-Limit-TPM, X-RateLimit-Remaining-TPM;
