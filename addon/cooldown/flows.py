@@ -84,6 +84,7 @@ class FlowTable:
     def __init__(self) -> None:
         self._by_flow: dict[str, MeteredFlow] = {}
         self._by_client: dict[str, dict[str, MeteredFlow]] = {}
+        self._copies = 0  # entries that are retries' copies (parent is not None)
 
     def __len__(self) -> int:
         return len(self._by_flow)
@@ -95,6 +96,11 @@ class FlowTable:
         return self._by_flow.get(flow_id)
 
     def add(self, metered: MeteredFlow) -> None:
+        replaced = self._by_flow.get(metered.id)
+        if replaced is not None and replaced.parent is not None:
+            self._copies -= 1
+        if metered.parent is not None:
+            self._copies += 1
         self._by_flow[metered.id] = metered
         client = metered.client_id
         if client is not None:
@@ -105,6 +111,8 @@ class FlowTable:
         if self._by_flow.get(metered.id) is not metered:
             return
         del self._by_flow[metered.id]
+        if metered.parent is not None:
+            self._copies -= 1
         client = metered.client_id
         siblings = self._by_client.get(client) if client is not None else None
         if siblings is not None:
@@ -124,7 +132,7 @@ class FlowTable:
 
     def copies(self) -> int:
         """Retries' copies whose replay is not over yet."""
-        return sum(1 for metered in self._by_flow.values() if metered.parent is not None)
+        return self._copies
 
 
 # Tokenizing is fast but not free (roughly 1 ms per 4K tokens); above this many body bytes,

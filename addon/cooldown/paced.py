@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from mitmproxy import connection, ctx, flow, hooks, http
@@ -93,7 +93,13 @@ class Pacing:
             if f.client_conn.id == client.id:
                 left.set()
 
-    def update(self, flows: list[flow.Flow]) -> None:
+    @property
+    def update(self) -> Callable[[list[flow.Flow]], None] | None:
+        """The `update` hook while a flow is held for its turn; None (no call per event)
+        otherwise, as for the departures addon."""
+        return self._update_held if self._held else None
+
+    def _update_held(self, flows: list[flow.Flow]) -> None:
         for f in flows:
             held = self._held.get(f.id)
             if held is None:
