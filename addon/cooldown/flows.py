@@ -207,13 +207,12 @@ def prepare_request(
 def header_values(headers: http.Headers, *names: bytes) -> list[str | None]:
     """The first value of each of `names` (lower-case), in one pass over the raw fields:
     mitmproxy's `Headers.get` scans and re-encodes every field per name asked."""
-    found: list[str | None] = [None] * len(names)
+    found: dict[bytes, str | None] = dict.fromkeys(names)
     for name, value in headers.fields:
         lowered = name.lower()
-        for i, wanted in enumerate(names):
-            if lowered == wanted and found[i] is None:
-                found[i] = value.decode("latin-1")
-    return found
+        if lowered in found and found[lowered] is None:
+            found[lowered] = value.decode("latin-1")
+    return [found[name] for name in names]
 
 
 PRIORITY_HEADER = b"x-cooldown-priority"

@@ -45,7 +45,6 @@ _RATE_NAMES: dict[str, tuple[str, str, str]] = {
 }
 _RATE_NAMES_BYTES = {name.encode(): parts for name, parts in _RATE_NAMES.items()}
 _PREFIX = "x-ratelimit-"
-_PREFIX_BYTES = _PREFIX.encode()
 
 
 def parse_rate_headers(headers: Mapping[str, str] | Any) -> list[RateReport]:
@@ -62,8 +61,6 @@ def parse_rate_headers(headers: Mapping[str, str] | Any) -> list[RateReport]:
         # (A non-ASCII latin-1 name never lower-cases to an ASCII one, so comparing
         # ASCII-lower-cased bytes finds exactly the names the decoded comparison would.)
         for name, value in fields:
-            if name[:12].lower() != _PREFIX_BYTES:
-                continue
             parts = _RATE_NAMES_BYTES.get(name.lower())
             if parts is None:
                 continue
