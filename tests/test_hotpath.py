@@ -1,5 +1,6 @@
 """The hot-path shortcuts (issue 12) give the same answers as the straightforward code."""
 
+import json
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -8,11 +9,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from mitmproxy import http
+from mitmproxy.test import tflow
 from prometheus_client.parser import text_string_to_metric_families
 
 from cooldown import estimate
 from cooldown.config import Config
 from cooldown.estimate import _texts, count_text_tokens, parse_request
+from cooldown.flows import header_values, prepare, take_priority
 from cooldown.gate import Gate
 from cooldown.limiter import RateReport
 from cooldown.metrics import Metrics
@@ -209,3 +212,61 @@ def test_metrics_series_are_created_by_the_same_events() -> None:
     }
     assert snapshot["queue_wait_seconds"]["a"]["count"] == 3
     assert snapshot["estimate_to_actual_ratio"]["a"]["count"] == 2
+
+
+# -- header reading: one pass over the raw fields finds what mitmproxy's Headers finds ----------
+
+_HEADER_NAMES = [
+    "Authorization",
+    "authorization",
+    "AUTHORIZATION",
+    "X-Cooldown-Priority",
+    "x-cooldown-priority",
+    "Content-Encoding",
+    "content-encoding",
+    "Content-Type",
+    "Host",
+    "X-Other",
+]
+_HEADER_VALUES = ["Bearer sk-1", "bearer  sk-2 ", "high", "low", "gzip", "", "x\xe9"]
+
+
+@given(
+    st.lists(st.tuples(st.sampled_from(_HEADER_NAMES), st.sampled_from(_HEADER_VALUES)), max_size=8)
+)
+def test_take_priority_reads_what_headers_say(pairs: list[tuple[str, str]]) -> None:
+    fields = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in pairs]
+    request = http.Request.make("POST", "http://api.cerebras.ai/v1/chat/completions", b"{}")
+    request.headers = http.Headers(fields)
+    reference = http.Headers(fields)
+    first = {n.lower(): v for n, v in reversed(pairs)}  # the first value of each name
+    sent = take_priority(request)
+    assert sent.priority == first.get("x-cooldown-priority")
+    assert sent.authorization == first.get("authorization")
+    assert sent.encoded == ("content-encoding" in reference)
+    assert "x-cooldown-priority" not in request.headers
+    assert [f for f in request.headers.fields if f[0].lower() != b"x-cooldown-priority"] == [
+        f for f in fields if f[0].lower() != b"x-cooldown-priority"
+    ]
+    names = (b"content-type", b"content-encoding", b"authorization", b"content-type")
+    assert header_values(reference, *names) == [first.get(n.decode()) for n in names]
+
+
+async def test_an_encoded_request_body_is_estimated_decoded() -> None:
+    body = json.dumps(
+        {"model": "m", "messages": [{"role": "user", "content": "hello " * 50}]}
+    ).encode()
+    plain = tflow.tflow()
+    plain.request.path = "/v1/chat/completions"
+    plain.request.content = body
+    packed = tflow.tflow()
+    packed.request.path = "/v1/chat/completions"
+    packed.request.headers["content-encoding"] = "gzip"
+    packed.request.content = body  # encoded as the header says
+    assert packed.request.raw_content != body
+    plain_shape = await prepare(plain, None, take_priority(plain.request).encoded)
+    packed_sent = take_priority(packed.request)
+    assert packed_sent.encoded
+    packed_shape = await prepare(packed, None, packed_sent.encoded)
+    assert packed_shape == plain_shape
+    assert plain_shape.understood and plain_shape.input_tokens > 50

@@ -14,7 +14,7 @@ import enum
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from mitmproxy import http
 
@@ -140,9 +140,12 @@ class FlowTable:
 OFFLOAD_BODY_BYTES = 32 * 1024
 
 
-async def prepare(f: http.HTTPFlow, cap_of: OutputCap = None) -> RequestShape:
-    """Tokenize and edit the request (see prepare_request), in a worker thread if it is large."""
-    body = f.request.get_content(strict=False) or b""
+async def prepare(f: http.HTTPFlow, cap_of: OutputCap = None, encoded: bool = True) -> RequestShape:
+    """Tokenize and edit the request (see prepare_request), in a worker thread if it is large.
+
+    `encoded`: False when the request has no Content-Encoding (take_priority saw none): its
+    raw body is the body, as `get_content` would find after looking the header up again."""
+    body = (f.request.get_content(strict=False) if encoded else f.request.raw_content) or b""
     path = f.request.path
     if len(body) > OFFLOAD_BODY_BYTES:
         shape, new_body, added_usage = await asyncio.to_thread(prepare_request, path, body, cap_of)
@@ -217,24 +220,38 @@ def header_values(headers: http.Headers, *names: bytes) -> list[str | None]:
 
 PRIORITY_HEADER = b"x-cooldown-priority"
 AUTHORIZATION = b"authorization"
+CONTENT_ENCODING = b"content-encoding"
 
 
-def take_priority(request: http.Request) -> tuple[str | None, str | None]:
+class ClientHeaders(NamedTuple):
+    """What the metering addon reads of a request's headers, in one pass (take_priority)."""
+
+    priority: str | None  # X-Cooldown-Priority, now removed from the request
+    authorization: str | None  # for routing.client_of
+    encoded: bool  # a Content-Encoding is set: the body is read decoded (see prepare)
+
+
+def take_priority(request: http.Request) -> ClientHeaders:
     """The X-Cooldown-Priority a client sent, removed (it is the proxy's, not upstream's),
-    and the Authorization it sent (routing.client_of): one pass over the raw fields."""
+    with the Authorization it sent and whether it set a Content-Encoding: one pass over the
+    raw fields (mitmproxy's `Headers.get` scans and re-encodes every field per name)."""
     asked = authorization = None
+    encoded = False
     for name, value in request.headers.fields:
         lowered = name.lower()
         if lowered == AUTHORIZATION:
             if authorization is None:
                 authorization = value.decode("latin-1")
-        elif lowered == PRIORITY_HEADER and asked is None:
-            asked = value.decode("latin-1")
+        elif lowered == PRIORITY_HEADER:
+            if asked is None:
+                asked = value.decode("latin-1")
+        elif lowered == CONTENT_ENCODING:
+            encoded = True
     if asked is not None:
         request.headers.fields = tuple(
             field for field in request.headers.fields if field[0].lower() != PRIORITY_HEADER
         )
-    return asked, authorization
+    return ClientHeaders(asked, authorization, encoded)
 
 
 def snapshot_request(request: http.Request) -> http.Request:

@@ -95,17 +95,17 @@ class Metering:
             config = self.runtime.config
             if not is_cerebras(config, f):
                 return
-            asked, authorization = take_priority(f.request)
+            sent = take_priority(f.request)
             if not is_metered_path(f.request):
                 route(config, f)
                 return
-            shape = await prepare(f, config.output_cap)
+            shape = await prepare(f, config.output_cap, sent.encoded)
             key = key_for(config, self.runtime.gate.keys, shape.model)
             if shape.clamped is not None:
                 self.runtime.metrics.clamped(key)
             metered = MeteredFlow(f, key, shape, config.cerebras_limits.max_retries)
-            metered.client = client_of(f, authorization)
-            metered.policy = policy_of(config, metered.client, asked)
+            metered.client = client_of(f, sent.authorization)
+            metered.policy = policy_of(config, metered.client, sent.priority)
             self.table.add(metered)
         await self._admit(metered)
 
