@@ -1,5 +1,6 @@
 """The hot-path shortcuts (issue 12) give the same answers as the straightforward code."""
 
+import asyncio
 import json
 import re
 from collections.abc import Iterator
@@ -270,3 +271,40 @@ async def test_an_encoded_request_body_is_estimated_decoded() -> None:
     packed_shape = await prepare(packed, None, packed_sent.encoded)
     assert packed_shape == plain_shape
     assert plain_shape.understood and plain_shape.input_tokens > 50
+
+
+# -- hooks given to mitmproxy only while they have something to do -----------------------------
+
+
+async def test_the_update_hooks_are_there_only_while_something_is_held(tmp_path) -> None:
+    from tests.helpers import running_cooldown
+    from tests.test_addon import cerebras_flow
+
+    config = "cerebras_limits:\n  rpm_limit: 1\n  probe_first: false\n"
+    with running_cooldown(tmp_path, config) as cooldown:
+        departures, pacing = cooldown.departures, cooldown.pacing
+        assert departures.update is None and pacing.update is None
+        assert pacing.request is None  # no rate_limits, no default_rate_limit
+        await cooldown.metering.request(cerebras_flow())  # the minute's only request
+        assert departures.update is None
+        held = cerebras_flow()
+        task = asyncio.ensure_future(cooldown.metering.request(held))
+        for _ in range(50):
+            await asyncio.sleep(0)
+            if held.intercepted:
+                break
+        assert held.intercepted and cooldown.metering.table.held == 1
+        assert callable(departures.update)
+        held.kill()
+        departures.update([held])  # what mitmproxy calls after the kill
+        await task
+        assert cooldown.metering.table.held == 0
+        assert departures.update is None
+
+
+def test_the_pacing_request_hook_is_there_with_pacing_rules(tmp_path) -> None:
+    from tests.helpers import running_cooldown
+
+    config = "rate_limits:\n  - domain: '*.example.com'\n    requests_per_second: 5\n"
+    with running_cooldown(tmp_path, config) as cooldown:
+        assert callable(cooldown.pacing.request)

@@ -75,10 +75,10 @@ class Departures:
 
         mitmproxy looks a hook up on the addon for every event (`getattr`, skipped when
         falsy) and triggers `update` after every hook of every flow: four times per request.
-        Only held flows (queued in the gate) and flows waiting for a retry's copy (the table
-        has copies) have anything to check, so most flows cost no call at all.
+        Only held flows and flows waiting for a retry's copy (the table has copies) have
+        anything to check, so most flows cost no call at all.
         """
-        if self.runtime.gate.depth or self.table.copies():
+        if self.table.held or self.table.copies():
             return self._update
         return None
 

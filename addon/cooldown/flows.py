@@ -85,6 +85,7 @@ class FlowTable:
         self._by_flow: dict[str, MeteredFlow] = {}
         self._by_client: dict[str, dict[str, MeteredFlow]] = {}
         self._copies = 0  # entries that are retries' copies (parent is not None)
+        self.held = 0  # entries in Phase.HELD (counted by the metering addon's _hold)
 
     def __len__(self) -> int:
         return len(self._by_flow)

@@ -178,6 +178,7 @@ class Metering:
         f, ticket, estimate = metered.flow, metered.ticket, metered.estimate
         assert ticket is not None and estimate is not None
         metered.phase = Phase.HELD
+        self.table.held += 1  # while a flow is held, the departures addon watches updates
         f.intercept()
         f.comment = answers.held_comment(
             f, ticket, estimate, self.runtime.gate.depth, metered.cache
@@ -192,6 +193,7 @@ class Metering:
             return await self.runtime.gate.wait(ticket)
         finally:
             metered.phase = Phase.ADMITTING
+            self.table.held -= 1
             if ticket.tokens != max(estimate.total, 1):
                 metered.estimate = self.runtime.estimate(
                     metered.key, metered.shape
