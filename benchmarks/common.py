@@ -188,6 +188,7 @@ def start_mitmdump(
     *,
     addon_config: dict[str, Any] | None,
     extra: Sequence[str] = (),
+    env: dict[str, str] | None = None,
 ) -> Mitmdump:
     """mitmdump on a free 127.0.0.1 port, its CA dir, config and log in `workdir`; with
     `addon_config`, with the Cooldown addon. Use it as a context manager to stop it."""
@@ -202,6 +203,7 @@ def start_mitmdump(
         options=["flow_detail=0", "connection_strategy=lazy"],
         args=extra,
         cwd=workdir,
+        env=env,
         start_timeout=START_TIMEOUT,
         stop_timeout=STOP_TIMEOUT,
     )

@@ -3,6 +3,7 @@
     .venv/bin/python -m benchmarks.together                       # this checkout's addon
     git worktree add /tmp/base <commit>
     .venv/bin/python -m benchmarks.together --script /tmp/base/addon/cerebras.py --rounds 4
+    .venv/bin/python -m benchmarks.together --stub metering --stub responseheaders  # parts' cost
 
 Each round loads bare mitmdump and one addon variant at the same time, both pinned to the
 same CPU (benchmark 3's headline phase, `bench_proxy.together_on_one_cpu`), so each ratio is
@@ -25,11 +26,20 @@ import yaml
 from .bench_proxy import CHAT, NOOP_ADDON, addon_config, together_on_one_cpu
 from .common import HOST, build_request, start_fast_upstream, start_mitmdump
 
+PARTIAL_ADDON = Path(__file__).with_name("partial_addon.py")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--script", action="append", default=[], help="another addon script to compare"
+    )
+    parser.add_argument(
+        "--stub",
+        action="append",
+        default=[],
+        metavar="PARTS",
+        help="also this addon without PARTS (comma-separated, see benchmarks/partial_addon.py)",
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=6.0)
@@ -52,6 +62,14 @@ def main() -> None:
                 f"other-{i}",
                 addon_config=None,
                 extra=["-s", script, "--set", f"cerebras_config={config}"],
+            )
+        for i, parts in enumerate(args.stub):
+            variants[f"this addon without {parts}"] = start_mitmdump(
+                work,
+                f"stub-{i}",
+                addon_config=None,
+                extra=["-s", str(PARTIAL_ADDON), "--set", f"cerebras_config={config}"],
+                env={"COOLDOWN_BENCH_STUB": parts},
             )
         bare = stack.enter_context(start_mitmdump(work, "bare", addon_config=None))
         for proc in variants.values():

@@ -1,5 +1,7 @@
 """The hot-path shortcuts (issue 12) give the same answers as the straightforward code."""
 
+import asyncio
+import json
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -8,11 +10,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from mitmproxy import http
+from mitmproxy.test import tflow
 from prometheus_client.parser import text_string_to_metric_families
 
 from cooldown import estimate
 from cooldown.config import Config
 from cooldown.estimate import _texts, count_text_tokens, parse_request
+from cooldown.flows import header_values, prepare, take_priority
 from cooldown.gate import Gate
 from cooldown.limiter import RateReport
 from cooldown.metrics import Metrics
@@ -209,3 +213,98 @@ def test_metrics_series_are_created_by_the_same_events() -> None:
     }
     assert snapshot["queue_wait_seconds"]["a"]["count"] == 3
     assert snapshot["estimate_to_actual_ratio"]["a"]["count"] == 2
+
+
+# -- header reading: one pass over the raw fields finds what mitmproxy's Headers finds ----------
+
+_HEADER_NAMES = [
+    "Authorization",
+    "authorization",
+    "AUTHORIZATION",
+    "X-Cooldown-Priority",
+    "x-cooldown-priority",
+    "Content-Encoding",
+    "content-encoding",
+    "Content-Type",
+    "Host",
+    "X-Other",
+]
+_HEADER_VALUES = ["Bearer sk-1", "bearer  sk-2 ", "high", "low", "gzip", "", "x\xe9"]
+
+
+@given(
+    st.lists(st.tuples(st.sampled_from(_HEADER_NAMES), st.sampled_from(_HEADER_VALUES)), max_size=8)
+)
+def test_take_priority_reads_what_headers_say(pairs: list[tuple[str, str]]) -> None:
+    fields = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in pairs]
+    request = http.Request.make("POST", "http://api.cerebras.ai/v1/chat/completions", b"{}")
+    request.headers = http.Headers(fields)
+    reference = http.Headers(fields)
+    first = {n.lower(): v for n, v in reversed(pairs)}  # the first value of each name
+    sent = take_priority(request)
+    assert sent.priority == first.get("x-cooldown-priority")
+    assert sent.authorization == first.get("authorization")
+    assert sent.encoded == ("content-encoding" in reference)
+    assert "x-cooldown-priority" not in request.headers
+    assert [f for f in request.headers.fields if f[0].lower() != b"x-cooldown-priority"] == [
+        f for f in fields if f[0].lower() != b"x-cooldown-priority"
+    ]
+    names = (b"content-type", b"content-encoding", b"authorization", b"content-type")
+    assert header_values(reference, *names) == [first.get(n.decode()) for n in names]
+
+
+async def test_an_encoded_request_body_is_estimated_decoded() -> None:
+    body = json.dumps(
+        {"model": "m", "messages": [{"role": "user", "content": "hello " * 50}]}
+    ).encode()
+    plain = tflow.tflow()
+    plain.request.path = "/v1/chat/completions"
+    plain.request.content = body
+    packed = tflow.tflow()
+    packed.request.path = "/v1/chat/completions"
+    packed.request.headers["content-encoding"] = "gzip"
+    packed.request.content = body  # encoded as the header says
+    assert packed.request.raw_content != body
+    plain_shape = await prepare(plain, None, take_priority(plain.request).encoded)
+    packed_sent = take_priority(packed.request)
+    assert packed_sent.encoded
+    packed_shape = await prepare(packed, None, packed_sent.encoded)
+    assert packed_shape == plain_shape
+    assert plain_shape.understood and plain_shape.input_tokens > 50
+
+
+# -- hooks given to mitmproxy only while they have something to do -----------------------------
+
+
+async def test_the_update_hooks_are_there_only_while_something_is_held(tmp_path) -> None:
+    from tests.helpers import running_cooldown
+    from tests.test_addon import cerebras_flow
+
+    config = "cerebras_limits:\n  rpm_limit: 1\n  probe_first: false\n"
+    with running_cooldown(tmp_path, config) as cooldown:
+        departures, pacing = cooldown.departures, cooldown.pacing
+        assert departures.update is None and pacing.update is None
+        assert pacing.request is None  # no rate_limits, no default_rate_limit
+        await cooldown.metering.request(cerebras_flow())  # the minute's only request
+        assert departures.update is None
+        held = cerebras_flow()
+        task = asyncio.ensure_future(cooldown.metering.request(held))
+        for _ in range(50):
+            await asyncio.sleep(0)
+            if held.intercepted:
+                break
+        assert held.intercepted and cooldown.metering.table.held == 1
+        assert callable(departures.update)
+        held.kill()
+        departures.update([held])  # what mitmproxy calls after the kill
+        await task
+        assert cooldown.metering.table.held == 0
+        assert departures.update is None
+
+
+def test_the_pacing_request_hook_is_there_with_pacing_rules(tmp_path) -> None:
+    from tests.helpers import running_cooldown
+
+    config = "rate_limits:\n  - domain: '*.example.com'\n    requests_per_second: 5\n"
+    with running_cooldown(tmp_path, config) as cooldown:
+        assert callable(cooldown.pacing.request)

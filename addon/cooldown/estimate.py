@@ -266,8 +266,11 @@ def _chat_input_tokens(
             segments.append(segment)
             total += segment[1]
     for message in messages:
-        tokens = TOKENS_PER_MESSAGE + _text_tokens(message)
-        segments.append((hash(tuple(_texts(message))), tokens))
+        texts = tuple(_texts(message))  # one walk for both the digest and the count
+        tokens = TOKENS_PER_MESSAGE
+        for text in texts:
+            tokens += count_text_tokens(text)
+        segments.append((hash(texts), tokens))
         total += tokens
     segments.append((_REPLY_DIGEST, TOKENS_PER_REPLY))
     return total

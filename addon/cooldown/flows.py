@@ -14,7 +14,7 @@ import enum
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from mitmproxy import http
 
@@ -84,6 +84,8 @@ class FlowTable:
     def __init__(self) -> None:
         self._by_flow: dict[str, MeteredFlow] = {}
         self._by_client: dict[str, dict[str, MeteredFlow]] = {}
+        self._copies = 0  # entries that are retries' copies (parent is not None)
+        self.held = 0  # entries in Phase.HELD (counted by the metering addon's _hold)
 
     def __len__(self) -> int:
         return len(self._by_flow)
@@ -95,6 +97,11 @@ class FlowTable:
         return self._by_flow.get(flow_id)
 
     def add(self, metered: MeteredFlow) -> None:
+        replaced = self._by_flow.get(metered.id)
+        if replaced is not None and replaced.parent is not None:
+            self._copies -= 1
+        if metered.parent is not None:
+            self._copies += 1
         self._by_flow[metered.id] = metered
         client = metered.client_id
         if client is not None:
@@ -105,6 +112,8 @@ class FlowTable:
         if self._by_flow.get(metered.id) is not metered:
             return
         del self._by_flow[metered.id]
+        if metered.parent is not None:
+            self._copies -= 1
         client = metered.client_id
         siblings = self._by_client.get(client) if client is not None else None
         if siblings is not None:
@@ -124,7 +133,7 @@ class FlowTable:
 
     def copies(self) -> int:
         """Retries' copies whose replay is not over yet."""
-        return sum(1 for metered in self._by_flow.values() if metered.parent is not None)
+        return self._copies
 
 
 # Tokenizing is fast but not free (roughly 1 ms per 4K tokens); above this many body bytes,
@@ -132,9 +141,12 @@ class FlowTable:
 OFFLOAD_BODY_BYTES = 32 * 1024
 
 
-async def prepare(f: http.HTTPFlow, cap_of: OutputCap = None) -> RequestShape:
-    """Tokenize and edit the request (see prepare_request), in a worker thread if it is large."""
-    body = f.request.get_content(strict=False) or b""
+async def prepare(f: http.HTTPFlow, cap_of: OutputCap = None, encoded: bool = True) -> RequestShape:
+    """Tokenize and edit the request (see prepare_request), in a worker thread if it is large.
+
+    `encoded`: False when the request has no Content-Encoding (take_priority saw none): its
+    raw body is the body, as `get_content` would find after looking the header up again."""
+    body = (f.request.get_content(strict=False) if encoded else f.request.raw_content) or b""
     path = f.request.path
     if len(body) > OFFLOAD_BODY_BYTES:
         shape, new_body, added_usage = await asyncio.to_thread(prepare_request, path, body, cap_of)
@@ -199,13 +211,12 @@ def prepare_request(
 def header_values(headers: http.Headers, *names: bytes) -> list[str | None]:
     """The first value of each of `names` (lower-case), in one pass over the raw fields:
     mitmproxy's `Headers.get` scans and re-encodes every field per name asked."""
-    found: list[str | None] = [None] * len(names)
+    found: dict[bytes, str | None] = dict.fromkeys(names)
     for name, value in headers.fields:
         lowered = name.lower()
-        for i, wanted in enumerate(names):
-            if lowered == wanted and found[i] is None:
-                found[i] = value.decode("latin-1")
-    return found
+        if lowered in found and found[lowered] is None:
+            found[lowered] = value.decode("latin-1")
+    return [found[name] for name in names]
 
 
 def is_event_stream(response: http.Response) -> bool:
@@ -215,16 +226,39 @@ def is_event_stream(response: http.Response) -> bool:
 
 
 PRIORITY_HEADER = b"x-cooldown-priority"
+AUTHORIZATION = b"authorization"
+CONTENT_ENCODING = b"content-encoding"
 
 
-def take_priority(request: http.Request) -> str | None:
-    """The X-Cooldown-Priority a client sent, removed: it is the proxy's, not upstream's."""
-    (asked,) = header_values(request.headers, PRIORITY_HEADER)
+class ClientHeaders(NamedTuple):
+    """What the metering addon reads of a request's headers, in one pass (take_priority)."""
+
+    priority: str | None  # X-Cooldown-Priority, now removed from the request
+    authorization: str | None  # for routing.client_of
+    encoded: bool  # a Content-Encoding is set: the body is read decoded (see prepare)
+
+
+def take_priority(request: http.Request) -> ClientHeaders:
+    """The X-Cooldown-Priority a client sent, removed (it is the proxy's, not upstream's),
+    with the Authorization it sent and whether it set a Content-Encoding: one pass over the
+    raw fields (mitmproxy's `Headers.get` scans and re-encodes every field per name)."""
+    asked = authorization = None
+    encoded = False
+    for name, value in request.headers.fields:
+        lowered = name.lower()
+        if lowered == AUTHORIZATION:
+            if authorization is None:
+                authorization = value.decode("latin-1")
+        elif lowered == PRIORITY_HEADER:
+            if asked is None:
+                asked = value.decode("latin-1")
+        elif lowered == CONTENT_ENCODING:
+            encoded = True
     if asked is not None:
         request.headers.fields = tuple(
             field for field in request.headers.fields if field[0].lower() != PRIORITY_HEADER
         )
-    return asked
+    return ClientHeaders(asked, authorization, encoded)
 
 
 def snapshot_request(request: http.Request) -> http.Request:

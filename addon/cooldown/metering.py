@@ -22,7 +22,6 @@ from .flows import (
     FlowTable,
     MeteredFlow,
     Phase,
-    is_event_stream,
     prepare,
     snapshot_request,
     take_priority,
@@ -30,7 +29,7 @@ from .flows import (
 from .retry import Retries
 from .routing import client_of, is_cerebras, is_metered_path, key_for, route
 from .runtime import Runtime
-from .settle import account, add_proxy_headers, cool_down, settle_error
+from .settle import account, add_proxy_headers, confirm, cool_down, settle_error
 from .streams import find_stream, stream_reset
 from .tickets import Outcome, Ticket, policy_of
 from .upstream import SSEUsageTap, classify_429
@@ -96,17 +95,17 @@ class Metering:
             config = self.runtime.config
             if not is_cerebras(config, f):
                 return
-            asked = take_priority(f.request)
+            sent = take_priority(f.request)
             if not is_metered_path(f.request):
                 route(config, f)
                 return
-            shape = await prepare(f, config.output_cap)
+            shape = await prepare(f, config.output_cap, sent.encoded)
             key = key_for(config, self.runtime.gate.keys, shape.model)
             if shape.clamped is not None:
                 self.runtime.metrics.clamped(key)
             metered = MeteredFlow(f, key, shape, config.cerebras_limits.max_retries)
-            metered.client = client_of(f)
-            metered.policy = policy_of(config, metered.client, asked)
+            metered.client = client_of(f, sent.authorization)
+            metered.policy = policy_of(config, metered.client, sent.priority)
             self.table.add(metered)
         await self._admit(metered)
 
@@ -179,6 +178,7 @@ class Metering:
         f, ticket, estimate = metered.flow, metered.ticket, metered.estimate
         assert ticket is not None and estimate is not None
         metered.phase = Phase.HELD
+        self.table.held += 1  # while a flow is held, the departures addon watches updates
         f.intercept()
         f.comment = answers.held_comment(
             f, ticket, estimate, self.runtime.gate.depth, metered.cache
@@ -193,6 +193,7 @@ class Metering:
             return await self.runtime.gate.wait(ticket)
         finally:
             metered.phase = Phase.ADMITTING
+            self.table.held -= 1
             if ticket.tokens != max(estimate.total, 1):
                 metered.estimate = self.runtime.estimate(
                     metered.key, metered.shape
@@ -248,11 +249,7 @@ class Metering:
         if metered is None or metered.phase is not Phase.IN_FLIGHT or f.response is None:
             return
         assert metered.ticket is not None
-        streamed, response = is_event_stream(f.response), f.response
-        # Upstream has counted it by now: its reservation ages from here (a 429's comes back).
-        self.runtime.gate.confirm(
-            metered.ticket, response.status_code, response.headers, not streamed
-        )
+        streamed = confirm(self.runtime.gate, metered, f.response)
         if f.response.status_code == 200:
             self.runtime.processed(metered.cache)
         add_proxy_headers(self.runtime.gate, f.response, metered)

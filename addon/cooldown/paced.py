@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from mitmproxy import connection, ctx, flow, hooks, http
@@ -33,7 +33,16 @@ class Pacing:
         self._held: dict[str, tuple[http.HTTPFlow, asyncio.Event]] = {}
         runtime.metrics.paced_held = lambda: runtime.pacer.held
 
-    def request(self, f: http.HTTPFlow) -> Coroutine[Any, Any, None] | None:
+    @property
+    def request(self) -> Callable[[http.HTTPFlow], Coroutine[Any, Any, None] | None] | None:
+        """The `request` hook while the config has pacing rules; None (mitmproxy, which looks
+        a hook up on every event, then calls nothing) without any."""
+        config = self.runtime.config
+        if config.default_rate_limit is None and not config.rate_limits:
+            return None
+        return self._request
+
+    def _request(self, f: http.HTTPFlow) -> Coroutine[Any, Any, None] | None:
         """The flow's pacing, as a coroutine for mitmproxy to await; None (nothing to await)
         for a flow no rule paces. mitmproxy awaits what a hook returns when it is awaitable,
         and most flows (every Cerebras one) are not paced: they skip a coroutine each."""
@@ -93,7 +102,13 @@ class Pacing:
             if f.client_conn.id == client.id:
                 left.set()
 
-    def update(self, flows: list[flow.Flow]) -> None:
+    @property
+    def update(self) -> Callable[[list[flow.Flow]], None] | None:
+        """The `update` hook while a flow is held for its turn; None (no call per event)
+        otherwise, as for the departures addon."""
+        return self._update_held if self._held else None
+
+    def _update_held(self, flows: list[flow.Flow]) -> None:
         for f in flows:
             held = self._held.get(f.id)
             if held is None:

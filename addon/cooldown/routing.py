@@ -8,12 +8,13 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import re
+from typing import Any
 from urllib.parse import urlsplit
 
 from mitmproxy import http
 
 from .config import Config
-from .flows import header_values
+from .flows import AUTHORIZATION, header_values
 from .gate import DEFAULT_KEY
 
 METERED_PATHS = ("/v1/chat/completions", "/v1/completions")
@@ -76,10 +77,16 @@ def key_for(config: Config, known: set[str], model: str | None) -> str:
     return model
 
 
-def client_of(f: http.HTTPFlow) -> str:
+_UNREAD: Any = object()
+
+
+def client_of(f: http.HTTPFlow, authorization: str | None = _UNREAD) -> str:
     """Who sent the flow, for its share of the queue: a fingerprint of its API key
-    (`sha256:` + 12 hex digits of the bearer token's hash; never the key), else its address."""
-    (authorization,) = header_values(f.request.headers, b"authorization")
+    (`sha256:` + 12 hex digits of the bearer token's hash; never the key), else its address.
+    `authorization`: the header's value if the caller has read it already (flows.take_priority).
+    """
+    if authorization is _UNREAD:
+        (authorization,) = header_values(f.request.headers, AUTHORIZATION)
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         digest = hashlib.sha256(token.strip().encode("utf-8", "surrogateescape")).hexdigest()

@@ -13,7 +13,7 @@ import time
 from mitmproxy import http
 
 from . import answers
-from .flows import MeteredFlow, header_values
+from .flows import MeteredFlow, header_values, is_event_stream
 from .gate import Gate
 from .periods import RATE_NAMES, TOTAL_TPM
 from .runtime import Runtime
@@ -22,12 +22,22 @@ from .upstream import SSEUsageTap, Upstream429, parse_retry_after, usage_from_js
 log = logging.getLogger(__name__)
 
 
+def confirm(gate: Gate, metered: MeteredFlow, response: http.Response) -> bool:
+    """Upstream has counted the request by now: its reservation ages from here (a 429's comes
+    back), and the answer's report re-syncs the limits. True for a stream, whose report is
+    sent at once (an answer that is not one may send it with its settle: Gate.confirm)."""
+    assert metered.ticket is not None
+    streamed = is_event_stream(response)
+    gate.confirm(metered.ticket, response.status_code, response.headers, not streamed)
+    return streamed
+
+
 def add_proxy_headers(gate: Gate, response: http.Response, metered: MeteredFlow) -> None:
     """The proxy's own view, beside upstream's x-ratelimit-* (which pass unchanged)."""
     assert metered.ticket is not None and metered.estimate is not None
     added: list[tuple[bytes, bytes]] = []
-    for name, (limit, remaining) in gate.rate_view(metered.key).items():
-        limit_name, remaining_name = _RATE_HEADERS[name]
+    for rate, (limit, remaining) in gate.rate_view(metered.key).items():
+        limit_name, remaining_name = _RATE_HEADERS[rate]
         added.append((limit_name, str(limit).encode()))
         added.append((remaining_name, str(remaining).encode()))
     added.append((b"X-Cooldown-Wait", f"{metered.ticket.waited:.3f}".encode()))
@@ -40,10 +50,9 @@ def add_proxy_headers(gate: Gate, response: http.Response, metered: MeteredFlow)
     # One rebuild of the header tuple instead of a scan-and-rebuild per header. Upstream's
     # own X-RateLimit-* names differ from ours, so a client-visible clash is rare: only then
     # is anything dropped.
-    response.headers.fields = (
-        *(field for field in response.headers.fields if field[0].lower() not in _OURS),
-        *added,
-    )
+    kept = [field for field in response.headers.fields if field[0].lower() not in _OURS]
+    kept += added
+    response.headers.fields = tuple(kept)
 
 
 # Our header names per limit ("tpm" -> X-RateLimit-Limit-TPM, X-RateLimit-Remaining-TPM;

@@ -45,7 +45,6 @@ _RATE_NAMES: dict[str, tuple[str, str, str]] = {
 }
 _RATE_NAMES_BYTES = {name.encode(): parts for name, parts in _RATE_NAMES.items()}
 _PREFIX = "x-ratelimit-"
-_PREFIX_BYTES = _PREFIX.encode()
 
 
 def parse_rate_headers(headers: Mapping[str, str] | Any) -> list[RateReport]:
@@ -62,8 +61,6 @@ def parse_rate_headers(headers: Mapping[str, str] | Any) -> list[RateReport]:
         # (A non-ASCII latin-1 name never lower-cases to an ASCII one, so comparing
         # ASCII-lower-cased bytes finds exactly the names the decoded comparison would.)
         for name, value in fields:
-            if name[:12].lower() != _PREFIX_BYTES:
-                continue
             parts = _RATE_NAMES_BYTES.get(name.lower())
             if parts is None:
                 continue
@@ -164,14 +161,73 @@ def classify_429(body: bytes | None) -> Upstream429:
 
 
 def usage_from_json(content: bytes | None) -> dict[str, int] | None:
-    """The `usage` object of a completion response body, if it has a sane one."""
+    """The `usage` object of a completion response body, if it has a sane one.
+
+    Read from the body's end when it is plainly there (`usage_from_tail`), which spares
+    decoding the whole answer; otherwise from the whole document."""
     if not content:
         return None
+    found = usage_from_tail(content)
+    if found is not UNSURE:
+        return found  # type: ignore[no-any-return]
     try:
         data = json.loads(content)
     except (ValueError, RecursionError):
         return None
     return _usage_of(data)
+
+
+# What usage_from_tail says when it cannot tell from the end alone.
+UNSURE: Any = object()
+_USAGE_KEY = b'"usage"'
+_JSON_SPACE = b" \t\r\n"
+_TEXT_SPACE = " \t\r\n"
+_OPENERS = b"{,"
+_TAIL_DECODER = json.JSONDecoder()
+
+
+def usage_from_tail(content: bytes) -> Any:  # dict[str, int] | None, or UNSURE
+    """The top-level `usage` of a JSON object body, read from its end; UNSURE unless certain.
+
+    Upstream writes `usage` among the last members of its answer (OpenAI's and Cerebras's
+    completions: after `choices`, before `time_info`), so only the tail after the last
+    `"usage"` is decoded. That occurrence is the top-level key when it is preceded by `{` or
+    `,`, followed by `:` and an object, and what follows that object, closed by `}`, is the
+    rest of one object that ends the body and has no other `usage` member: then the object
+    holding it is the body's top level. (Within a JSON string every quote is escaped, so an
+    unescaped `"usage"` after `{` or `,` opens a key: text in a message that mentions usage
+    cannot look like one.) Anything else (no such occurrence, a `usage` nested deeper, a
+    body that does not start with `{`, bytes that are not UTF-8, a second spelling of the
+    key such as `\\u0075sage` after it) is UNSURE, and the caller parses the whole body.
+    What it cannot see is a body whose start is not JSON at all: one that ends like an
+    answer is read as one.
+    """
+    start = content.rfind(_USAGE_KEY)
+    if start <= 0 or (content[:1] != b"{" and content.lstrip(_JSON_SPACE)[:1] != b"{"):
+        return UNSURE
+    before = start - 1
+    while content[before] in _JSON_SPACE:  # (content starts with `{`: this stops)
+        before -= 1
+    if content[before] not in _OPENERS:
+        return UNSURE
+    try:
+        tail = content[start + len(_USAGE_KEY) :].decode("utf-8").lstrip(_TEXT_SPACE)
+        if tail[:1] != ":":
+            return UNSURE
+        tail = tail[1:].lstrip(_TEXT_SPACE)
+        if tail[:1] != "{":
+            return UNSURE
+        usage, end = _TAIL_DECODER.raw_decode(tail)
+        rest = tail[end:].strip(_TEXT_SPACE)
+        if rest != "}":
+            if rest[:1] != ",":
+                return UNSURE
+            after = json.loads("{" + rest[1:])  # the members after usage, and the last `}`
+            if not after or "usage" in after:  # (`,}` is no JSON; a second usage wins)
+                return UNSURE
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return UNSURE
+    return _usage_of({"usage": usage})
 
 
 def _usage_of(data: Any) -> dict[str, int] | None:

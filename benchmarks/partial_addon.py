@@ -1,0 +1,110 @@
+"""This checkout's Cooldown with named parts of its work stubbed out: where its cost goes.
+
+A mitmproxy script (`benchmarks.together --stub PARTS` loads it with COOLDOWN_BENCH_STUB set):
+the proxy runs Cooldown's six addons as usual, minus the parts named (comma-separated):
+
+- `metering`: the metering addon's request, responseheaders and response hooks do nothing
+  (what is left is mitmproxy calling the addons' hooks, and the other addons' own);
+- `responseheaders`: the metering addon's responseheaders hook does nothing (no confirm, no
+  x-ratelimit-* reading, no X-RateLimit-* / X-Cooldown-* headers);
+- `rate_reports`: upstream's x-ratelimit-* headers are not read (no re-sync of its view);
+- `proxy_headers`: the proxy adds no X-RateLimit-* / X-Cooldown-* headers;
+- `proxy_header_values`: it adds the same nine headers with constant values (what sending
+  them costs, without computing them);
+- `prompt_cache`: the prompt cache model is off, as with `prompt_cache.enabled: false`.
+
+A part's cost is the difference between the full addon and the addon without it, measured
+side by side in one run. Each stub changes what the proxy does: for measuring only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "addon"))
+
+from cooldown import gate, metering, settle
+from cooldown.addon import Cooldown
+from cooldown.config import Config
+
+PARTS = (
+    "metering",
+    "responseheaders",
+    "rate_reports",
+    "proxy_headers",
+    "proxy_header_values",
+    "prompt_cache",
+)
+# The nine headers the benchmark's answers get (bench_proxy's config), with constant values.
+CONSTANT_HEADERS = [
+    (name.encode(), value)
+    for limit in ("RPM", "TPM", "Total-TPM")
+    for name, value in (
+        (f"X-RateLimit-Limit-{limit}", b"1000000000000"),
+        (f"X-RateLimit-Remaining-{limit}", b"999999999000"),
+    )
+] + [
+    (b"X-Cooldown-Wait", b"0.000"),
+    (b"X-Cooldown-Estimated-Tokens", b"200"),
+    (b"X-Cooldown-Cached-Tokens", b"0"),
+]
+
+
+def constant_proxy_headers(_gate: Any, response: Any, _metered: Any) -> str | None:
+    """settle.add_proxy_headers with the same pass over the answer's fields, and constants."""
+    kept, content_type = [], None
+    for field in response.headers.fields:
+        name = field[0].lower()
+        if name in settle._OURS:
+            continue
+        if name == b"content-type" and content_type is None:
+            content_type = field[1].decode("latin-1")
+        kept.append(field)
+    response.headers.fields = (*kept, *CONSTANT_HEADERS)
+    return content_type
+
+
+def cooldown_without(parts: set[str]) -> list[Any]:
+    unknown = parts - set(PARTS)
+    if unknown:
+        raise ValueError(f"unknown parts {sorted(unknown)}; known: {', '.join(PARTS)}")
+    cooldown = Cooldown()
+    meter: Any = cooldown.metering
+
+    async def nothing_async(_flow: Any) -> None:
+        return None
+
+    def nothing(_flow: Any) -> None:
+        return None
+
+    if "metering" in parts:
+        meter.request, meter.responseheaders, meter.response = (
+            nothing_async,
+            nothing,
+            nothing_async,
+        )
+    if "responseheaders" in parts:
+        meter.responseheaders = nothing
+    if "rate_reports" in parts:
+        setattr(gate, "parse_rate_headers", lambda _headers: [])  # noqa: B010 (a stub)
+    if "proxy_headers" in parts:
+        setattr(metering, "add_proxy_headers", lambda *_args: None)  # noqa: B010 (a stub)
+    if "proxy_header_values" in parts:
+        setattr(metering, "add_proxy_headers", constant_proxy_headers)  # noqa: B010 (a stub)
+    if "prompt_cache" in parts:
+        runtime: Any = cooldown.runtime
+        apply = runtime.apply
+
+        def without_cache(config: Config) -> None:
+            cache = dataclasses.replace(config.prompt_cache, enabled=False)
+            apply(dataclasses.replace(config, prompt_cache=cache))
+
+        runtime.apply = without_cache
+    return cooldown.addons
+
+
+addons = cooldown_without(set(filter(None, os.environ.get("COOLDOWN_BENCH_STUB", "").split(","))))
