@@ -116,15 +116,7 @@ class Gate:
         self.clock = clock
         self.config = config
         self.breaker = CircuitBreaker(config.circuit_breaker)
-        self.limiter = limiter or MemoryLimiter()
-        self.rates = RateBook(config, self.limiter)
-        self.scheduler = Scheduler(
-            self.limiter,
-            config.cerebras_limits,
-            self.breaker,
-            self.rates_for,
-            on_resolved=self._on_resolved,
-        )
+        self._install(limiter or MemoryLimiter())
         self.stats = GateStats()
         self._waiters: dict[int, asyncio.Future[Outcome]] = {}
         self._timer: asyncio.TimerHandle | None = None
@@ -158,6 +150,32 @@ class Gate:
         self.rates.reported(key, reports)
         self.pump()
         return True
+
+    def use_limiter(self, limiter: LimiterBackend) -> bool:
+        """Keep limits in `limiter` from now on (shared_limits at start-up); False, and
+        nothing changes, while anything is held or holds a reservation."""
+        if self.scheduler.depth or self.limiter.open_reservations():
+            return False
+        self._install(limiter)
+        return True
+
+    def _install(self, limiter: LimiterBackend) -> None:
+        self.limiter = limiter
+        self.rates = RateBook(self.config, limiter)
+        self.scheduler = Scheduler(
+            limiter,
+            self.config.cerebras_limits,
+            self.breaker,
+            self.rates_for,
+            on_resolved=self._on_resolved,
+        )
+
+    def tick(self) -> None:
+        """About once a second: the limiter's housekeeping (shared limits: heartbeat, sending
+        what waits, reconnecting), then a pump, since capacity may have changed elsewhere."""
+        self.limiter.tick(self.clock())
+        self.scheduler.invalidate()
+        self.pump()
 
     def pause(self, key: str, seconds: float) -> None:
         """Release nothing more for `key` for `seconds` (upstream said 429)."""
@@ -401,11 +419,17 @@ def gate_status(gate: Gate) -> dict[str, Any]:
             for key in keys
         },
         "algorithm": {key: _algorithm(gate, key) for key in keys},
+        **_shared(gate.limiter),
         "submitted": gate.stats.submitted,
         "forwarded": gate.stats.forwarded,
         "refused": dict(gate.stats.refused),
         "upstream_429s": gate.stats.upstream_429s,
     }
+
+
+def _shared(limiter: LimiterBackend) -> dict[str, Any]:
+    shared = limiter.shared_status()
+    return {} if shared is None else {"shared_limits": shared}
 
 
 def _algorithm(gate: Gate, key: str) -> str:

@@ -589,6 +589,14 @@ class LimiterBackend(Protocol):
 
     def open_reservations(self) -> int: ...
 
+    def tick(self, now: float) -> None:
+        """Called about once a second: housekeeping that no decision waits for."""
+        ...
+
+    def shared_status(self) -> dict[str, object] | None:
+        """How the limits shared with other proxies stand (None: not shared)."""
+        ...
+
 
 class UpstreamViews:
     """Upstream's view of every limit (one `UpstreamView` per slot, re-built per report) and
@@ -725,8 +733,12 @@ class MemoryLimiter:
     """The in-process backend: one counter per (key, unit, period), plus upstream's view."""
 
     def __init__(
-        self, view_margin: float = VIEW_MARGIN, resync_interval: float = RESYNC_INTERVAL
+        self,
+        view_margin: float = VIEW_MARGIN,
+        resync_interval: float = RESYNC_INTERVAL,
+        id_prefix: str = "m",
     ) -> None:
+        self._id_prefix = id_prefix  # reservations of two limiters never share an id
         self._counters: dict[Slot, Counter] = {}
         self._views = UpstreamViews(view_margin, resync_interval)
         self._paces: dict[Slot, Pace] = {}
@@ -825,7 +837,7 @@ class MemoryLimiter:
                 pace[0].take(amount, pace[1], pace[2], now)
             held.parts.append(part)
         self._in_flight.setdefault(key, {})[held] = None
-        reservation = Reservation(f"m{next(self._ids)}", key, tokens)
+        reservation = Reservation(f"{self._id_prefix}{next(self._ids)}", key, tokens)
         self._held[reservation.id] = held
         return Decision(True, reservation=reservation)
 
@@ -964,3 +976,10 @@ class MemoryLimiter:
 
     def open_reservations(self) -> int:
         return len(self._held)
+
+    def tick(self, now: float) -> None:
+        """Nothing to do now and then: everything here happens when it is called."""
+
+    def shared_status(self) -> dict[str, object] | None:
+        """None: the limits live in this process alone."""
+        return None

@@ -11,10 +11,11 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .config import Config
+from .backends.shared import SharedLimiter
+from .config import Config, redact_url
 from .estimate import Estimate, InputCalibration, RequestShape
 from .gate import Gate
-from .limiter import Settled
+from .limiter import MemoryLimiter, Settled
 from .metrics import Metrics
 from .pacing import Pacer
 from .prompt_cache import Prediction, PromptCache
@@ -118,6 +119,38 @@ class Runtime:
             self.cache.learn(key, guess.prediction, cached)
         return Charge(total - cached, uncached_refund, Settled(total, refund), cached)
 
+    def _share_limits(self, config: Config) -> None:
+        """Keep the limits where `shared_limits` says: Redis, or this process. A change
+        takes effect only while nothing is held or in flight (at start-up, or when idle)."""
+        current = self.gate.limiter
+        wanted = config.shared_limits
+        if wanted == (current.config if isinstance(current, SharedLimiter) else None):
+            return
+        shared = None if wanted is None else SharedLimiter(wanted)
+        if not self.gate.use_limiter(shared if shared is not None else MemoryLimiter()):
+            log.warning(
+                "shared_limits changed while requests are held or in flight: not applied; "
+                "restart the proxy to apply it"
+            )
+            if shared is not None:
+                shared.close()
+            return
+        if isinstance(current, SharedLimiter):
+            current.close()
+        if shared is not None:
+            log.info(
+                "Cooldown: limits shared through Redis at %s (on_error: %s)",
+                redact_url(shared.config.redis_url),
+                shared.config.on_error,
+            )
+            shared.start(self.gate.clock())
+
+    def close(self) -> None:
+        """The proxy is stopping: let the limiter say goodbye (shared limits: leave)."""
+        limiter = self.gate.limiter
+        if isinstance(limiter, SharedLimiter):
+            limiter.close()
+
     def on_config(self, listener: Callable[[Config], None]) -> None:
         """Call `listener(config)` whenever a new config is applied."""
         self._on_config.append(listener)
@@ -125,6 +158,7 @@ class Runtime:
     def apply(self, config: Config) -> None:
         """Apply a new config without dropping anything held or in flight."""
         self.config = config
+        self._share_limits(config)
         self.gate.reconfigure(config)
         self.pacer.reconfigure(config.rate_limits, config.default_rate_limit)
         cache = config.prompt_cache

@@ -21,6 +21,7 @@ from .runtime import Runtime
 log = logging.getLogger(__name__)
 
 CONFIG_POLL_SECONDS = 1.0
+TICK_SECONDS = 1.0  # the limiter's housekeeping (gate.tick)
 
 
 def file_stamp(path: Path | None) -> tuple[float, int] | None:
@@ -48,6 +49,7 @@ class Settings:
         self.runtime = runtime
         self._stamp: tuple[float, int] | None = None
         self._watch_task: asyncio.Task[None] | None = None
+        self._tick_task: asyncio.Task[None] | None = None
 
     def load(self, loader: Any) -> None:
         loader.add_option(
@@ -77,11 +79,24 @@ class Settings:
         self._watch_task = asyncio_utils.create_task(
             self._watch(), name="cooldown config watcher", keep_ref=True
         )
+        self._tick_task = asyncio_utils.create_task(
+            self._tick(), name="cooldown limiter ticks", keep_ref=True
+        )
 
     def done(self) -> None:
-        if self._watch_task is not None:
-            self._watch_task.cancel()
-            self._watch_task = None
+        for task in (self._watch_task, self._tick_task):
+            if task is not None:
+                task.cancel()
+        self._watch_task = self._tick_task = None
+        self.runtime.close()
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            try:
+                self.runtime.gate.tick()
+            except Exception:
+                log.exception("limiter housekeeping failed; trying again in %gs", TICK_SECONDS)
 
     def _load(self) -> None:
         path = resolve_config_path(ctx.options.cerebras_config)

@@ -1,0 +1,281 @@
+"""Limits shared with other proxies through Redis, and what happens while Redis is away.
+
+`SharedLimiter` is the backend the gate uses when the config has a `shared_limits` section.
+While Redis answers, every decision is `RedisLimiter`'s. When a call fails, the proxy says so
+once and follows `on_error` until Redis answers again:
+
+- `local`: it decides alone, on its share of every limit (1/N, N the proxies seen alive in the
+  last heartbeats), in a fresh in-process limiter. When Redis is back, what that limiter
+  counted (used and in flight) is charged to the shared buckets once; its reservations are
+  settled where they were made, so nothing is counted twice.
+- `hold`: requests stay held and the queue looks again every second; each still ends at its
+  `request_timeout` at the latest.
+- `reject`: requests are answered 503 with a Retry-After.
+
+Confirms, settles and releases of reservations made in Redis wait for it (see redis.py); a
+Redis that restarted empty has forgotten those reservations, and they are dropped there.
+Reconnecting is tried at most once a second, from `tick`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Sequence
+from dataclasses import replace
+from importlib import resources
+
+import redis
+
+from ..config import SharedLimitsConfig, redact_url
+from ..limiter import Decision, MemoryLimiter, Rate, RateReport, Reservation, Settled, Unit
+from .redis import RedisLimiter, SharedStateError
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT = resources.files(__package__).joinpath("heartbeat.lua").read_text(encoding="utf-8")
+# A proxy that has not said it is alive for this long no longer counts among the N.
+ALIVE_SECONDS = 5.0
+RETRY_SECONDS = 1.0  # how often a proxy without Redis tries it again
+# Redis on the proxy's path must answer fast or not at all: a decision waits for it.
+SOCKET_TIMEOUT = 0.25
+UNAVAILABLE = "shared_limits_unavailable"  # what held requests wait for under `hold`
+
+
+def instance_id() -> str:
+    """This proxy among the others: host, process and a random part (a restart is new)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+class SharedLimiter:
+    def __init__(
+        self,
+        config: SharedLimitsConfig,
+        client: redis.Redis | None = None,
+        instance: str | None = None,
+        use_redis_time: bool = True,
+    ) -> None:
+        self.config = config
+        self._client = client or redis.Redis.from_url(
+            config.redis_url,
+            socket_timeout=SOCKET_TIMEOUT,
+            socket_connect_timeout=SOCKET_TIMEOUT,
+        )
+        self.instance = instance or instance_id()
+        self.shared = RedisLimiter(self._client, config.key_prefix, self.instance, use_redis_time)
+        self.up = False
+        self.instances = 1  # proxies alive, this one included, as the last heartbeat said
+        self._retry_at = float("-inf")
+        # EVALSHA, and the script loaded again after NOSCRIPT (Redis restarted)
+        self._heartbeat = self._client.register_script(HEARTBEAT)
+        # Reservations made alone, by id, each in the limiter that made it (one per outage).
+        self._alone: MemoryLimiter | None = None
+        self._outages = 0
+        self._owners: dict[str, MemoryLimiter] = {}
+        self._counted_alone: dict[tuple[str, Rate], None] = {}  # what to reconcile
+
+    # -- connection ------------------------------------------------------------------------
+
+    def start(self, now: float) -> bool:
+        """Connect (at start-up, and when Redis may be back); True when sharing."""
+        try:
+            self._beat()
+            self.shared.flush(now)
+            self._reconcile(now)
+        except SharedStateError as e:
+            self._down(e, now)
+            return False
+        if not self.up:
+            log.info(
+                "Cooldown: sharing limits through Redis at %s as %s (%d proxies alive)",
+                redact_url(self.config.redis_url),
+                self.instance,
+                self.instances,
+            )
+        self.up = True
+        return True
+
+    def tick(self, now: float) -> None:
+        """About once a second: say this proxy is alive, send waiting operations; without
+        Redis, try it again."""
+        if not self.up:
+            if now >= self._retry_at:
+                self._retry_at = now + RETRY_SECONDS
+                self.start(now)
+            return
+        try:
+            self._beat()
+            self.shared.flush(now)
+        except SharedStateError as e:
+            self._down(e, now)
+
+    def close(self) -> None:
+        """Leave: send what waits and stop counting among the proxies alive."""
+        if self.up:
+            try:
+                self.shared.flush(0.0)
+                self._beat(leaving=True)
+            except SharedStateError:
+                pass
+        self._client.close()
+
+    def _beat(self, leaving: bool = False) -> None:
+        key = f"{self.config.key_prefix}instances"
+        args = (self.instance, repr(ALIVE_SECONDS), "1" if leaving else "0")
+        try:
+            alive = self._heartbeat(keys=[key], args=args)
+        except redis.RedisError as e:
+            raise SharedStateError(f"{type(e).__name__}: {e}") from e
+        self.instances = max(int(alive), 1)
+
+    def _down(self, error: SharedStateError, now: float) -> None:
+        self._retry_at = now + RETRY_SECONDS
+        if not self.up and self._outages:
+            return  # still down: said once already
+        self.up = False
+        self._outages += 1
+        self._alone = MemoryLimiter(id_prefix=f"alone{self._outages}-")
+        what = {
+            "local": f"deciding alone on 1/{self.instances} of every limit",
+            "hold": "holding requests until it answers (each at most request_timeout)",
+            "reject": "answering 503 until it answers",
+        }[self.config.on_error]
+        log.warning(
+            "Cooldown: Redis at %s unavailable (%s): %s (shared_limits.on_error: %s)",
+            redact_url(self.config.redis_url),
+            error,
+            what,
+            self.config.on_error,
+        )
+
+    def _reconcile(self, now: float) -> None:
+        """Charge the shared buckets with what this proxy counted alone, once."""
+        alone = self._alone
+        if alone is None:
+            return
+        for key, rate in list(self._counted_alone):
+            scaled = self._scaled(rate)
+            amount = alone.used(key, scaled, now)
+            if amount > 0:
+                self.shared.charge(key, rate, amount, now)
+            del self._counted_alone[(key, rate)]
+        self._alone = None
+        log.info("Cooldown: Redis answers again; what was counted alone is charged to it")
+
+    # -- the backend -----------------------------------------------------------------------
+
+    def _scaled(self, rate: Rate) -> Rate:
+        return replace(rate, limit=max(rate.limit // self.instances, 1))
+
+    def try_acquire(
+        self,
+        key: str,
+        rates: Sequence[Rate],
+        tokens: int,
+        now: float,
+        total: int | None = None,
+        waited: float = 0.0,
+        priority: int = 0,
+    ) -> Decision:
+        if self.up:
+            try:
+                return self.shared.try_acquire(key, rates, tokens, now, total, waited, priority)
+            except SharedStateError as e:
+                self._down(e, now)
+        if self.config.on_error == "hold":
+            return Decision(False, wait=RETRY_SECONDS, binding=UNAVAILABLE)
+        if self.config.on_error == "reject":
+            return Decision(False, wait=RETRY_SECONDS, binding=UNAVAILABLE, unavailable=True)
+        alone = self._alone
+        assert alone is not None  # set by _down
+        scaled = [self._scaled(rate) for rate in rates]
+        decision = alone.try_acquire(key, scaled, tokens, now, total, waited, priority)
+        for rate in rates:
+            self._counted_alone[(key, rate)] = None
+        if decision.reservation is not None:
+            self._owners[decision.reservation.id] = alone
+        return decision
+
+    def confirm(self, reservation: Reservation, now: float) -> None:
+        owner = self._owners.get(reservation.id)
+        if owner is not None:
+            owner.confirm(reservation, now)
+        else:
+            self.shared.confirm(reservation, now)
+
+    def settle(
+        self,
+        reservation: Reservation,
+        actual_tokens: int,
+        now: float,
+        refund: int | None = None,
+        total: Settled | None = None,
+    ) -> None:
+        owner = self._owners.pop(reservation.id, None)
+        if owner is not None:
+            owner.settle(reservation, actual_tokens, now, refund, total)
+        else:
+            self.shared.settle(reservation, actual_tokens, now, refund, total)
+
+    def release(self, reservation: Reservation, now: float) -> None:
+        owner = self._owners.pop(reservation.id, None)
+        if owner is not None:
+            owner.release(reservation, now)
+        else:
+            self.shared.release(reservation, now)
+
+    def exhaust(self, key: str, rate: Rate, now: float) -> None:
+        if self.up:
+            try:
+                self.shared.exhaust(key, rate, now)
+                return
+            except SharedStateError as e:
+                self._down(e, now)
+        if self._alone is not None:
+            self._alone.exhaust(key, self._scaled(rate), now)
+
+    def observe(self, key: str, reports: Sequence[RateReport], now: float) -> bool:
+        if self.up:
+            try:
+                return self.shared.observe(key, reports, now)
+            except SharedStateError as e:
+                self._down(e, now)
+        # Alone, upstream's reports still say what the whole organization left.
+        return self._alone is not None and self._alone.observe(key, reports, now)
+
+    def used(self, key: str, rate: Rate, now: float) -> float:
+        if self.up:
+            try:
+                return self.shared.used(key, rate, now)
+            except SharedStateError as e:
+                self._down(e, now)
+        if self._alone is None:
+            return self.shared.last_used(key, rate)
+        return self._alone.used(key, self._scaled(rate), now) * self.instances
+
+    def limit(self, key: str, rate: Rate) -> int:
+        return self.shared.limit(key, rate)
+
+    def learned_limits(self, key: str) -> dict[tuple[Unit, float], int]:
+        return self.shared.learned_limits(key)
+
+    def foreign_rate(self, key: str, unit: Unit, period: float, now: float) -> float:
+        return self.shared.foreign_rate(key, unit, period, now)
+
+    def open_reservations(self) -> int:
+        return self.shared.open_reservations() + len(self._owners)
+
+    def shared_status(self) -> dict[str, object]:
+        state = (
+            "shared"
+            if self.up
+            else {"local": "local", "hold": "holding"}.get(self.config.on_error, "rejecting")
+        )
+        return {
+            "state": state,
+            "instances": self.instances,
+            "instance": self.instance,
+            "waiting_operations": self.shared.pending(),
+        }
