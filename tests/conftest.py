@@ -33,3 +33,13 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path / "redis")
     with server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def shared_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for a whole run, for tests that keep apart by key prefix (cheaper
+    than a server per test). Skips when `redis-server` is not installed."""
+    if redis_server_path() is None:
+        pytest.skip(NO_REDIS)
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server

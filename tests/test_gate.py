@@ -47,11 +47,10 @@ async def test_timer_is_armed_for_the_next_release():
     gate, clock = make()
     gate.confirm(gate.submit(1_000))
     held = gate.submit(10)
-    assert gate._timer is not None
-    assert gate._timer_at == pytest.approx(clock.now + 0.6)  # 10 tokens refilled at 1000/min
+    assert gate.alarm.at is not None
+    assert gate.alarm.at == pytest.approx(clock.now + 0.6)  # 10 tokens refilled at 1000/min
     clock.advance(0.6)
-    gate._timer.cancel()
-    gate._on_timer()  # what the loop would run at that moment
+    gate.alarm.fire()  # what the loop would run at that moment
     assert held.outcome is Outcome.RELEASED
 
 
@@ -232,7 +231,7 @@ async def test_pause_holds_a_model_until_the_cooldown_passes():
     held = gate.submit(1, key="m")
     other = gate.submit(1, key="n")
     assert held.held and other.outcome is Outcome.RELEASED
-    assert gate._timer_at == pytest.approx(clock.now + 2.0)
+    assert gate.alarm.at == pytest.approx(clock.now + 2.0)
     clock.advance(2.0)
     gate.pump()
     assert held.outcome is Outcome.RELEASED

@@ -106,6 +106,49 @@ class RateBook:
         return rates
 
 
+class Alarm:
+    """One asyncio timer that calls `ring` at a moment of `clock`; setting the same moment
+    again keeps it, None cancels it. Without a running loop (sync unit tests) it stays unset
+    and the caller rings by hand."""
+
+    def __init__(self, clock: Callable[[], float], ring: Callable[[], None]) -> None:
+        self._clock = clock
+        self._ring = ring
+        self._handle: asyncio.TimerHandle | None = None
+        self.at: float | None = None
+
+    def set(self, at: float | None) -> None:
+        if at is None:
+            self.cancel()
+            return
+        if self._handle is not None and self.at == at:
+            return
+        self.cancel()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._handle = loop.call_later(max(at - self._clock(), _MIN_TIMER_DELAY), self.fire)
+        self.at = at
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._handle = None
+        self.at = None
+
+    def fire(self) -> None:
+        """What the loop runs at the moment (tests call it)."""
+        self.cancel()
+        try:
+            self._ring()
+        except Exception:
+            # A failing pump must not leave held requests without a wake-up; log loudly and
+            # retry soon rather than hang every held request until its timeout.
+            log.exception("scheduler pump failed; retrying in 1s")
+            asyncio.get_running_loop().call_later(1.0, self.fire)
+
+
 class Gate:
     def __init__(
         self,
@@ -119,8 +162,7 @@ class Gate:
         self._install(limiter or MemoryLimiter())
         self.stats = GateStats()
         self._waiters: dict[int, asyncio.Future[Outcome]] = {}
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
+        self.alarm = Alarm(clock, self.pump)  # when the scheduler next needs a pump
         self.keys: set[str] = set()  # every model seen, for status and metrics
 
     def rates_for(self, key: str) -> Sequence[Rate]:
@@ -315,7 +357,7 @@ class Gate:
     def shutdown(self) -> int:
         """Answer everything held (the proxy is stopping); returns how many were held."""
         tickets = self.scheduler.shutdown(self.clock())
-        self._cancel_timer()
+        self.alarm.cancel()
         return len(tickets)
 
     # -- internals -----------------------------------------------------------------------------
@@ -331,37 +373,7 @@ class Gate:
 
     def pump(self) -> None:
         """Release what may go now and arm the timer for the next moment something can."""
-        next_at = self.scheduler.pump(self.clock())
-        if next_at is None:
-            self._cancel_timer()
-            return
-        if self._timer is not None and self._timer_at == next_at:
-            return
-        self._cancel_timer()
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return  # no loop (sync unit tests): the caller pumps by hand
-        delay = max(next_at - self.clock(), _MIN_TIMER_DELAY)
-        self._timer = loop.call_later(delay, self._on_timer)
-        self._timer_at = next_at
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_at = None
-        try:
-            self.pump()
-        except Exception:
-            # A failing pump must not leave held requests without a wake-up; log loudly and
-            # retry soon rather than hang every held request until its timeout.
-            log.exception("scheduler pump failed; retrying in 1s")
-            asyncio.get_running_loop().call_later(1.0, self._on_timer)
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = None
-        self._timer_at = None
+        self.alarm.set(self.scheduler.pump(self.clock()))
 
     def rate_view(self, key: str) -> dict[str, tuple[int, int]]:
         """For each per-minute limit of `key`: (effective limit, remaining now)."""

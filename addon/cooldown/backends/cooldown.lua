@@ -13,8 +13,10 @@
 --
 -- ARGV[1] now in seconds ("" = Redis's TIME: the one clock every proxy shares; tests pass
 --         their own), ARGV[2] the calling proxy's id, ARGV[3] lease seconds, then operations:
---         a code, the number of its arguments, its arguments. Results come back flat, in
---         order, as strings (Lua numbers would be truncated to integers).
+--         a code, the number of its arguments, its arguments. Confirms, settles and releases
+--         come first with their age: a proxy sends them with its next call, and they apply
+--         at the moment they happened. Results come back flat, in order, as strings (Lua
+--         numbers would be truncated to integers).
 
 local EPSILON = 1e-6
 local REFUND_CREDIT_DELAY = 0.25
@@ -447,12 +449,17 @@ local function op_query(args)
 end
 
 expire_leases()
+local call_time = now
 local i = 4
 while i <= #ARGV do
   local code, count = ARGV[i], tonumber(ARGV[i + 1])
   local args = {}
   for j = 1, count do args[j] = ARGV[i + 1 + j] end
   i = i + 2 + count
+  now = call_time
+  if code == "C" or code == "S" or code == "R" then
+    now = call_time - tonumber(table.remove(args, 1))
+  end
   if code == "A" then
     op_acquire(args)
   elseif code == "C" then

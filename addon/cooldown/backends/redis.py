@@ -91,9 +91,11 @@ class RedisLimiter:
         # EVALSHA, and the script loaded again after NOSCRIPT (Redis restarted)
         self._script = client.register_script(SCRIPT)
         self._ids = itertools.count(1)
-        self._pending: dict[str, list[str]] = {}  # per key: operations for the next call
+        # Per key: operations for the next call, each with the (local) time it happened.
+        self._pending: dict[str, list[tuple[float, list[str]]]] = {}
         self._open: set[str] = set()  # reservations handed out and not settled or released
-        self._used: dict[Slot, tuple[float, float]] = {}  # (used, at) as the last call said
+        # Per key and (unit, period): (used, at) as the last call said; any call forgets them.
+        self._used: dict[str, dict[tuple[Unit, float], tuple[float, float]]] = {}
         self._learned: dict[Slot, int] = {}  # upstream's limits as its reports said
         self._drift: dict[Slot, UpstreamDrift] = {}
 
@@ -106,9 +108,11 @@ class RedisLimiter:
 
     def call(self, key: str, ops: Sequence[str], now: float) -> list[str]:
         """One atomic call for `key`: the operations waiting for it, then `ops`."""
-        pending = self._pending.get(key, [])
+        pending = self._pending.get(key, ())
         args = ["" if self._redis_time else _fmt(now), self.instance, _fmt(self._lease)]
-        args += pending
+        for at, (code, *op) in pending:
+            # applied at the moment it happened: Redis's clock less its age
+            args += [code, str(len(op) + 1), _fmt(max(now - at, 0.0)), *op]
         args += ops
         try:
             result = self._script(keys=self.keys_of(key), args=args)
@@ -116,6 +120,7 @@ class RedisLimiter:
             raise SharedStateError(f"{type(e).__name__}: {e}") from e
         if pending:
             del self._pending[key]
+        self._used.pop(key, None)  # the state changed: what was used is asked again
         return [x.decode() if isinstance(x, bytes) else str(x) for x in result]
 
     def flush(self, now: float) -> None:
@@ -127,9 +132,8 @@ class RedisLimiter:
         """Operations waiting for their next call (confirms, settles, releases)."""
         return sum(len(ops) for ops in self._pending.values())
 
-    def _later(self, key: str, *op: str) -> None:
-        ops = self._pending.setdefault(key, [])
-        ops += [op[0], str(len(op) - 1), *op[1:]]
+    def _later(self, key: str, now: float, *op: str) -> None:
+        self._pending.setdefault(key, []).append((now, list(op)))
 
     # -- admission -------------------------------------------------------------------------
 
@@ -151,8 +155,9 @@ class RedisLimiter:
             args += [_fmt(rate.period), _fmt(rate.burst)]
         out = self.call(key, ["A", str(len(args)), *args], now)
         granted, wait, binding = out[0] == "1", float(out[1]), int(out[2])
+        known = self._used.setdefault(key, {})
         for i, rate in enumerate(rates):
-            self._used[(key, rate.unit, rate.period)] = (float(out[3 + 2 * i]), now)
+            known[(rate.unit, rate.period)] = (float(out[3 + 2 * i]), now)
         if granted:
             self._open.add(rid)
             return Decision(True, reservation=Reservation(rid, key, int(tokens)))
@@ -163,7 +168,7 @@ class RedisLimiter:
 
     def confirm(self, reservation: Reservation, now: float) -> None:
         if reservation.id in self._open:
-            self._later(reservation.key, "C", reservation.id)
+            self._later(reservation.key, now, "C", reservation.id)
 
     def settle(
         self,
@@ -178,6 +183,7 @@ class RedisLimiter:
         self._open.discard(reservation.id)
         self._later(
             reservation.key,
+            now,
             "S",
             reservation.id,
             str(max(int(actual_tokens), 0)),
@@ -189,7 +195,7 @@ class RedisLimiter:
     def release(self, reservation: Reservation, now: float) -> None:
         if reservation.id in self._open:
             self._open.discard(reservation.id)
-            self._later(reservation.key, "R", reservation.id)
+            self._later(reservation.key, now, "R", reservation.id)
 
     def exhaust(self, key: str, rate: Rate, now: float) -> None:
         slot = _slot_name(rate.unit, rate.period)
@@ -247,15 +253,15 @@ class RedisLimiter:
 
     def used(self, key: str, rate: Rate, now: float) -> float:
         """From this proxy's last call for `key` if recent, else asked again."""
-        known = self._used.get((key, rate.unit, rate.period))
-        if known is None or abs(now - known[1]) > USED_FRESH_SECONDS:
+        known = self._used.get(key, {}).get((rate.unit, rate.period))
+        if known is None or abs(now - known[1]) > USED_FRESH_SECONDS or key in self._pending:
             self.refresh(key, (rate,), now)
-            known = self._used[(key, rate.unit, rate.period)]
+            known = self._used[key][(rate.unit, rate.period)]
         return known[0]
 
     def last_used(self, key: str, rate: Rate) -> float:
         """What the last call for `key` said is used of `rate` (0: never asked)."""
-        known = self._used.get((key, rate.unit, rate.period))
+        known = self._used.get(key, {}).get((rate.unit, rate.period))
         return 0.0 if known is None else known[0]
 
     def refresh(self, key: str, rates: Sequence[Rate], now: float) -> None:
@@ -264,8 +270,9 @@ class RedisLimiter:
         for rate in rates:
             args += [_slot_name(rate.unit, rate.period), str(rate.limit), _fmt(rate.period)]
         out = self.call(key, ["Q", str(len(args)), *args], now)
+        known = self._used.setdefault(key, {})
         for i, rate in enumerate(rates):
-            self._used[(key, rate.unit, rate.period)] = (float(out[3 * i]), now)
+            known[(rate.unit, rate.period)] = (float(out[3 * i]), now)
 
     def open_reservations(self) -> int:
         return len(self._open)

@@ -1,0 +1,317 @@
+"""Limits shared through Redis: what only the shared backend does, on a real redis-server.
+
+The contract both backends keep is tests/test_backends.py; here: exactly k admitted when
+many proxies race for k, the queue heads that let the oldest request of any proxy go first,
+leases, Redis Cluster hash tags, the script reloaded after Redis forgot it, and
+`SharedLimiter` while Redis is away (`on_error`) and when it comes back.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import threading
+
+import pytest
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cooldown.backends.redis import SHARED_QUEUE, RedisLimiter
+from cooldown.backends.shared import UNAVAILABLE, SharedLimiter
+from cooldown.config import Config, SharedLimitsConfig
+from cooldown.gate import Gate
+from cooldown.limiter import MemoryLimiter, Rate
+from cooldown.tickets import Outcome
+
+RPM = Rate("rpm", "requests", 10)
+TPM = Rate("tpm", "tokens", 600)
+
+_prefixes = itertools.count(1)
+
+
+@pytest.fixture
+def prefix():
+    return f"s{next(_prefixes)}:"
+
+
+@pytest.fixture
+def clients(shared_redis):
+    """Fresh clients of the run's shared redis-server, closed after the test."""
+    made = []
+
+    def client():
+        made.append(redis.Redis.from_url(shared_redis.url))
+        return made[-1]
+
+    yield client
+    for c in made:
+        c.close()
+
+
+def proxy(clients, prefix, name, **options):
+    """One proxy's limiter on the test's clock (`now` as passed)."""
+    options.setdefault("max_wait", math.inf)
+    return RedisLimiter(clients(), prefix, name, use_redis_time=False, **options)
+
+
+# -- exactly k ---------------------------------------------------------------------------------
+
+
+def test_eight_proxies_racing_for_k_admit_exactly_k(clients, prefix):
+    """8 proxies x 200 concurrent reserves against a limit of k: exactly k go (Redis's own
+    clock; a day's limit, so that nothing refills while they race)."""
+    k = 500
+    day = Rate("rpd", "requests", k, 86_400.0)
+    limiters = [RedisLimiter(clients(), prefix, f"p{i}") for i in range(8)]
+    counts = [0] * 8
+    start = threading.Barrier(8)
+
+    def race(i):
+        start.wait()
+        for _ in range(200):
+            if limiters[i].try_acquire("m", (day,), 1, now=0.0).granted:
+                counts[i] += 1
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(counts) == k
+    assert sum(limiter.open_reservations() for limiter in limiters) == k
+
+
+# -- the queue across proxies ------------------------------------------------------------------
+
+
+def test_an_older_head_of_another_proxy_goes_first_when_both_do_not_fit(clients, prefix):
+    a, b = proxy(clients, prefix, "a"), proxy(clients, prefix, "b")
+    a.confirm(a.try_acquire("m", (TPM,), 600, now=0).reservation, now=0)
+    # a's head (400 tokens, waiting since 0) fits at 40 s; b's fresh 100 alone would fit at 10
+    for t in (10, 35):  # a asks again (as a waiting proxy does every second), then b
+        assert a.try_acquire("m", (TPM,), 400, now=t, waited=t).binding == "tpm"
+        behind = b.try_acquire("m", (TPM,), 100, now=t)
+        assert (behind.granted, behind.binding) == (False, SHARED_QUEUE)
+    assert a.try_acquire("m", (TPM,), 400, now=40, waited=40).granted  # a's head goes
+    assert b.try_acquire("m", (TPM,), 100, now=41).binding == "tpm"  # no room left at all
+    assert b.try_acquire("m", (TPM,), 100, now=50).granted
+
+
+def test_a_higher_class_goes_before_an_older_request(clients, prefix):
+    a, b = proxy(clients, prefix, "a"), proxy(clients, prefix, "b")
+    a.confirm(a.try_acquire("m", (TPM,), 600, now=0).reservation, now=0)
+    assert not a.try_acquire("m", (TPM,), 400, now=5, waited=5).granted
+    # b's request is high priority: a's older normal one does not hold it back
+    assert b.try_acquire("m", (TPM,), 100, now=10, priority=1).granted
+
+
+def test_a_head_not_refreshed_is_forgotten(clients, prefix):
+    a, b = proxy(clients, prefix, "a"), proxy(clients, prefix, "b")
+    a.confirm(a.try_acquire("m", (TPM,), 600, now=0).reservation, now=0)
+    assert not a.try_acquire("m", (TPM,), 400, now=5, waited=5).granted
+    # a's client left; a never asks again. Its head stops counting within its TTL.
+    assert b.try_acquire("m", (TPM,), 100, now=45).granted
+
+
+def test_a_later_request_goes_beside_an_older_head_when_both_fit(clients, prefix):
+    a, b = proxy(clients, prefix, "a"), proxy(clients, prefix, "b")
+    a.confirm(a.try_acquire("m", (TPM,), 200, now=0).reservation, now=0)
+    assert not a.try_acquire("m", (TPM,), 500, now=1, waited=1).granted  # fits at 10 s
+    assert not b.try_acquire("m", (TPM,), 10, now=2).granted  # 180 + 500 + 10 > 600
+    assert b.try_acquire("m", (TPM,), 10, now=12).granted  # 80 + 500 + 10: room for both
+    assert a.try_acquire("m", (TPM,), 500, now=12, waited=12).granted
+
+
+# -- leases, tags, scripts, restarts -----------------------------------------------------------
+
+
+def test_a_reservation_nobody_settles_is_dropped_at_its_lease(clients, prefix):
+    dead = proxy(clients, prefix, "dead", lease=30.0)
+    alive = proxy(clients, prefix, "alive")
+    flying = dead.try_acquire("m", (TPM,), 600, now=0)
+    assert flying.granted
+    assert not alive.try_acquire("m", (TPM,), 10, now=29).granted
+    assert alive.try_acquire("m", (TPM,), 600, now=31).granted  # its in-flight amount is back
+    assert alive.state("m")["tokens:60:f"] == 600  # only the new one in flight
+
+
+def test_every_key_of_a_model_carries_its_hash_tag(clients, prefix):
+    limiter = proxy(clients, prefix, "a")
+    keys = limiter.keys_of("gpt-oss-120b")
+    assert all(key.startswith(f"{prefix}{{gpt-oss-120b}}:") for key in keys)
+    assert len(set(keys)) == len(keys)
+
+
+def test_the_script_is_loaded_again_after_redis_forgot_it(clients, prefix):
+    limiter = proxy(clients, prefix, "a")
+    assert limiter.try_acquire("m", (TPM,), 10, now=0).granted
+    clients().script_flush()
+    assert limiter.try_acquire("m", (TPM,), 10, now=0).granted
+
+
+def test_operations_on_reservations_a_restarted_redis_forgot_are_dropped(clients, prefix):
+    limiter = proxy(clients, prefix, "a")
+    reservation = limiter.try_acquire("m", (TPM,), 100, now=0).reservation
+    clients().flushall()  # as after a restart: nothing on disk
+    limiter.settle(reservation, 50, now=1)
+    assert limiter.open_reservations() == 0
+    assert limiter.used("m", TPM, 1) == 0  # the settle found nothing and charged nothing
+
+
+# -- the Lua script decides as the in-process limiter does -------------------------------------
+
+_op = st.one_of(
+    st.tuples(st.just("acquire"), st.integers(1, 700), st.sampled_from([None, 300])),
+    st.tuples(st.just("confirm"), st.integers(0, 30), st.none()),
+    st.tuples(st.just("settle"), st.integers(0, 30), st.integers(0, 900)),
+    st.tuples(st.just("release"), st.integers(0, 30), st.none()),
+    st.tuples(st.just("wait"), st.integers(1, 40), st.none()),
+)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(ops=st.lists(_op, max_size=40))
+def test_the_script_and_the_memory_limiter_make_the_same_decisions(clients, ops):
+    """Any sequence of acquires, confirms, settles, releases and waits gets the same grants,
+    the same waits and the same usage from both backends (buckets and paces: what upstream's
+    reports do not touch)."""
+    rates = (
+        Rate("rpm", "requests", 5),
+        Rate("tpm", "tokens", 600, burst=0.5),
+        Rate("total_tpm", "total_tokens", 900),
+    )
+    memory = MemoryLimiter(view_margin=0)
+    shared = RedisLimiter(
+        clients(),
+        f"d{next(_prefixes)}:",
+        "p",
+        use_redis_time=False,
+        lease=math.inf,
+        max_wait=math.inf,
+    )
+    now, held = 0.0, []
+    for kind, n, extra in ops:
+        if kind == "wait":
+            now += n / 4
+        elif kind == "acquire":
+            one = memory.try_acquire("m", rates, n, now, extra)
+            two = shared.try_acquire("m", rates, n, now, extra)
+            assert (one.granted, one.binding) == (two.granted, two.binding)
+            assert one.wait == pytest.approx(two.wait, abs=1e-6)
+            if one.granted:
+                held.append((one.reservation, two.reservation))
+        elif held:
+            first, second = held[n % len(held)]
+            if kind == "confirm":
+                memory.confirm(first, now)
+                shared.confirm(second, now)
+            elif kind == "settle":
+                memory.settle(first, extra, now)
+                shared.settle(second, extra, now)
+                held.remove((first, second))
+            else:
+                memory.release(first, now)
+                shared.release(second, now)
+                held.remove((first, second))
+        for rate in rates:
+            assert memory.used("m", rate, now) == pytest.approx(shared.used("m", rate, now))
+    assert memory.open_reservations() == shared.open_reservations()
+
+
+# -- SharedLimiter: Redis away and back --------------------------------------------------------
+
+
+def shared_limiter(server, on_error, prefix, instance="p1"):
+    config = SharedLimitsConfig(redis_url=server.url, key_prefix=prefix, on_error=on_error)
+    limiter = SharedLimiter(config, instance=instance)
+    limiter.start(0.0)
+    return limiter
+
+
+@pytest.fixture
+def own_redis(redis_server):
+    """A redis-server of this test's own: it is killed and started again."""
+    return redis_server
+
+
+def test_while_redis_is_away_hold_keeps_requests_waiting(own_redis, prefix, caplog):
+    limiter = shared_limiter(own_redis, "hold", prefix)
+    assert limiter.shared_status()["state"] == "shared"
+    own_redis.kill()
+    with caplog.at_level(logging.WARNING, logger="cooldown.backends.shared"):
+        for t in range(3):
+            decision = limiter.try_acquire("m", (TPM,), 10, now=float(t))
+            assert (decision.granted, decision.binding) == (False, UNAVAILABLE)
+            assert not decision.unavailable and decision.wait > 0
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert "unavailable" in caplog.records[0].message and "hold" in caplog.records[0].message
+    assert own_redis.url.split("@")[-1] in caplog.records[0].message
+    assert limiter.shared_status()["state"] == "holding"
+    own_redis.start()
+    limiter.tick(10.0)
+    assert limiter.shared_status()["state"] == "shared"
+    assert limiter.try_acquire("m", (TPM,), 10, now=11.0).granted
+    limiter.close()
+
+
+def test_while_redis_is_away_reject_answers_503(own_redis, prefix):
+    config = SharedLimitsConfig(redis_url=own_redis.url, key_prefix=prefix, on_error="reject")
+    gate = Gate(Config(), clock=lambda: 0.0, limiter=SharedLimiter(config))
+    own_redis.kill()
+    ticket = gate.submit(10, key="m")
+    assert ticket.outcome is Outcome.LIMITS_UNAVAILABLE
+    assert ticket.retry_after > 0
+    assert gate.status()["shared_limits"]["state"] == "rejecting"
+
+
+def test_local_decides_on_its_share_and_reconciles_when_redis_is_back(own_redis, prefix):
+    one = shared_limiter(own_redis, "local", prefix, "p1")
+    two = shared_limiter(own_redis, "local", prefix, "p2")
+    one.tick(0.0)
+    assert one.instances == 2
+    before = one.try_acquire("m", (RPM,), 1, now=0.0).reservation  # made in Redis
+    own_redis.kill()
+    admitted = [one.try_acquire("m", (RPM,), 1, now=1.0) for _ in range(8)]
+    assert sum(d.granted for d in admitted) == 5  # 10 a minute, two proxies: 5 alone
+    assert one.shared_status()["state"] == "local"
+    one.settle(before, 1, now=2.0)  # waits for Redis
+    for decision in admitted[:2]:
+        one.settle(decision.reservation, 1, now=2.0)  # settled where it was made
+    own_redis.start()  # empty: a restart keeps nothing
+    one.tick(3.0)
+    assert one.shared_status()["state"] == "shared"
+    # What p1 counted alone (5 requests at 1 s, less 2 s of its 5-a-minute refill) is in the
+    # shared bucket now, once (the shared bucket runs on Redis's clock: hardly any later).
+    assert one.used("m", RPM, 3.0) == pytest.approx(5 - 2 * 5 / 60, abs=0.01)
+    for decision in admitted[2:5]:
+        one.settle(decision.reservation, 1, now=4.0)
+    assert one.open_reservations() == 0
+    # settled where they were made: the shared bucket does not count them again
+    assert one.used("m", RPM, 4.0) == pytest.approx(5 - 2 * 5 / 60, abs=0.01)
+    one.close()
+    two.close()
+
+
+def test_a_proxy_that_leaves_stops_counting_among_the_alive(own_redis, prefix):
+    one = shared_limiter(own_redis, "local", prefix, "p1")
+    two = shared_limiter(own_redis, "local", prefix, "p2")
+    two.close()
+    one.tick(1.0)
+    assert one.instances == 1
+    one.close()
+
+
+def test_redis_away_at_start_up_is_tried_again(own_redis, prefix):
+    own_redis.kill()
+    limiter = shared_limiter(own_redis, "hold", prefix)
+    assert limiter.shared_status()["state"] == "holding"
+    own_redis.start()
+    limiter.tick(0.5)  # too soon: at most once a second
+    assert limiter.shared_status()["state"] == "holding"
+    limiter.tick(1.5)
+    assert limiter.shared_status()["state"] == "shared"
+    limiter.close()
