@@ -48,7 +48,7 @@ import pytest
 
 from tools.redis_server import RedisServer
 
-from .conftest import CEREBRAS_CHAT, Proxy, chat_body
+from .conftest import CEREBRAS_CHAT, CEREBRAS_MODELS, Proxy, chat_body
 from .faults_support import METRICS_TEXT, Launcher, launcher, metrics, wait_settled
 
 pytestmark = pytest.mark.e2e
@@ -229,9 +229,7 @@ async def test_two_proxies_on_one_redis_keep_the_organizations_limits(
         states = wait_for_shared(proxies)
         assert [s and (s["state"], s["instances"]) for s in states] == [("shared", 2)] * 2, states
         assert len({s["instance"] for s in states}) == 2, states
-    mock_upstream.reset()
 
-    started = time.monotonic()
     answers: list[Answer] = []
 
     async def client_loop(client: httpx.AsyncClient, index: int) -> None:
@@ -240,6 +238,14 @@ async def test_two_proxies_on_one_redis_keep_the_organizations_limits(
 
     clients = [p.async_client(timeout=SHARE_TIMEOUT) for p in proxies]
     try:
+        # Every client's connection (CONNECT, TLS) is open before the first wave, so that
+        # both proxies' first waves leave together: the control's premise does not depend on
+        # how long one proxy took to set up its clients.
+        await asyncio.gather(
+            *(client.get(CEREBRAS_MODELS) for client in clients for _ in range(SHARE_CLIENTS))
+        )
+        mock_upstream.reset()
+        started = time.monotonic()
         await asyncio.gather(
             *(
                 client_loop(clients[index], index)
