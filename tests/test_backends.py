@@ -60,6 +60,7 @@ def make(request):
             resync_interval=resync_interval,
             lease=math.inf,  # leases are Redis's own (test_shared_limits.py)
             max_wait=math.inf,
+            fresh_for=0.0,  # `used` asks Redis every time
         )
 
     yield shared
@@ -344,3 +345,37 @@ def test_a_stale_view_lets_one_request_ask_upstream(make):
     limiter.confirm(probe.reservation, stale + 0.5)
     limiter.observe("k", report(remaining=25_000, limit=60_000), now=stale + 0.5)
     assert limiter.try_acquire("k", (BIG,), 100, stale + 0.5).granted
+
+
+def test_a_deferred_report_applies_as_of_its_arrival_by_the_settle(make):
+    """A report whose answer's body follows at once may travel with the settle (Redis: one
+    round trip less); it re-syncs the view as of its arrival either way."""
+    limiter = make()
+    reservation = granted(limiter, (TPM,), 300, 0)
+    limiter.confirm(reservation, now=1)
+    limiter.observe("k", report(remaining=100), now=1, defer=True)  # others used 200
+    limiter.settle(reservation, 300, now=1)
+    assert limiter.used("k", TPM, 1) == pytest.approx(500)
+    assert limiter.used("k", TPM, 2) == pytest.approx(490)  # refilled since its arrival
+
+
+def test_only_requests_in_flight_at_a_report_make_the_next_one_unsure(make):
+    """Others' usage is learnt from reports that cannot have miscounted ours: one released
+    and answered between two reports is in neither's doubt; one in flight at a report is."""
+    limiter = make(resync_interval=0)
+    now, left = 0.0, 1_000
+    limiter.observe("k", report(remaining=left, limit=6_000), now=now)
+    for _ in range(12):
+        reservation = granted(limiter, (Rate("tpm", "tokens", 6_000),), 100, now + 1)
+        limiter.confirm(reservation, now=now + 1)  # after the last report: no doubt
+        now += 5
+        left += 100 * 5 - 100 - 20 * 5  # refill, ours, and others' 20 a second
+        limiter.observe("k", report(remaining=left, limit=6_000), now=now)
+        limiter.settle(reservation, 100, now=now)
+    assert limiter.foreign_rate("k", "tokens", 60.0, now) == pytest.approx(20, rel=0.05)
+    flying = granted(limiter, (Rate("tpm", "tokens", 6_000),), 1_000, now)
+    limiter.observe("k", report(remaining=left - 1_000, limit=6_000), now=now + 1)
+    limiter.confirm(flying, now=now + 2)  # in flight at that report: it may count it twice
+    before = limiter.foreign_rate("k", "tokens", 60.0, now + 2)
+    limiter.observe("k", report(remaining=left - 3_000, limit=6_000), now=now + 3)
+    assert limiter.foreign_rate("k", "tokens", 60.0, now + 3) == pytest.approx(before)

@@ -12,17 +12,27 @@ import itertools
 import logging
 import math
 import threading
+import time
 
 import pytest
 import redis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from cooldown.backends.redis import SHARED_QUEUE, RedisLimiter
-from cooldown.backends.shared import UNAVAILABLE, SharedLimiter
-from cooldown.config import Config, SharedLimitsConfig
+from cooldown.backends.redis import RedisLimiter
+from cooldown.backends.shared import SharedLimiter
+from cooldown.config import Config, SharedLimitsConfig, parse_config
 from cooldown.gate import Gate
-from cooldown.limiter import MemoryLimiter, Rate
+from cooldown.limiter import (
+    SHARED_QUEUE,
+    UPSTREAM_429,
+    MemoryLimiter,
+    Rate,
+    RateReport,
+    UpstreamDrift,
+)
+from cooldown.limiter import SHARED_UNAVAILABLE as UNAVAILABLE
+from cooldown.runtime import Runtime
 from cooldown.tickets import Outcome
 
 RPM = Rate("rpm", "requests", 10)
@@ -53,6 +63,7 @@ def clients(shared_redis):
 def proxy(clients, prefix, name, **options):
     """One proxy's limiter on the test's clock (`now` as passed)."""
     options.setdefault("max_wait", math.inf)
+    options.setdefault("fresh_for", 0.0)
     return RedisLimiter(clients(), prefix, name, use_redis_time=False, **options)
 
 
@@ -168,17 +179,27 @@ _op = st.one_of(
     st.tuples(st.just("settle"), st.integers(0, 30), st.integers(0, 900)),
     st.tuples(st.just("release"), st.integers(0, 30), st.none()),
     st.tuples(st.just("wait"), st.integers(1, 40), st.none()),
+    st.tuples(st.just("report"), st.integers(0, 600), st.integers(0, 5)),
 )
 
 
 @settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(ops=st.lists(_op, max_size=40))
-def test_the_script_and_the_memory_limiter_make_the_same_decisions(clients, ops):
-    """Any sequence of acquires, confirms, settles, releases and waits gets the same grants,
-    the same waits and the same usage from both backends (buckets and paces: what upstream's
-    reports do not touch)."""
+# Found by this test: the script's pace forgot the refill it computed for a refusal.
+@example(
+    ops=[("acquire", 1, None), ("wait", 1, None), ("acquire", 1, None), ("acquire", 299, None)]
+)
+def test_the_script_and_the_memory_limiter_make_the_same_decisions(clients, monkeypatch, ops):
+    """Any sequence of acquires, confirms, settles, releases, waits and upstream's reports
+    gets the same grants, the same waits and the same usage from both backends: buckets,
+    paces, and upstream's view with its skip and stale rules and others' usage learnt. (Refunds
+    are not credited here: upstream refunds nothing, so both views learn a share of 0; the
+    script credits them in batches, see test_backends.py. Nor is others' usage learnt: the
+    shared view gets each proxy's estimate with its next report, one report later than the
+    in-process view, so the learner, the same Python on both sides, is switched off.)"""
+    monkeypatch.setattr(UpstreamDrift, "add", lambda self, *sample: None)
     rates = (
         Rate("rpm", "requests", 5),
         Rate("tpm", "tokens", 600, burst=0.5),
@@ -192,11 +213,18 @@ def test_the_script_and_the_memory_limiter_make_the_same_decisions(clients, ops)
         use_redis_time=False,
         lease=math.inf,
         max_wait=math.inf,
+        fresh_for=0.0,
+        view_margin=0.0,
     )
     now, held = 0.0, []
     for kind, n, extra in ops:
         if kind == "wait":
             now += n / 4
+        elif kind == "report":
+            reports = [RateReport("tokens", 60.0, 600, n, float(extra) * 10)]
+            if extra % 2:
+                reports.append(RateReport("requests", 60.0, 5, extra, 5.0))
+            assert memory.observe("m", reports, now) == shared.observe("m", reports, now)
         elif kind == "acquire":
             one = memory.try_acquire("m", rates, n, now, extra)
             two = shared.try_acquire("m", rates, n, now, extra)
@@ -210,8 +238,8 @@ def test_the_script_and_the_memory_limiter_make_the_same_decisions(clients, ops)
                 memory.confirm(first, now)
                 shared.confirm(second, now)
             elif kind == "settle":
-                memory.settle(first, extra, now)
-                shared.settle(second, extra, now)
+                memory.settle(first, extra, now, refund=0)
+                shared.settle(second, extra, now, refund=0)
                 held.remove((first, second))
             else:
                 memory.release(first, now)
@@ -223,6 +251,18 @@ def test_the_script_and_the_memory_limiter_make_the_same_decisions(clients, ops)
 
 
 # -- SharedLimiter: Redis away and back --------------------------------------------------------
+
+
+def reconnects(limiter, now=0.0, timeout=10.0):
+    """Tick (as the proxy does every second) until the watcher thread has seen Redis answer
+    and the limiter shares again; False after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        limiter.tick(now)
+        if limiter.up:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def shared_limiter(server, on_error, prefix, instance="p1"):
@@ -252,7 +292,7 @@ def test_while_redis_is_away_hold_keeps_requests_waiting(own_redis, prefix, capl
     assert own_redis.url.split("@")[-1] in caplog.records[0].message
     assert limiter.shared_status()["state"] == "holding"
     own_redis.start()
-    limiter.tick(10.0)
+    assert reconnects(limiter)
     assert limiter.shared_status()["state"] == "shared"
     assert limiter.try_acquire("m", (TPM,), 10, now=11.0).granted
     limiter.close()
@@ -282,8 +322,7 @@ def test_local_decides_on_its_share_and_reconciles_when_redis_is_back(own_redis,
     for decision in admitted[:2]:
         one.settle(decision.reservation, 1, now=2.0)  # settled where it was made
     own_redis.start()  # empty: a restart keeps nothing
-    one.tick(3.0)
-    assert one.shared_status()["state"] == "shared"
+    assert reconnects(one, now=3.0)
     # What p1 counted alone (5 requests at 1 s, less 2 s of its 5-a-minute refill) is in the
     # shared bucket now, once (the shared bucket runs on Redis's clock: hardly any later).
     assert one.used("m", RPM, 3.0) == pytest.approx(5 - 2 * 5 / 60, abs=0.01)
@@ -309,9 +348,58 @@ def test_redis_away_at_start_up_is_tried_again(own_redis, prefix):
     own_redis.kill()
     limiter = shared_limiter(own_redis, "hold", prefix)
     assert limiter.shared_status()["state"] == "holding"
-    own_redis.start()
-    limiter.tick(0.5)  # too soon: at most once a second
+    limiter.tick(0.5)  # nothing answered the watcher yet: the tick waits for nothing
     assert limiter.shared_status()["state"] == "holding"
-    limiter.tick(1.5)
+    own_redis.start()
+    assert reconnects(limiter)
     assert limiter.shared_status()["state"] == "shared"
     limiter.close()
+
+
+def test_a_proxy_with_nothing_waiting_withdraws_its_head(clients, prefix):
+    a, b = proxy(clients, prefix, "a"), proxy(clients, prefix, "b")
+    a.confirm(a.try_acquire("m", (TPM,), 600, now=0).reservation, now=0)
+    assert not a.try_acquire("m", (TPM,), 400, now=10, waited=10).granted
+    assert b.try_acquire("m", (TPM,), 100, now=10.2).binding == SHARED_QUEUE
+    a.withdraw("m", now=10.3)  # its client left: nothing of "m" waits at a
+    a.flush(10.3)
+    assert b.try_acquire("m", (TPM,), 100, now=10.4).granted
+
+
+def test_the_runtime_keeps_limits_where_shared_limits_says(shared_redis, prefix, caplog):
+    runtime = Runtime()
+    shared = {"redis_url": shared_redis.url, "key_prefix": prefix}
+    runtime.apply(parse_config({"shared_limits": shared}))
+    assert isinstance(runtime.gate.limiter, SharedLimiter)
+    assert runtime.gate.status()["shared_limits"]["state"] == "shared"
+    held = runtime.gate.submit(10, key="m")
+    assert held.outcome is Outcome.RELEASED  # holds a reservation: no switching now
+    with caplog.at_level(logging.WARNING):
+        runtime.apply(parse_config({}))
+    assert isinstance(runtime.gate.limiter, SharedLimiter)
+    assert "restart the proxy" in caplog.text
+    runtime.gate.finish(held, 200, 10)
+    runtime.apply(parse_config({}))  # nothing held or in flight: applied
+    assert isinstance(runtime.gate.limiter, MemoryLimiter)
+    assert "shared_limits" not in runtime.gate.status()
+    runtime.close()
+
+
+def test_a_proxy_starts_while_redis_is_away_and_says_so(own_redis, prefix, caplog):
+    own_redis.kill()
+    runtime = Runtime()
+    config = {"shared_limits": {"redis_url": own_redis.url, "key_prefix": prefix}}
+    with caplog.at_level(logging.WARNING):
+        runtime.apply(parse_config(config))
+    assert runtime.gate.status()["shared_limits"]["state"] == "holding"
+    assert "unavailable" in caplog.text
+    runtime.close()
+
+
+def test_an_upstream_429_pauses_every_proxy(clients, prefix):
+    a, b = proxy(clients, prefix, "a"), proxy(clients, prefix, "b")
+    a.pause("m", 5.0, now=0)
+    paused = b.try_acquire("m", (TPM,), 10, now=1)
+    assert (paused.granted, paused.binding) == (False, UPSTREAM_429)
+    assert paused.wait == pytest.approx(4)
+    assert b.try_acquire("m", (TPM,), 10, now=5.1).granted

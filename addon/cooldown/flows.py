@@ -208,6 +208,12 @@ def header_values(headers: http.Headers, *names: bytes) -> list[str | None]:
     return found
 
 
+def is_event_stream(response: http.Response) -> bool:
+    """An SSE answer (a stream): its end may be long after its headers."""
+    (content_type,) = header_values(response.headers, b"content-type")
+    return content_type is not None and content_type.startswith("text/event-stream")
+
+
 PRIORITY_HEADER = b"x-cooldown-priority"
 
 

@@ -180,13 +180,13 @@ class Gate:
         self.rates.reconfigure(config)
         self.pump()
 
-    def observe(self, key: str, reports: Sequence[RateReport]) -> bool:
+    def observe(self, key: str, reports: Sequence[RateReport], defer: bool = False) -> bool:
         """Correct the local picture with upstream's `x-ratelimit-*` report for `key`;
-        False when it changed nothing (nothing to re-decide)."""
+        False when it changed nothing (nothing to re-decide). `defer`: see `confirm`."""
         if not reports:
             return False
         self.keys.add(key)
-        if not self.limiter.observe(key, reports, self.clock()):
+        if not self.limiter.observe(key, reports, self.clock(), defer):
             return False
         self.scheduler.invalidate()
         self.rates.reported(key, reports)
@@ -221,7 +221,9 @@ class Gate:
 
     def pause(self, key: str, seconds: float) -> None:
         """Release nothing more for `key` for `seconds` (upstream said 429)."""
-        self.scheduler.pauses.pause(key, self.clock() + seconds)
+        now = self.clock()
+        self.scheduler.pauses.pause(key, now + seconds)
+        self.limiter.pause(key, seconds, now)
         self.pump()
 
     def exhaust(self, key: str, unit: Unit) -> None:
@@ -306,10 +308,16 @@ class Gate:
         self.pump()
 
     def confirm(
-        self, ticket: Ticket, status: int = 200, headers: Mapping[str, str] | Any = None
+        self,
+        ticket: Ticket,
+        status: int = 200,
+        headers: Mapping[str, str] | Any = None,
+        body_follows: bool = False,
     ) -> None:
         """Upstream's answer to `ticket` has begun: its status, and the `x-ratelimit-*`
         reports in its `headers` (any case-insensitive mapping), read in the same step.
+        `body_follows`: the rest of the answer comes at once (not a stream), so a shared
+        limiter may send the report with the settle, one round trip instead of two.
 
         A 429 is settled before its report is read: upstream refused the request before any
         work, so the report does not count it and neither may the limiter.
@@ -320,7 +328,7 @@ class Gate:
             self._finish(ticket, 429, None)
         else:
             self.scheduler.confirm(ticket, self.clock())
-        if not self.observe(ticket.key, reports) and status == 429:
+        if not self.observe(ticket.key, reports, body_follows and status != 429) and status == 429:
             self.pump()  # (observe re-syncs and pumps when the reports change anything)
         # Otherwise nothing can go that could not before: a confirmed amount is charged, not
         # freed, and a probe is over only when its answer ends (finish pumps).

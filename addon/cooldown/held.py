@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .limiter import SHARED_QUEUE, SHARED_UNAVAILABLE
 from .periods import RATE_NAMES, describe
 from .scheduler import BREAKER_PROBE, PROBE, UPSTREAM_429, Scheduler
 
@@ -22,6 +23,8 @@ _REASONS = {
     UPSTREAM_429: "the pause after an upstream 429",
     PROBE: "upstream's first answer (probe_first)",
     BREAKER_PROBE: "the circuit breaker's probe",
+    SHARED_QUEUE: "another proxy's earlier request (shared_limits)",
+    SHARED_UNAVAILABLE: "Redis to answer again (shared_limits.on_error: hold)",
 }
 
 

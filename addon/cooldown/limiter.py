@@ -77,6 +77,11 @@ REFUND_TRUST = 0.9
 # MemoryLimiter.observe): under load, answers come back hundreds of times a second, and
 # re-syncing on each of them was the largest single cost of an answer.
 RESYNC_INTERVAL = 0.01
+# What a request may wait for with shared limits, besides a limit (Decision.binding): another
+# proxy's request that came first, or Redis itself (`on_error: hold`).
+SHARED_QUEUE = "shared_queue"
+SHARED_UNAVAILABLE = "shared_limits_unavailable"
+UPSTREAM_429 = "upstream_429"  # the pause after an upstream 429 (any proxy's, when shared)
 
 
 @dataclass(frozen=True)
@@ -577,7 +582,21 @@ class LimiterBackend(Protocol):
 
     def release(self, reservation: Reservation, now: float) -> None: ...
 
-    def observe(self, key: str, reports: Sequence[RateReport], now: float) -> bool: ...
+    def observe(
+        self, key: str, reports: Sequence[RateReport], now: float, defer: bool = False
+    ) -> bool:
+        """Re-sync from one answer's reports; `defer`: the rest of the answer follows at once,
+        and a backend may apply them (as of `now`) with its settle."""
+        ...
+
+    def withdraw(self, key: str, now: float) -> None:
+        """Nothing of `key` is held here any more (shared queues: make no room for it)."""
+        ...
+
+    def pause(self, key: str, seconds: float, now: float) -> None:
+        """Upstream said 429: release nothing of `key` for `seconds`. The scheduler pauses its
+        own queue; a shared backend pauses every proxy's."""
+        ...
 
     def used(self, key: str, rate: Rate, now: float) -> float: ...
 
@@ -729,7 +748,24 @@ class UpstreamViews:
         return 0.0 if drift is None else drift.rate(now)
 
 
-class MemoryLimiter:
+class _Alone:
+    """The calls that only matter when limits are shared, as one process answers them."""
+
+    def tick(self, now: float) -> None:
+        """Nothing to do now and then: everything here happens when it is called."""
+
+    def withdraw(self, key: str, now: float) -> None:
+        """One process, one queue: nobody else to make room for."""
+
+    def pause(self, key: str, seconds: float, now: float) -> None:
+        """One process: the scheduler's own pause is the whole of it."""
+
+    def shared_status(self) -> dict[str, object] | None:
+        """None: the limits live in this process alone."""
+        return None
+
+
+class MemoryLimiter(_Alone):
     """The in-process backend: one counter per (key, unit, period), plus upstream's view."""
 
     def __init__(
@@ -843,9 +879,11 @@ class MemoryLimiter:
 
     # -- upstream's reports --------------------------------------------------------------------
 
-    def observe(self, key: str, reports: Sequence[RateReport], now: float) -> bool:
+    def observe(
+        self, key: str, reports: Sequence[RateReport], now: float, defer: bool = False
+    ) -> bool:
         """Re-sync upstream's view of `key` from one response's `x-ratelimit-*` reports;
-        False when they changed nothing (see `UpstreamViews.observe`)."""
+        False when they changed nothing (see `UpstreamViews.observe`). Always at once."""
         return self._views.observe(key, reports, self._in_flight.get(key, ()), now)
 
     def learned_limits(self, key: str) -> dict[tuple[Unit, float], int]:
@@ -976,10 +1014,3 @@ class MemoryLimiter:
 
     def open_reservations(self) -> int:
         return len(self._held)
-
-    def tick(self, now: float) -> None:
-        """Nothing to do now and then: everything here happens when it is called."""
-
-    def shared_status(self) -> dict[str, object] | None:
-        """None: the limits live in this process alone."""
-        return None

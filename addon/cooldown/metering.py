@@ -22,7 +22,7 @@ from .flows import (
     FlowTable,
     MeteredFlow,
     Phase,
-    header_values,
+    is_event_stream,
     prepare,
     snapshot_request,
     take_priority,
@@ -248,14 +248,15 @@ class Metering:
         if metered is None or metered.phase is not Phase.IN_FLIGHT or f.response is None:
             return
         assert metered.ticket is not None
-        # Upstream counts a request before it answers: from now on its reservation ages (a
-        # 429 was not counted: its reservation is given back before the report is read).
-        self.runtime.gate.confirm(metered.ticket, f.response.status_code, f.response.headers)
+        streamed, response = is_event_stream(f.response), f.response
+        # Upstream has counted it by now: its reservation ages from here (a 429's comes back).
+        self.runtime.gate.confirm(
+            metered.ticket, response.status_code, response.headers, not streamed
+        )
         if f.response.status_code == 200:
             self.runtime.processed(metered.cache)
         add_proxy_headers(self.runtime.gate, f.response, metered)
-        (content_type,) = header_values(f.response.headers, b"content-type")
-        if content_type is not None and content_type.startswith("text/event-stream"):
+        if streamed:
             if metered.parent is not None:
                 # A retry's copy: buffered whole, to be handed to the flow it retries (whose
                 # client then gets the stream at once); usage is read from the whole body.

@@ -108,6 +108,24 @@ class _GateCollector(Collector):
             {model: h["next_release_in_seconds"] for model, h in held.items()},
         )
         yield from (depth, reservations, breaker, usage, foreign, oldest, next_release)
+        yield from _shared_gauges(status.get("shared_limits"))
+
+
+def _shared_gauges(shared: dict[str, Any] | None) -> Iterable[GaugeMetricFamily]:
+    """Only with shared_limits: whether Redis is in use, and how many proxies share it."""
+    if shared is None:
+        return
+    up = GaugeMetricFamily(
+        "cooldown_shared_limits_up",
+        "1 while decisions go through the limits shared in Redis; 0 while Redis is away "
+        "(shared_limits.on_error decides then).",
+    )
+    up.add_metric([], 1.0 if shared["state"] == "shared" else 0.0)
+    instances = GaugeMetricFamily(
+        "cooldown_shared_limits_instances", "Proxies sharing the limits, as last seen alive."
+    )
+    instances.add_metric([], shared["instances"])
+    yield from (up, instances)
 
 
 class _CacheCollector(Collector):
@@ -351,4 +369,5 @@ class Metrics:
             "paced_requests": paced,
             "queue_wait_seconds": {m: _quantiles(w) for m, w in sorted(self._waits.items())},
             "estimate_to_actual_ratio": {m: _quantiles(r) for m, r in sorted(self._ratios.items())},
+            **({"shared_limits": status["shared_limits"]} if "shared_limits" in status else {}),
         }

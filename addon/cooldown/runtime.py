@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .backends.shared import SharedLimiter
-from .config import Config, redact_url
+from .config import Config
 from .estimate import Estimate, InputCalibration, RequestShape
 from .gate import Gate
 from .limiter import MemoryLimiter, Settled
@@ -138,12 +138,7 @@ class Runtime:
         if isinstance(current, SharedLimiter):
             current.close()
         if shared is not None:
-            log.info(
-                "Cooldown: limits shared through Redis at %s (on_error: %s)",
-                redact_url(shared.config.redis_url),
-                shared.config.on_error,
-            )
-            shared.start(self.gate.clock())
+            shared.start(self.gate.clock())  # (logs how it went)
 
     def close(self) -> None:
         """The proxy is stopping: let the limiter say goodbye (shared limits: leave)."""

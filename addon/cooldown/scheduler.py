@@ -42,6 +42,7 @@ from .accounts import Accounts
 from .breaker import BreakerState, CircuitBreaker
 from .config import CerebrasLimits
 from .estimate import Need, TooLarge, too_large
+from .limiter import UPSTREAM_429 as UPSTREAM_429  # re-exported: what held requests wait for
 from .limiter import Decision, LimiterBackend, Rate, Reservation
 from .probe import ProbeFirst
 from .queues import KeyQueue
@@ -54,7 +55,6 @@ log = logging.getLogger(__name__)
 
 BACKFILL_SHARE = 0.5
 # What held requests wait for besides a limit (see Scheduler.waiting).
-UPSTREAM_429 = "upstream_429"  # the pause after an upstream 429
 PROBE = "probe"  # the first answer from upstream (probe first)
 BREAKER_PROBE = "breaker_probe"  # the half-open breaker's one probe
 
@@ -297,6 +297,7 @@ class Scheduler:
             self.waiting[key] = (reason, wake)
             if queue.live == 0:
                 del self._queues[key], self.waiting[key]
+                self.limiter.withdraw(key, now)
         return next_at
 
     def _release_from(
@@ -307,8 +308,7 @@ class Scheduler:
         if paused is not None:
             return paused, UPSTREAM_429
         rates = self.rates_for(key)
-        # Usage only rises while releasing, so once tight, tight for the rest of this pump; and
-        # with one request waiting, the order does not matter.
+        # Once tight, tight for this pump (releasing only adds); one waiting: order is moot.
         tight = False
         while True:
             if not tight and queue.live > 1:

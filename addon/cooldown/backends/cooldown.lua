@@ -13,16 +13,16 @@
 --
 -- ARGV[1] now in seconds ("" = Redis's TIME: the one clock every proxy shares; tests pass
 --         their own), ARGV[2] the calling proxy's id, ARGV[3] lease seconds, then operations:
---         a code, the number of its arguments, its arguments. Confirms, settles and releases
---         come first with their age: a proxy sends them with its next call, and they apply
---         at the moment they happened. Results come back flat, in order, as strings (Lua
+--         a code, the number of its arguments, its arguments. Confirms, settles, releases,
+--         reports and withdrawals take their age first: a proxy may send them with its next
+--         call, and they apply at the moment they happened. Results come back flat, in order, as strings (Lua
 --         numbers would be truncated to integers).
 
 local EPSILON = 1e-6
 local REFUND_CREDIT_DELAY = 0.25
 local REFUND_TRUST = 0.9
 local STALE_RECHECK_SECONDS = 1.0
-local HEAD_TTL = 2.0          -- a published head not refreshed for this long is ignored
+local HEAD_TTL = 1.0          -- a published head not refreshed for this long is ignored
 local HEAD_RECHECK = 0.5      -- a proxy yielding to another's head looks again this often
 local CLASS_SECONDS = 86400.0 -- one priority class outranks any wait within a day
 
@@ -153,12 +153,16 @@ end
 -- Pacing (burst < 1): a small bucket of `burst * limit`, refilled at limit / period.
 local function pace_level(s, capacity, rate)
   local level, at = get(s, "pl", capacity), get(s, "pt", now)
-  if now > at then level = math.min(capacity, level + rate * (now - at)) end
-  set(s, "pt", math.max(now, at))
+  if now > at then
+    level = math.min(capacity, level + rate * (now - at))
+    set(s, "pl", level)
+    set(s, "pt", now)
+  end
   return level
 end
 local function pace_take(s, amount, capacity, rate)
   set(s, "pl", math.min(capacity, pace_level(s, capacity, rate) - amount))
+  set(s, "pt", math.max(now, get(s, "pt", now)))
 end
 
 local function effective_limit(s, limit)
@@ -315,6 +319,9 @@ local function op_acquire(args)
     if wait > worst then worst, binding = wait, i end
     plan[i] = {s = s, amount = amount, limit = limit, period = period, burst = burst}
   end
+  -- Some proxy drew an upstream 429: nobody sends until its pause is over.
+  local paused = get("pause", "until", 0)
+  if paused > now and paused - now > worst then worst, binding = paused - now, -2 end
   -- Another proxy's head that came first and would not fit beside this one goes first.
   local rank = now - waited - class * CLASS_SECONDS
   if binding == 0 then
@@ -457,7 +464,7 @@ while i <= #ARGV do
   for j = 1, count do args[j] = ARGV[i + 1 + j] end
   i = i + 2 + count
   now = call_time
-  if code == "C" or code == "S" or code == "R" then
+  if code == "C" or code == "S" or code == "R" or code == "O" or code == "W" then
     now = call_time - tonumber(table.remove(args, 1))
   end
   if code == "A" then
@@ -476,6 +483,11 @@ while i <= #ARGV do
     op_charge(args[1], tonumber(args[2]), tonumber(args[3]), tonumber(args[4]))
   elseif code == "Q" then
     op_query(args)
+  elseif code == "P" then -- an upstream 429: every proxy pauses this model
+    set("pause", "until", math.max(get("pause", "until", 0), now + tonumber(args[1])))
+  elseif code == "W" then -- nothing of this model waits at this proxy any more
+    redis.call("ZREM", KEYS[4], me)
+    redis.call("HDEL", KEYS[5], me)
   else
     return redis.error_reply("cooldown: unknown operation " .. tostring(code))
   end

@@ -5,13 +5,15 @@ them is one call of one Lua script (`cooldown.lua`), which applies a batch of op
 atomically with Redis's `TIME` as the only clock. The logic is `MemoryLimiter`'s (limiter.py),
 written once more in Lua; the contract tests run both.
 
-Round trips. A request costs two: the decision (`try_acquire`, which must know the answer)
-and the re-sync from upstream's headers (`observe`, which must be applied while it is news).
-Confirming, settling and releasing only tell Redis what happened; they wait in a list and ride
-along with this proxy's next call for the same model, at most a `tick` (a second) later. That
-is on the safe side: a confirm that waits leaves its amount held aside in flight (counted in
-full), a refund that waits gives capacity back later. A failed call keeps them; they are sent
-when Redis answers again.
+Round trips. A request costs two: the decision (`try_acquire`) and the settle at the end of
+its answer. Confirming it, and re-syncing from the report in its headers, wait for that
+settle when the answer is not a stream (its body follows within milliseconds: `observe(...,
+defer=True)`); each waiting operation carries its age and applies at the moment it happened.
+A stream's report is sent at once: its end may be minutes away. Settles and releases are
+never held back: other proxies' views learn from them (upstream's refunds show in its next
+report, and a settle that waited would make them look like nobody's). A confirm that waits is
+on the safe side: its amount stays held aside in flight, counted in full. What waits when a
+call fails is sent when Redis answers again.
 
 The estimate of others' usage of the organization's limits (`UpstreamDrift`) stays in each
 proxy: a re-sync returns the gap it measured against the shared view, the proxy learns from
@@ -22,7 +24,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -30,6 +33,8 @@ import redis
 
 from ..limiter import (
     RESYNC_INTERVAL,
+    SHARED_QUEUE,
+    UPSTREAM_429,
     VIEW_MARGIN,
     Decision,
     Rate,
@@ -48,12 +53,11 @@ SCRIPT = resources.files(__package__).joinpath("cooldown.lua").read_text(encodin
 # flight, its amounts come back; confirmed, its charge stands.
 LEASE_SECONDS = 300.0
 # A proxy waiting for a model asks again at least this often: its queue's head stays
-# published to the others (the script forgets a head not refreshed within two seconds).
-MAX_WAIT = 1.0
-# `used` answers from the last call for the model when it is at most this old.
-USED_FRESH_SECONDS = 0.05
-# The binding the script reports when another proxy's earlier request goes first.
-SHARED_QUEUE = "shared_queue"
+# published to the others (the script forgets a head not refreshed within a second or two).
+MAX_WAIT = 0.5
+# `used` answers from the last call for the model when it is at most this old (it orders the
+# queue and fills the X-RateLimit-* headers; admission never reads it).
+USED_FRESH_SECONDS = 0.25
 _KEY_SUFFIXES = (":s", ":r", ":x", ":h", ":hi")
 
 
@@ -79,6 +83,7 @@ class RedisLimiter:
         resync_interval: float = RESYNC_INTERVAL,
         lease: float = LEASE_SECONDS,
         max_wait: float = MAX_WAIT,
+        fresh_for: float = USED_FRESH_SECONDS,
     ) -> None:
         self._client = client
         self._prefix = prefix
@@ -88,11 +93,13 @@ class RedisLimiter:
         self._resync_interval = resync_interval
         self._lease = lease
         self._max_wait = max_wait
+        self._fresh_for = fresh_for
         # EVALSHA, and the script loaded again after NOSCRIPT (Redis restarted)
         self._script = client.register_script(SCRIPT)
         self._ids = itertools.count(1)
-        # Per key: operations for the next call, each with the (local) time it happened.
-        self._pending: dict[str, list[tuple[float, list[str]]]] = {}
+        # Per key: operations for the next call, each with the (local) time it happened and
+        # what reads its results (a report's re-sync returns what it measured).
+        self._pending: dict[str, list[_Waiting]] = {}
         self._open: set[str] = set()  # reservations handed out and not settled or released
         # Per key and (unit, period): (used, at) as the last call said; any call forgets them.
         self._used: dict[str, dict[tuple[Unit, float], tuple[float, float]]] = {}
@@ -110,9 +117,10 @@ class RedisLimiter:
         """One atomic call for `key`: the operations waiting for it, then `ops`."""
         pending = self._pending.get(key, ())
         args = ["" if self._redis_time else _fmt(now), self.instance, _fmt(self._lease)]
-        for at, (code, *op) in pending:
+        for waiting in pending:
+            code, *op = waiting.op
             # applied at the moment it happened: Redis's clock less its age
-            args += [code, str(len(op) + 1), _fmt(max(now - at, 0.0)), *op]
+            args += [code, str(len(op) + 1), _fmt(max(now - waiting.at, 0.0)), *op]
         args += ops
         try:
             result = self._script(keys=self.keys_of(key), args=args)
@@ -121,7 +129,11 @@ class RedisLimiter:
         if pending:
             del self._pending[key]
         self._used.pop(key, None)  # the state changed: what was used is asked again
-        return [x.decode() if isinstance(x, bytes) else str(x) for x in result]
+        out = iter([x.decode() if isinstance(x, bytes) else str(x) for x in result])
+        for waiting in pending:
+            if waiting.read is not None:
+                waiting.read(out, now)
+        return list(out)
 
     def flush(self, now: float) -> None:
         """Send every waiting operation now (a tick, or before switching away)."""
@@ -132,8 +144,8 @@ class RedisLimiter:
         """Operations waiting for their next call (confirms, settles, releases)."""
         return sum(len(ops) for ops in self._pending.values())
 
-    def _later(self, key: str, now: float, *op: str) -> None:
-        self._pending.setdefault(key, []).append((now, list(op)))
+    def _later(self, key: str, now: float, op: list[str], read: _Reader | None = None) -> None:
+        self._pending.setdefault(key, []).append(_Waiting(now, op, read))
 
     # -- admission -------------------------------------------------------------------------
 
@@ -161,14 +173,14 @@ class RedisLimiter:
         if granted:
             self._open.add(rid)
             return Decision(True, reservation=Reservation(rid, key, int(tokens)))
-        name = SHARED_QUEUE if binding < 0 else rates[binding - 1].name
+        name = {-1: SHARED_QUEUE, -2: UPSTREAM_429}.get(binding) or rates[binding - 1].name
         return Decision(False, wait=min(wait, self._max_wait), binding=name)
 
     # -- a reservation's life --------------------------------------------------------------
 
     def confirm(self, reservation: Reservation, now: float) -> None:
         if reservation.id in self._open:
-            self._later(reservation.key, now, "C", reservation.id)
+            self._later(reservation.key, now, ["C", reservation.id])
 
     def settle(
         self,
@@ -177,25 +189,41 @@ class RedisLimiter:
         now: float,
         refund: int | None = None,
         total: Settled | None = None,
+        later: bool = False,
     ) -> None:
+        """Settle at once (`later`: with the next call, e.g. while Redis is away). A call
+        that fails keeps it for the next one, and raises."""
         if reservation.id not in self._open:
             return
         self._open.discard(reservation.id)
-        self._later(
-            reservation.key,
-            now,
-            "S",
+        args = [
             reservation.id,
             str(max(int(actual_tokens), 0)),
             "" if refund is None else str(int(refund)),
             "" if total is None else str(max(int(total.tokens), 0)),
             "" if total is None or total.refund is None else str(int(total.refund)),
-        )
+        ]
+        self._send(reservation.key, ["S", *args], now, later)
 
-    def release(self, reservation: Reservation, now: float) -> None:
+    def release(self, reservation: Reservation, now: float, later: bool = False) -> None:
+        """As `settle`: at once, or with the next call."""
         if reservation.id in self._open:
             self._open.discard(reservation.id)
-            self._later(reservation.key, now, "R", reservation.id)
+            self._send(reservation.key, ["R", reservation.id], now, later)
+
+    def _send(self, key: str, op: list[str], now: float, later: bool) -> None:
+        self._later(key, now, op)
+        if not later:
+            self.call(key, (), now)  # a failure leaves it waiting with the others
+
+    def pause(self, key: str, seconds: float, now: float) -> None:
+        """Every proxy releases nothing of `key` for `seconds` (an upstream 429)."""
+        self.call(key, ["P", "1", _fmt(seconds)], now)
+
+    def withdraw(self, key: str, now: float) -> None:
+        """Nothing of `key` waits here any more: stop asking the others to make room for this
+        proxy's queue (sent with the next call)."""
+        self._later(key, now, ["W"])
 
     def exhaust(self, key: str, rate: Rate, now: float) -> None:
         slot = _slot_name(rate.unit, rate.period)
@@ -209,7 +237,11 @@ class RedisLimiter:
 
     # -- upstream's reports ----------------------------------------------------------------
 
-    def observe(self, key: str, reports: Sequence[RateReport], now: float) -> bool:
+    def observe(
+        self, key: str, reports: Sequence[RateReport], now: float, defer: bool = False
+    ) -> bool:
+        """Re-sync the shared views from one answer's reports (see UpstreamViews.observe);
+        `defer`: with the next call (the settle that follows), applied as of now."""
         wanted = {(r.unit, r.period): r for r in reports if r.limit > 0}
         if not wanted:
             return False
@@ -225,18 +257,20 @@ class RedisLimiter:
             args += [str(report.remaining), _fmt(report.reset), _fmt(report.period)]
             args += [_fmt(drift.rate(now)), _fmt(drift.lump(now)), _fmt(drift.share)]
             self._learned[slot] = report.limit
-        out = self.call(key, ["O", str(len(args)), *args], now)
-        if out[0] != "1":
+
+        def read(out: Iterator[str], at: float) -> bool:
+            if next(out) != "1":
+                return False
+            for drift, report in drifts:
+                if next(out) == "1":
+                    gap, unsure, dt, refunds = (float(next(out)) for _ in range(4))
+                    drift.add(gap, unsure, dt, refunds, report.limit, at)
+            return True
+
+        if defer:
+            self._later(key, now, ["O", *args], read)
             return False
-        at = 1
-        for drift, report in drifts:
-            if out[at] == "1":
-                gap, unsure, dt, refunds = (float(x) for x in out[at + 1 : at + 5])
-                drift.add(gap, unsure, dt, refunds, report.limit, now)
-                at += 5
-            else:
-                at += 1
-        return True
+        return read(iter(self.call(key, ["O", str(len(args) + 1), "0", *args], now)), now)
 
     def learned_limits(self, key: str) -> dict[tuple[Unit, float], int]:
         return {(u, p): limit for (k, u, p), limit in self._learned.items() if k == key}
@@ -254,7 +288,7 @@ class RedisLimiter:
     def used(self, key: str, rate: Rate, now: float) -> float:
         """From this proxy's last call for `key` if recent, else asked again."""
         known = self._used.get(key, {}).get((rate.unit, rate.period))
-        if known is None or abs(now - known[1]) > USED_FRESH_SECONDS or key in self._pending:
+        if known is None or abs(now - known[1]) > self._fresh_for:
             self.refresh(key, (rate,), now)
             known = self._used[key][(rate.unit, rate.period)]
         return known[0]
@@ -284,6 +318,19 @@ class RedisLimiter:
         except redis.RedisError as e:
             raise SharedStateError(str(e)) from e
         return {k.decode(): float(v) for k, v in raw.items()}  # type: ignore[union-attr]
+
+
+_Reader = Callable[[Iterator[str], float], object]
+
+
+@dataclass(frozen=True, slots=True)
+class _Waiting:
+    """An operation waiting for the next call: when it happened, its code and arguments,
+    and what reads its results."""
+
+    at: float
+    op: list[str]
+    read: _Reader | None = None
 
 
 def _slot_name(unit: Unit, period: float) -> str:

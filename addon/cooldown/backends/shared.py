@@ -12,9 +12,12 @@ once and follows `on_error` until Redis answers again:
   `request_timeout` at the latest.
 - `reject`: requests are answered 503 with a Retry-After.
 
-Confirms, settles and releases of reservations made in Redis wait for it (see redis.py); a
-Redis that restarted empty has forgotten those reservations, and they are dropped there.
-Reconnecting is tried at most once a second, from `tick`.
+Settles and releases of reservations made in Redis wait for it (see redis.py); a Redis that
+restarted empty has forgotten those reservations, and they are dropped there.
+
+While Redis is away nothing on the event loop waits for it: a thread asks it once a second
+(PING, with a short timeout), and the next `tick` reconnects once it answered. Only the call
+that finds Redis gone waits, for at most `SOCKET_TIMEOUT`.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import logging
 import os
 import secrets
 import socket
+import threading
 from collections.abc import Sequence
 from dataclasses import replace
 from importlib import resources
@@ -30,6 +34,7 @@ from importlib import resources
 import redis
 
 from ..config import SharedLimitsConfig, redact_url
+from ..limiter import SHARED_UNAVAILABLE as UNAVAILABLE
 from ..limiter import Decision, MemoryLimiter, Rate, RateReport, Reservation, Settled, Unit
 from .redis import RedisLimiter, SharedStateError
 
@@ -41,7 +46,6 @@ ALIVE_SECONDS = 5.0
 RETRY_SECONDS = 1.0  # how often a proxy without Redis tries it again
 # Redis on the proxy's path must answer fast or not at all: a decision waits for it.
 SOCKET_TIMEOUT = 0.25
-UNAVAILABLE = "shared_limits_unavailable"  # what held requests wait for under `hold`
 
 
 def instance_id() -> str:
@@ -67,7 +71,9 @@ class SharedLimiter:
         self.shared = RedisLimiter(self._client, config.key_prefix, self.instance, use_redis_time)
         self.up = False
         self.instances = 1  # proxies alive, this one included, as the last heartbeat said
-        self._retry_at = float("-inf")
+        self._answering = threading.Event()  # set by the watcher once Redis answers again
+        self._closed = threading.Event()
+        self._watcher: threading.Thread | None = None
         # EVALSHA, and the script loaded again after NOSCRIPT (Redis restarted)
         self._heartbeat = self._client.register_script(HEARTBEAT)
         # Reservations made alone, by id, each in the limiter that made it (one per outage).
@@ -99,10 +105,10 @@ class SharedLimiter:
 
     def tick(self, now: float) -> None:
         """About once a second: say this proxy is alive, send waiting operations; without
-        Redis, try it again."""
+        Redis, reconnect once the watcher has seen it answer."""
         if not self.up:
-            if now >= self._retry_at:
-                self._retry_at = now + RETRY_SECONDS
+            if self._answering.is_set():
+                self._answering.clear()
                 self.start(now)
             return
         try:
@@ -113,6 +119,7 @@ class SharedLimiter:
 
     def close(self) -> None:
         """Leave: send what waits and stop counting among the proxies alive."""
+        self._closed.set()
         if self.up:
             try:
                 self.shared.flush(0.0)
@@ -130,8 +137,31 @@ class SharedLimiter:
             raise SharedStateError(f"{type(e).__name__}: {e}") from e
         self.instances = max(int(alive), 1)
 
+    def _watch(self) -> None:
+        """While Redis is away: ask it once a second, off the event loop."""
+        probe = redis.Redis.from_url(
+            self.config.redis_url,
+            socket_timeout=SOCKET_TIMEOUT,
+            socket_connect_timeout=SOCKET_TIMEOUT,
+        )
+        try:
+            while not self._closed.wait(RETRY_SECONDS):
+                if self.up or self._answering.is_set():
+                    continue
+                try:
+                    probe.ping()
+                except redis.RedisError:
+                    continue
+                self._answering.set()
+        finally:
+            probe.close()
+
     def _down(self, error: SharedStateError, now: float) -> None:
-        self._retry_at = now + RETRY_SECONDS
+        if self._watcher is None:
+            self._watcher = threading.Thread(
+                target=self._watch, name="cooldown redis watcher", daemon=True
+            )
+            self._watcher.start()
         if not self.up and self._outages:
             return  # still down: said once already
         self.up = False
@@ -216,15 +246,21 @@ class SharedLimiter:
         owner = self._owners.pop(reservation.id, None)
         if owner is not None:
             owner.settle(reservation, actual_tokens, now, refund, total)
-        else:
-            self.shared.settle(reservation, actual_tokens, now, refund, total)
+            return
+        try:
+            self.shared.settle(reservation, actual_tokens, now, refund, total, not self.up)
+        except SharedStateError as e:
+            self._down(e, now)
 
     def release(self, reservation: Reservation, now: float) -> None:
         owner = self._owners.pop(reservation.id, None)
         if owner is not None:
             owner.release(reservation, now)
-        else:
-            self.shared.release(reservation, now)
+            return
+        try:
+            self.shared.release(reservation, now, not self.up)
+        except SharedStateError as e:
+            self._down(e, now)
 
     def exhaust(self, key: str, rate: Rate, now: float) -> None:
         if self.up:
@@ -236,14 +272,27 @@ class SharedLimiter:
         if self._alone is not None:
             self._alone.exhaust(key, self._scaled(rate), now)
 
-    def observe(self, key: str, reports: Sequence[RateReport], now: float) -> bool:
+    def observe(
+        self, key: str, reports: Sequence[RateReport], now: float, defer: bool = False
+    ) -> bool:
         if self.up:
             try:
-                return self.shared.observe(key, reports, now)
+                return self.shared.observe(key, reports, now, defer)
             except SharedStateError as e:
                 self._down(e, now)
         # Alone, upstream's reports still say what the whole organization left.
         return self._alone is not None and self._alone.observe(key, reports, now)
+
+    def pause(self, key: str, seconds: float, now: float) -> None:
+        if self.up:
+            try:
+                self.shared.pause(key, seconds, now)
+            except SharedStateError as e:
+                self._down(e, now)
+
+    def withdraw(self, key: str, now: float) -> None:
+        if self.up:
+            self.shared.withdraw(key, now)
 
     def used(self, key: str, rate: Rate, now: float) -> float:
         if self.up:
