@@ -22,9 +22,10 @@ Runs, one after the other:
   tracked flows back to 0 on both. "Answered" is per HTTP attempt (the time to its answer's
   head): the SDK retries a proxy's 503 or 429 out of sight, so one SDK call may take longer.
 * **core**: decisions per second and time per request of the limiter alone, in this process:
-  `try_acquire` + `confirm` + `settle` (and, a second figure, with `observe`, the re-sync from
-  upstream's headers every answer brings), `SharedLimiter` on the same Redis against the
-  in-process `MemoryLimiter`, in alternating blocks of one run.
+  `try_acquire` + `confirm` + `settle` (and, a second figure, with `observe(defer=True)`, the
+  re-sync from the headers a non-stream answer brings, which rides with its settle: the two
+  round trips of a real request), `SharedLimiter` on the same Redis against the in-process
+  `MemoryLimiter`, in alternating blocks of one run.
 
 SHARED_RUNS (comma-separated: shared, unshared, killed, core) picks some.
 """
@@ -324,6 +325,14 @@ def attempt_figures(attempts: list[Attempt], request_timeout: float | None) -> d
     }
 
 
+def _histogram(values: list[float], width: float) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for value in sorted(values):
+        key = f"{width * int(value / width):.1f}"
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
 def _final(snapshot: dict[str, Any] | None) -> dict[str, Any] | None:
     if snapshot is None:
         return None
@@ -351,7 +360,7 @@ def figures_of(
         if not o.ok and o.error != UNFINISHED:
             key = o.error or f"http_{o.status}"
             errors[key] = errors.get(key, 0) + 1
-    per_proxy = []
+    per_proxy: list[dict[str, Any]] = []
     for index, mine in enumerate(outcomes):
         ok = [o for o in mine if o.ok and o.done is not None]
         held = [o.held for o in ok if o.held is not None]
@@ -361,8 +370,13 @@ def figures_of(
                 "proxy": index,
                 "sent": len(mine),
                 "answered": len(ok),
+                "held_p25": percentile(held, 25),
                 "held_p50": percentile(held, 50),
+                "held_p75": percentile(held, 75),
                 "held_p90": percentile(held, 90),
+                "held_mean": statistics.fmean(held) if held else None,
+                # every held time, 0.1 s buckets: shows a step in the waits (retry cadence)
+                "held_histogram": _histogram(held, 0.1),
                 "latency_p50": percentile(latency, 50),
                 "latency_p90": percentile(latency, 90),
             }
@@ -432,8 +446,8 @@ def core_figures(ctx: Context) -> dict[str, Any]:
             if reservation is None:
                 raise RuntimeError(f"not granted: {decision}")
             limiter.confirm(reservation, now)
-            if observe:
-                limiter.observe(CORE_KEY, reports, now)
+            if observe:  # a non-stream answer's report: it rides with the settle
+                limiter.observe(CORE_KEY, reports, now, defer=True)
             limiter.settle(reservation, 300, now, refund=200)
             times.append(time.perf_counter() - t0)
         return time.perf_counter() - started, times
@@ -597,7 +611,7 @@ def add_core_figures(result: BenchResult, core: dict[str, Any]) -> None:
         return
     for label, title in (
         ("decide_confirm_settle", "try_acquire + confirm + settle"),
-        ("with_observe", "the same + observe"),
+        ("with_observe", "the same + observe (deferred)"),
     ):
         m, r = core[label]["memory"], core[label]["redis"]
         result.add(
