@@ -379,3 +379,21 @@ def test_only_requests_in_flight_at_a_report_make_the_next_one_unsure(make):
     before = limiter.foreign_rate("k", "tokens", 60.0, now + 2)
     limiter.observe("k", report(remaining=left - 3_000, limit=6_000), now=now + 3)
     assert limiter.foreign_rate("k", "tokens", 60.0, now + 3) == pytest.approx(before)
+
+
+def test_reports_rounded_down_to_whole_units_are_not_taken_for_others_usage(make):
+    """Upstream reports what is left in whole units, rounded down: with nobody else using a
+    small limit, the rounding alone must not look like others' usage."""
+    limiter = make(resync_interval=0)
+    rpm = Rate("rpm", "requests", 30)  # refills half a request a second
+    level, now = 30.0, 0.0
+    for _ in range(40):
+        reservation = granted(limiter, (rpm,), 1, now)
+        level -= 1
+        limiter.confirm(reservation, now)
+        limiter.settle(reservation, 1, now)
+        now += 0.7
+        level = min(30.0, level + 0.5 * 0.7)
+        remaining = math.floor(level)
+        limiter.observe("k", [RateReport("requests", 60.0, 30, remaining, 0.0)], now=now)
+    assert limiter.foreign_rate("k", "requests", 60.0, now) == 0

@@ -64,6 +64,8 @@ FOREIGN_RESERVE_SECONDS = 1.0
 # ... learnt from reports unsure about at most this share of the limit (our requests in flight),
 # and without refunds due beyond it for the others' part.
 CLEAN_SHARE = 0.005
+# Upstream reports whole units, rounded down.
+REPORT_UNIT = 1.0
 # Upstream's view always keeps this share of the limit in reserve.
 VIEW_MARGIN = 0.005
 # Unused reservations are credited to upstream's view this long after their settle, once
@@ -300,8 +302,10 @@ class UpstreamDrift:
             return
         if refunds_due <= CLEAN_SHARE * limit:
             # More left than expected is no one's usage: a refund that a report shows later
-            # than we settled it, or an estimate of ours above what upstream counted.
-            quiet_gap = min(0.0, gap - refunds_due * self.share)
+            # than we settled it, or an estimate of ours above what upstream counted. Nor is
+            # less than a unit: a report counts whole units, rounded down (else the rounding
+            # alone looks like others' usage, a sizeable share of a small requests limit).
+            quiet_gap = min(0.0, gap + REPORT_UNIT - refunds_due * self.share)
             self._quiet.append((now, dt, quiet_gap))
             self._q_dt += dt
             self._q_gap += quiet_gap

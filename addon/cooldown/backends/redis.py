@@ -101,7 +101,7 @@ class RedisLimiter:
         # what reads its results (a report's re-sync returns what it measured).
         self._pending: dict[str, list[_Waiting]] = {}
         self._open: set[str] = set()  # reservations handed out and not settled or released
-        # Per key and (unit, period): (used, at) as the last call said; any call forgets them.
+        # Per key and (unit, period): (used, at) as the last call that asked said.
         self._used: dict[str, dict[tuple[Unit, float], tuple[float, float]]] = {}
         self._learned: dict[Slot, int] = {}  # upstream's limits as its reports said
         self._drift: dict[Slot, UpstreamDrift] = {}
@@ -128,7 +128,6 @@ class RedisLimiter:
             raise SharedStateError(f"{type(e).__name__}: {e}") from e
         if pending:
             del self._pending[key]
-        self._used.pop(key, None)  # the state changed: what was used is asked again
         out = iter([x.decode() if isinstance(x, bytes) else str(x) for x in result])
         for waiting in pending:
             if waiting.read is not None:
@@ -288,7 +287,7 @@ class RedisLimiter:
     def used(self, key: str, rate: Rate, now: float) -> float:
         """From this proxy's last call for `key` if recent, else asked again."""
         known = self._used.get(key, {}).get((rate.unit, rate.period))
-        if known is None or abs(now - known[1]) > self._fresh_for:
+        if known is None or abs(now - known[1]) >= self._fresh_for:
             self.refresh(key, (rate,), now)
             known = self._used[key][(rate.unit, rate.period)]
         return known[0]
