@@ -403,3 +403,48 @@ def test_an_upstream_429_pauses_every_proxy(clients, prefix):
     assert (paused.granted, paused.binding) == (False, UPSTREAM_429)
     assert paused.wait == pytest.approx(4)
     assert b.try_acquire("m", (TPM,), 10, now=5.1).granted
+
+
+def test_a_redis_that_lost_its_data_is_noticed(own_redis, prefix):
+    """Killed and started again between two calls, Redis never looked away; its epoch token
+    says it forgot everything, and the limiter's tick says so (the gate then probes)."""
+    limiter = shared_limiter(own_redis, "hold", prefix)
+    assert limiter.tick(0.0) is False
+    own_redis.kill()
+    own_redis.start()
+    deadline, lost = time.monotonic() + 10, False
+    while not lost and time.monotonic() < deadline:
+        lost = limiter.tick(0.0)  # (the first may find the old connection gone: away, back)
+        time.sleep(0.05)
+    assert lost and limiter.up
+    assert limiter.tick(0.0) is False  # said once
+    limiter.close()
+
+
+class _Forgetful(MemoryLimiter):
+    """A limiter whose next tick says what it knew of upstream may be lost."""
+
+    lost = False
+
+    def tick(self, now):
+        lost, self.lost = self.lost, False
+        return lost
+
+
+def test_when_the_limiter_lost_upstreams_state_the_next_wave_probes_first():
+    """A Redis that restarted has forgotten every bucket and upstream's view: full buckets
+    would let a whole wave go into an upstream that is still drained. So one request goes
+    first and the rest wait for its answer (its report re-syncs the view)."""
+    limiter = _Forgetful()
+    gate = Gate(Config(), limiter=limiter)
+    first = gate.submit(10, key="m")
+    gate.confirm(first)
+    gate.finish(first, 200, 10)  # upstream has answered: its state is known
+    assert gate.submit(10, key="m").outcome is Outcome.RELEASED
+    limiter.lost = True
+    gate.tick()
+    probe, behind = gate.submit(10, key="m"), gate.submit(10, key="m")
+    assert probe.outcome is Outcome.RELEASED
+    assert behind.held and gate.scheduler.waiting["m"][0] == "probe"
+    gate.finish(probe, 200, 10)
+    assert behind.outcome is Outcome.RELEASED

@@ -214,8 +214,10 @@ class Gate:
 
     def tick(self) -> None:
         """About once a second: the limiter's housekeeping (shared limits: heartbeat, sending
-        what waits, reconnecting), then a pump, since capacity may have changed elsewhere."""
-        self.limiter.tick(self.clock())
+        what waits, reconnecting), then a pump, since capacity may have changed elsewhere.
+        After a reconnect upstream's state is unknown again: the next wave probes first."""
+        if self.limiter.tick(self.clock()):
+            self.scheduler.probes.forget()
         self.scheduler.invalidate()
         self.pump()
 

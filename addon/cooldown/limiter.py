@@ -612,8 +612,10 @@ class LimiterBackend(Protocol):
 
     def open_reservations(self) -> int: ...
 
-    def tick(self, now: float) -> None:
-        """Called about once a second: housekeeping that no decision waits for."""
+    def tick(self, now: float) -> bool:
+        """Called about once a second: housekeeping that no decision waits for. True when
+        what the limiter knew of upstream may be lost (shared limits back after an outage:
+        Redis may have restarted empty), so that the next wave probes first."""
         ...
 
     def shared_status(self) -> dict[str, object] | None:
@@ -755,8 +757,9 @@ class UpstreamViews:
 class _Alone:
     """The calls that only matter when limits are shared, as one process answers them."""
 
-    def tick(self, now: float) -> None:
+    def tick(self, now: float) -> bool:
         """Nothing to do now and then: everything here happens when it is called."""
+        return False
 
     def withdraw(self, key: str, now: float) -> None:
         """One process, one queue: nobody else to make room for."""

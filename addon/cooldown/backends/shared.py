@@ -71,6 +71,7 @@ class SharedLimiter:
         self.shared = RedisLimiter(self._client, config.key_prefix, self.instance, use_redis_time)
         self.up = False
         self.instances = 1  # proxies alive, this one included, as the last heartbeat said
+        self._epoch: str | None = None  # Redis's, as the last heartbeat said
         self._answering = threading.Event()  # set by the watcher once Redis answers again
         self._closed = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -103,19 +104,25 @@ class SharedLimiter:
         self.up = True
         return True
 
-    def tick(self, now: float) -> None:
+    def tick(self, now: float) -> bool:
         """About once a second: say this proxy is alive, send waiting operations; without
-        Redis, reconnect once the watcher has seen it answer."""
+        Redis, reconnect once the watcher has seen it answer. True after an outage, or when
+        Redis lost its data meanwhile: its buckets are full again and it has no view of
+        upstream, so the next wave had better probe first."""
         if not self.up:
             if self._answering.is_set():
                 self._answering.clear()
-                self.start(now)
-            return
+                return self.start(now)
+            return False
         try:
-            self._beat()
+            lost = self._beat()
             self.shared.flush(now)
         except SharedStateError as e:
             self._down(e, now)
+            return False
+        if lost:
+            log.warning("Cooldown: Redis lost the shared limits (restarted?); probing first")
+        return lost
 
     def close(self) -> None:
         """Leave: send what waits and stop counting among the proxies alive."""
@@ -128,14 +135,20 @@ class SharedLimiter:
                 pass
         self._client.close()
 
-    def _beat(self, leaving: bool = False) -> None:
-        key = f"{self.config.key_prefix}instances"
-        args = (self.instance, repr(ALIVE_SECONDS), "1" if leaving else "0")
+    def _beat(self, leaving: bool = False) -> bool:
+        """Say this proxy is alive (or leaving); True when Redis has lost its data since the
+        last heartbeat (its epoch changed: restarted with nothing on disk)."""
+        tag = f"{self.config.key_prefix}{{proxies}}"  # one hash tag: one Cluster slot
+        args = (self.instance, repr(ALIVE_SECONDS), "1" if leaving else "0", secrets.token_hex(8))
         try:
-            alive = self._heartbeat(keys=[key], args=args)
+            alive, epoch = self._heartbeat(keys=[f"{tag}:alive", f"{tag}:epoch"], args=args)
         except redis.RedisError as e:
             raise SharedStateError(f"{type(e).__name__}: {e}") from e
         self.instances = max(int(alive), 1)
+        epoch = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
+        lost = self._epoch is not None and epoch != self._epoch
+        self._epoch = epoch
+        return lost
 
     def _watch(self) -> None:
         """While Redis is away: ask it once a second, off the event loop."""
