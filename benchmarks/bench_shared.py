@@ -162,6 +162,7 @@ class Attempt:
     finished: float | None = None
     status: int | None = None
     error: str | None = None  # no HTTP answer: the exception (Cancelled: the drain's end)
+    refused: str | None = None  # the proxy's own answer: its X-Cooldown-Refused code
 
 
 def make_client(
@@ -182,6 +183,7 @@ def make_client(
                 attempt.finished, attempt.error = clock(), type(e).__name__
                 raise
             attempt.finished, attempt.status = clock(), response.status_code
+            attempt.refused = response.headers.get("x-cooldown-refused")
             return response
 
     http_client = TimedClient(
@@ -313,9 +315,30 @@ def attempt_figures(attempts: list[Attempt], request_timeout: float | None) -> d
     cut = [a for a in attempts if a.status is None and a.error == "CancelledError"]
     failed = [a for a in attempts if a.status is None and a.error != "CancelledError"]
     hung = [a for a in cut if limit is not None and (a.finished or 0) - a.started > limit]
+    others = [a for a in attempts if a.status is not None and a.status != 200]
     return {
         "count": len(attempts),
         "statuses": statuses,
+        # every attempt not answered 200: (proxy, status, proxy's code or None: upstream's or
+        # mitmproxy's own, sent at, seconds to its answer)
+        "not_200": [
+            (
+                a.proxy,
+                a.status,
+                a.refused,
+                round(a.started, 2),
+                round((a.finished or 0) - a.started, 2),
+            )
+            for a in others
+        ],
+        "slowest": max(
+            (
+                (round((a.finished or 0) - a.started, 2), a.proxy, a.status, a.refused)
+                for a in attempts
+                if a.status is not None
+            ),
+            default=None,
+        ),
         "slowest_answer_s": max(answered, default=None),
         "answer_p99_s": percentile(answered, 99),
         "no_answer_transport_errors": len(failed),
