@@ -5,7 +5,8 @@ Every figure is printed beside the baseline it was compared with in the same run
 shared, noisy 2-core machine are only meaningful as ratios), and all of it is written to a JSON
 file (default benchmarks/results/quick.json or full.json) plus a Markdown table beside it.
 Missing a target does not fail the run: the exit status is 1 only if a benchmark crashed.
-Benchmarks: core, estimate, proxy, memory, saturation, fullspeed, hostile, cache, policies
+Benchmarks: core, estimate, proxy, memory, saturation, fullspeed, hostile, cache, policies,
+shared
 (see docs/benchmarks.md).
 """
 
@@ -34,6 +35,7 @@ from benchmarks import (
     bench_policies,
     bench_proxy,
     bench_saturation,
+    bench_shared,
 )
 from benchmarks.common import (
     REPO,
@@ -55,6 +57,7 @@ BENCHMARKS = {
     "hostile": bench_hostile.run,
     "cache": bench_cache.run,
     "policies": bench_policies.run,
+    "shared": bench_shared.run,
 }
 
 
