@@ -246,6 +246,17 @@ async def test_requeue_is_not_refused_by_a_full_queue():
     assert gate.submit(10, requeue=True).held
 
 
+async def test_a_retry_waits_only_what_its_earlier_attempts_left_of_request_timeout():
+    gate, clock = per_model_gate("cerebras_limits: {request_timeout: 60s, tpm_limit: 1000}\n")
+    gate.confirm(gate.submit(1_000, key="m"))  # the minute's tokens are gone
+    retry = gate.submit(500, key="m", requeue=True, waited=50.0)  # fits in 30 s
+    fresh = gate.submit(500, key="m")
+    clock.advance(10.5)
+    gate.pump()
+    assert retry.outcome is Outcome.TIMEOUT  # 50 s before, 10 s now: its 60 s are over
+    assert fresh.held
+
+
 async def test_burst_setting_paces_only_per_minute_limits():
     gate, _ = per_model_gate("cerebras_limits: {burst: 0.25, tpd_limit: 100000}\n")
     bursts = {rate.name: rate.burst for rate in gate.rates_for("m")}

@@ -312,7 +312,7 @@ def test_local_decides_on_its_share_and_reconciles_when_redis_is_back(own_redis,
     one = shared_limiter(own_redis, "local", prefix, "p1")
     two = shared_limiter(own_redis, "local", prefix, "p2")
     one.tick(0.0)
-    assert one.instances == 2
+    assert one.presence.instances == 2
     before = one.try_acquire("m", (RPM,), 1, now=0.0).reservation  # made in Redis
     own_redis.kill()
     admitted = [one.try_acquire("m", (RPM,), 1, now=1.0) for _ in range(8)]
@@ -340,7 +340,7 @@ def test_a_proxy_that_leaves_stops_counting_among_the_alive(own_redis, prefix):
     two = shared_limiter(own_redis, "local", prefix, "p2")
     two.close()
     one.tick(1.0)
-    assert one.instances == 1
+    assert one.presence.instances == 1
     one.close()
 
 

@@ -53,6 +53,8 @@ class MeteredFlow:
     retries_left: int
     attempt: int = 1  # 1 for the client's own flow; 2, 3, ... for a retry's copies
     parent: MeteredFlow | None = None  # for a copy: the flow it retries
+    # for a copy: how long its earlier attempts waited in the queue (off its request_timeout)
+    waited_before: float = 0.0
     phase: Phase = Phase.ADMITTING
     estimate: Estimate | None = None
     ticket: Ticket | None = None

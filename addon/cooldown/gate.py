@@ -253,9 +253,11 @@ class Gate:
         policy: Policy = NORMAL,
         need: Need | None = None,
         total: int | None = None,
+        waited: float = 0.0,
     ) -> Ticket:
         """Queue a request; `requeue` is for one already admitted once (a retry after a 429),
-        which must not be turned away because the queue filled up meanwhile; `need` (what it
+        which must not be turned away because the queue filled up meanwhile, and which may
+        wait only what its earlier attempts (`waited`) left of request_timeout; `need` (what it
         certainly needs) refuses it at once when no limit could ever hold it. `tokens` are
         charged to the (uncached) token limits, `total` to the total-tokens limit (None: the
         same)."""
@@ -269,6 +271,7 @@ class Gate:
             policy=policy,
             need=need,
             total=total,
+            waited=waited,
         )
         if ticket.held:
             self.pump()

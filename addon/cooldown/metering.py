@@ -132,6 +132,7 @@ class Metering:
             policy=metered.policy,
             need=estimate.need,
             total=total,
+            waited=metered.waited_before,
         )
         f.metadata["cooldown_estimate"] = estimate.total
         if guess is not None:

@@ -140,7 +140,7 @@ class Retries:
 
     def _start(self, metered: MeteredFlow) -> Retry:
         """Replay a copy of `metered`'s request, as the addon released it, through mitmproxy."""
-        assert metered.request is not None
+        assert metered.request is not None and metered.ticket is not None
         request, metered.request = metered.request, None
         retry_copy = copy_for_retry(metered.flow, request, metered.attempt + 1)
         retry = Retry(copy=retry_copy, done=asyncio.get_running_loop().create_future())
@@ -151,6 +151,7 @@ class Retries:
             retries_left=metered.retries_left - 1,
             attempt=metered.attempt + 1,
             parent=metered,
+            waited_before=metered.waited_before + metered.ticket.waited,
             client=metered.client,
             policy=metered.policy,
         )

@@ -217,12 +217,12 @@ class Scheduler:
         policy: Policy = NORMAL,
         need: Need | None = None,
         total: int | None = None,
+        waited: float = 0.0,
     ) -> Ticket:
-        """Queue a request; it may be refused at once (too large for a limit, queue full,
-        client's share full, breaker open). `requeue`: admitted once already (a retry), never
-        refused for room. `need`: what it certainly needs, checked against every token limit.
-        `total`: its amount for the total-tokens limit, when not `tokens`."""
-        deadline = now + self.limits.request_timeout
+        """Queue a request, or refuse it at once (too large, queue or client's share full,
+        breaker open). `requeue`: a retry, never refused for room, waiting at most what its
+        earlier attempts (`waited`) left of request_timeout. `need`, `total`: see Gate.submit."""
+        deadline = now + self.limits.request_timeout - waited
         ticket = Ticket(next(self._ids), key, max(int(tokens), 1), now, deadline, client=client)
         ticket.total, ticket.policy = None if total is None else max(int(total), 1), policy
         if need is not None:  # first: waiting, retrying or a closed breaker change nothing

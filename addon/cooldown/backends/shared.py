@@ -17,40 +17,24 @@ restarted empty has forgotten those reservations, and they are dropped there.
 
 While Redis is away nothing on the event loop waits for it: a thread asks it once a second
 (PING, with a short timeout), and the next `tick` reconnects once it answered. Only the call
-that finds Redis gone waits, for at most `SOCKET_TIMEOUT`.
+that finds Redis gone waits, for at most `presence.SOCKET_TIMEOUT`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import secrets
-import socket
-import threading
 from collections.abc import Sequence
 from dataclasses import replace
-from importlib import resources
 
 import redis
 
 from ..config import SharedLimitsConfig, redact_url
 from ..limiter import SHARED_UNAVAILABLE as UNAVAILABLE
 from ..limiter import Decision, MemoryLimiter, Rate, RateReport, Reservation, Settled, Unit
+from .presence import RETRY_SECONDS, Presence, connect, instance_id
 from .redis import RedisLimiter, SharedStateError
 
 log = logging.getLogger(__name__)
-
-HEARTBEAT = resources.files(__package__).joinpath("heartbeat.lua").read_text(encoding="utf-8")
-# A proxy that has not said it is alive for this long no longer counts among the N.
-ALIVE_SECONDS = 5.0
-RETRY_SECONDS = 1.0  # how often a proxy without Redis tries it again
-# Redis on the proxy's path must answer fast or not at all: a decision waits for it.
-SOCKET_TIMEOUT = 0.25
-
-
-def instance_id() -> str:
-    """This proxy among the others: host, process and a random part (a restart is new)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
 class SharedLimiter:
@@ -62,21 +46,11 @@ class SharedLimiter:
         use_redis_time: bool = True,
     ) -> None:
         self.config = config
-        self._client = client or redis.Redis.from_url(
-            config.redis_url,
-            socket_timeout=SOCKET_TIMEOUT,
-            socket_connect_timeout=SOCKET_TIMEOUT,
-        )
+        self._client = client or connect(config.redis_url)
         self.instance = instance or instance_id()
         self.shared = RedisLimiter(self._client, config.key_prefix, self.instance, use_redis_time)
+        self.presence = Presence(self._client, config.redis_url, config.key_prefix, self.instance)
         self.up = False
-        self.instances = 1  # proxies alive, this one included, as the last heartbeat said
-        self._epoch: str | None = None  # Redis's, as the last heartbeat said
-        self._answering = threading.Event()  # set by the watcher once Redis answers again
-        self._closed = threading.Event()
-        self._watcher: threading.Thread | None = None
-        # EVALSHA, and the script loaded again after NOSCRIPT (Redis restarted)
-        self._heartbeat = self._client.register_script(HEARTBEAT)
         # Reservations made alone, by id, each in the limiter that made it (one per outage).
         self._alone: MemoryLimiter | None = None
         self._outages = 0
@@ -88,7 +62,7 @@ class SharedLimiter:
     def start(self, now: float) -> bool:
         """Connect (at start-up, and when Redis may be back); True when sharing."""
         try:
-            self._beat()
+            self.presence.beat()
             self.shared.flush(now)
             self._reconcile(now)
         except SharedStateError as e:
@@ -99,7 +73,7 @@ class SharedLimiter:
                 "Cooldown: sharing limits through Redis at %s as %s (%d proxies alive)",
                 redact_url(self.config.redis_url),
                 self.instance,
-                self.instances,
+                self.presence.instances,
             )
         self.up = True
         return True
@@ -110,12 +84,9 @@ class SharedLimiter:
         Redis lost its data meanwhile: its buckets are full again and it has no view of
         upstream, so the next wave had better probe first."""
         if not self.up:
-            if self._answering.is_set():
-                self._answering.clear()
-                return self.start(now)
-            return False
+            return self.presence.answering.is_set() and self.start(now)
         try:
-            lost = self._beat()
+            lost = self.presence.beat()
             self.shared.flush(now)
         except SharedStateError as e:
             self._down(e, now)
@@ -126,62 +97,24 @@ class SharedLimiter:
 
     def close(self) -> None:
         """Leave: send what waits and stop counting among the proxies alive."""
-        self._closed.set()
+        self.presence.close()
         if self.up:
             try:
                 self.shared.flush(0.0)
-                self._beat(leaving=True)
+                self.presence.beat(leaving=True)
             except SharedStateError:
                 pass
         self._client.close()
 
-    def _beat(self, leaving: bool = False) -> bool:
-        """Say this proxy is alive (or leaving); True when Redis has lost its data since the
-        last heartbeat (its epoch changed: restarted with nothing on disk)."""
-        tag = f"{self.config.key_prefix}{{proxies}}"  # one hash tag: one Cluster slot
-        args = (self.instance, repr(ALIVE_SECONDS), "1" if leaving else "0", secrets.token_hex(8))
-        try:
-            alive, epoch = self._heartbeat(keys=[f"{tag}:alive", f"{tag}:epoch"], args=args)
-        except redis.RedisError as e:
-            raise SharedStateError(f"{type(e).__name__}: {e}") from e
-        self.instances = max(int(alive), 1)
-        epoch = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
-        lost = self._epoch is not None and epoch != self._epoch
-        self._epoch = epoch
-        return lost
-
-    def _watch(self) -> None:
-        """While Redis is away: ask it once a second, off the event loop."""
-        probe = redis.Redis.from_url(
-            self.config.redis_url,
-            socket_timeout=SOCKET_TIMEOUT,
-            socket_connect_timeout=SOCKET_TIMEOUT,
-        )
-        try:
-            while not self._closed.wait(RETRY_SECONDS):
-                if self.up or self._answering.is_set():
-                    continue
-                try:
-                    probe.ping()
-                except redis.RedisError:
-                    continue
-                self._answering.set()
-        finally:
-            probe.close()
-
     def _down(self, error: SharedStateError, now: float) -> None:
-        if self._watcher is None:
-            self._watcher = threading.Thread(
-                target=self._watch, name="cooldown redis watcher", daemon=True
-            )
-            self._watcher.start()
+        self.presence.watch()
         if not self.up and self._outages:
             return  # still down: said once already
         self.up = False
         self._outages += 1
         self._alone = MemoryLimiter(id_prefix=f"alone{self._outages}-")
         what = {
-            "local": f"deciding alone on 1/{self.instances} of every limit",
+            "local": f"deciding alone on 1/{self.presence.instances} of every limit",
             "hold": "holding requests until it answers (each at most request_timeout)",
             "reject": "answering 503 until it answers",
         }[self.config.on_error]
@@ -195,22 +128,23 @@ class SharedLimiter:
 
     def _reconcile(self, now: float) -> None:
         """Charge the shared buckets with what this proxy counted alone, once."""
-        alone = self._alone
+        alone, charged = self._alone, 0
         if alone is None:
             return
         for key, rate in list(self._counted_alone):
-            scaled = self._scaled(rate)
-            amount = alone.used(key, scaled, now)
+            amount = alone.used(key, self._scaled(rate), now)
             if amount > 0:
                 self.shared.charge(key, rate, amount, now)
+                charged += 1
             del self._counted_alone[(key, rate)]
         self._alone = None
-        log.info("Cooldown: Redis answers again; what was counted alone is charged to it")
+        what = f"{charged} limits counted alone are charged to it" if charged else "sharing"
+        log.info("Cooldown: Redis answers again: %s", what)
 
     # -- the backend -----------------------------------------------------------------------
 
     def _scaled(self, rate: Rate) -> Rate:
-        return replace(rate, limit=max(rate.limit // self.instances, 1))
+        return replace(rate, limit=max(rate.limit // self.presence.instances, 1))
 
     def try_acquire(
         self,
@@ -315,7 +249,7 @@ class SharedLimiter:
                 self._down(e, now)
         if self._alone is None:
             return self.shared.last_used(key, rate)
-        return self._alone.used(key, self._scaled(rate), now) * self.instances
+        return self._alone.used(key, self._scaled(rate), now) * self.presence.instances
 
     def limit(self, key: str, rate: Rate) -> int:
         return self.shared.limit(key, rate)
@@ -337,7 +271,7 @@ class SharedLimiter:
         )
         return {
             "state": state,
-            "instances": self.instances,
+            "instances": self.presence.instances,
             "instance": self.instance,
             "waiting_operations": self.shared.pending(),
         }
