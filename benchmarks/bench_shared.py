@@ -217,7 +217,9 @@ async def closed_loop(
         for k in range(MAX_PER_WORKER):
             if clock() >= duration:
                 return
-            planned, stream = plans.get(w, k)
+            # Both proxies get the same requests in the same order (worker w and its twin w ^ 1):
+            # symmetric load, so their waits compare.
+            planned, stream = plans.get(w // PROXIES, k)
             out = Outcome(planned.size_class, planned.estimated_tokens, clock(), stream=stream)
             outcomes[index].append(out)
             await _one(clients[index], planned, stream, out, clock)
