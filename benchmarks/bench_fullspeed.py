@@ -44,7 +44,7 @@ from tools.launch import Mitmdump
 
 from .bench_saturation import UNFINISHED, PathRun, utilization
 from .bench_saturation import Outcome as _Outcome
-from .common import BenchResult, Figure, percentile, start_cooldown_before
+from .common import BenchResult, beside, percentile, start_cooldown_before
 from .context import Context
 
 RPM, TPM = 300, 60_000
@@ -511,20 +511,8 @@ def add_figures(result: BenchResult, name: str, data: dict[str, dict[str, Any]],
         scale: float = 1.0,
         note: str = "",
     ) -> None:
-        value, baseline = b[key], data[base][key]
-        result.add(
-            Figure(
-                f"{name}: {label}, bucket",
-                None if value is None else value * scale,
-                unit,
-                None if baseline is None else baseline * scale,
-                base,
-                value / baseline if value is not None and baseline else None,
-                target,
-                None if value is None or met is None else met(value),
-                note,
-            )
-        )
+        label = f"{name}: {label}, bucket"
+        result.add(beside(label, b[key], data[base][key], base, target, met, unit, scale, note))
 
     if name == "foreign":
         fig(

@@ -50,7 +50,7 @@ from tools.redis_server import RedisServer, redis_server_path
 
 from .bench_fullspeed import MAX_PER_WORKER, Outcome, Plans, _one, http_client_class
 from .bench_saturation import UNFINISHED
-from .common import BenchResult, Figure, percentile, start_mitmdump
+from .common import BenchResult, Figure, beside, percentile, start_mitmdump
 from .context import Context
 
 RPM, TPM = 300, 60_000
@@ -556,19 +556,10 @@ def add_load_figures(result: BenchResult, data: dict[str, dict[str, Any]]) -> No
             scale: float = 1.0,
             note: str = "",
         ) -> None:
-            value = s[key]
-            baseline = None if base is None else base[key]
+            baseline, against = (None, "") if base is None else (base[key], "two proxies unshared")
             result.add(
-                Figure(
-                    f"shared: {label}",
-                    None if value is None else value * scale,
-                    unit,
-                    None if baseline is None else baseline * scale,
-                    "two proxies unshared" if base is not None else "",
-                    value / baseline if value is not None and baseline else None,
-                    target,
-                    None if value is None or met is None else met(value),
-                    note,
+                beside(
+                    f"shared: {label}", s[key], baseline, against, target, met, unit, scale, note
                 )
             )
 

@@ -11,7 +11,7 @@ import re
 import resource
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +74,32 @@ class BenchResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def beside(
+    name: str,
+    value: float | None,
+    baseline: float | None,
+    baseline_label: str,
+    target: str = "",
+    met: Callable[[float], bool] | None = None,
+    unit: str = "",
+    scale: float = 1.0,
+    note: str = "",
+) -> Figure:
+    """A figure beside its baseline from the same run: both scaled, their ratio, and whether
+    the value meets its target (`met`; None: no target)."""
+    return Figure(
+        name,
+        None if value is None else value * scale,
+        unit,
+        None if baseline is None else baseline * scale,
+        baseline_label,
+        value / baseline if value is not None and baseline else None,
+        target,
+        None if value is None or met is None else met(value),
+        note,
+    )
 
 
 def fmt(value: float | None, unit: str = "") -> str:

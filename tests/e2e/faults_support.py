@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
 import ssl
 import struct
@@ -41,6 +42,7 @@ from .conftest import Proxy, start_proxy, wait_until
 METRICS_JSON = "http://cooldown.local/metrics.json"
 METRICS_TEXT = "http://cooldown.local/metrics"
 SETTLE_TIMEOUT = 5.0
+FIGURES_ENV = "COOLDOWN_E2E_FIGURES"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,6 +129,16 @@ def launcher(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Launche
 
 # ---------------------------------------------------------------------------------------------
 # Metrics through the proxy
+
+
+def record_figures(figures: dict[str, Any]) -> None:
+    """Print the run's figures and append them to $COOLDOWN_E2E_FIGURES (one JSON line)."""
+    line = json.dumps(figures, sort_keys=True)
+    print(f"\nFIGURES {line}")
+    path = os.environ.get(FIGURES_ENV)
+    if path:
+        with open(path, "a", encoding="utf-8") as out:
+            out.write(line + "\n")
 
 
 def metrics(proxy: Proxy, timeout: float = 10.0) -> dict[str, Any]:

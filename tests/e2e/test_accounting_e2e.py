@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import time
 from collections.abc import Sequence
@@ -50,11 +49,11 @@ from cooldown.config import CerebrasLimits
 from cooldown.estimate import estimate_request
 
 from .conftest import CEREBRAS_CHAT, chat_body
+from .faults_support import record_figures
 
 pytestmark = pytest.mark.e2e
 
 CONTEXT_LENGTH = 131_072  # the addon's default and the mock's default
-FIGURES_ENV = "COOLDOWN_E2E_FIGURES"
 MAX_UPSTREAM_429S = 3
 CLIENT_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
 # The proxy's pacing (`burst`: a share of the limit released at once, the rest at the
@@ -126,16 +125,6 @@ async def send_all(
 
     await asyncio.gather(*(worker() for _ in range(workers)))
     return sorted(answers, key=lambda a: a.index), time.monotonic() - started
-
-
-def record_figures(figures: dict[str, Any]) -> None:
-    """Print the run's figures and append them to $COOLDOWN_E2E_FIGURES (one JSON line)."""
-    line = json.dumps(figures, sort_keys=True)
-    print(f"\nFIGURES {line}")
-    path = os.environ.get(FIGURES_ENV)
-    if path:
-        with open(path, "a", encoding="utf-8") as out:
-            out.write(line + "\n")
 
 
 def run_figures(

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import time
 from collections import Counter
@@ -49,11 +48,10 @@ import pytest
 from tools.redis_server import RedisServer
 
 from .conftest import CEREBRAS_CHAT, CEREBRAS_MODELS, Proxy, chat_body
-from .faults_support import METRICS_TEXT, Launcher, launcher, metrics, wait_settled
+from .faults_support import METRICS_TEXT, Launcher, launcher, metrics, record_figures, wait_settled
 
 pytestmark = pytest.mark.e2e
 
-FIGURES_ENV = "COOLDOWN_E2E_FIGURES"
 MODEL = "llama3.1-8b"
 KEY_PREFIX = "cooldown-e2e:"
 SETTLE_TIMEOUT = 15.0
@@ -139,15 +137,6 @@ async def ask(client: httpx.AsyncClient, proxy: int, body: dict[str, Any]) -> An
     elif response.status_code != 200:
         answer.error = response.text[:200]
     return answer
-
-
-def record_figures(figures: dict[str, Any]) -> None:
-    line = json.dumps(figures, sort_keys=True)
-    print(f"\nFIGURES {line}")
-    path = os.environ.get(FIGURES_ENV)
-    if path:
-        with open(path, "a", encoding="utf-8") as out:
-            out.write(line + "\n")
 
 
 def shared_state(proxy: Proxy) -> dict[str, Any] | None:
