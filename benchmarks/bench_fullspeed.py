@@ -137,11 +137,11 @@ def _all_scenarios(ctx: Context) -> list[Scenario]:
 class Plans:
     """Worker w's k-th request (body, stream or not), the same for every path; built lazily."""
 
-    def __init__(self, stream_share: float, seed: int) -> None:
+    def __init__(self, stream_share: float, seed: int, small_share: float = 0.7) -> None:
         import random
 
         self._random = random.Random
-        self._settings = loadgen.Settings(small_share=0.7)
+        self._settings = loadgen.Settings(small_share=small_share)
         self._stream_share = stream_share
         self._seed = seed
         self._cache: dict[tuple[int, int], tuple[Any, bool]] = {}

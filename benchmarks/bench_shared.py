@@ -54,6 +54,14 @@ from .common import BenchResult, Figure, beside, percentile, start_mitmdump
 from .context import Context
 
 RPM, TPM = 300, 60_000
+# The fairness run: small requests only, and a requests-per-minute limit that makes every one
+# of them wait (24 workers, 1 request a second), so that each proxy's p50 wait lies where the
+# waits are (with the mixed load, a third go at once and the p50 sits on that edge).
+FAIR_RPM = 60
+FAIR_DURATION = 90.0
+# ... and only requests sent after the limit's first burst (60 requests go at once, to whichever
+# proxy asks first) count: in steady state every request waits its turn.
+FAIR_WARMUP = 20.0
 WORKERS = 24  # split over the two proxies: worker w goes through proxy w % 2
 PROXIES = 2
 DURATION = 40.0
@@ -86,11 +94,15 @@ class Run:
     kill: bool = False
     on_error: str = "hold"
     request_timeout: float | None = None  # None: start_cooldown's 10 minutes
+    rpm: int = RPM
+    small_share: float = 0.7  # of the requests (loadgen's small and large sizes)
+    duration: float = DURATION
+    warmup: float = 0.0  # requests sent before this count apart (`held_p50_steady`)
 
 
 def runs_wanted() -> set[str]:
     names = {n for n in os.environ.get("SHARED_RUNS", "").split(",") if n}
-    return names or {"shared", "unshared", "killed", "core"}
+    return names or {"shared", "unshared", "killed", "fair", "core"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,7 +110,7 @@ def runs_wanted() -> set[str]:
 
 
 def proxy_config(upstream: str, redis: RedisServer | None, run: Run) -> dict[str, Any]:
-    limits: dict[str, Any] = {"rpm_limit": RPM, "tpm_limit": TPM, "max_queue_depth": 5_000}
+    limits: dict[str, Any] = {"rpm_limit": run.rpm, "tpm_limit": TPM, "max_queue_depth": 5_000}
     limits["request_timeout"] = (
         "10m" if run.request_timeout is None else f"{run.request_timeout:g}s"
     )
@@ -242,8 +254,8 @@ async def outage(redis: RedisServer, at: float, clock: Callable[[], float], log:
 
 
 def run_load(ctx: Context, run: Run, drain: float) -> dict[str, Any]:
-    settings = mock_cerebras.MockSettings(rpm=RPM, tpm=TPM)
-    plans = Plans(STREAM_SHARE, SEED)
+    settings = mock_cerebras.MockSettings(rpm=run.rpm, tpm=TPM)
+    plans = Plans(STREAM_SHARE, SEED, run.small_share)
     workdir = ctx.workdir / f"shared-{run.name}"
     workdir.mkdir(parents=True, exist_ok=True)
     events: dict[str, float] = {}
@@ -275,10 +287,10 @@ def run_load(ctx: Context, run: Run, drain: float) -> dict[str, Any]:
 
             background = []
             if run.kill and redis is not None:
-                at = DURATION / 2 - OUTAGE / 2
+                at = run.duration / 2 - OUTAGE / 2
                 background.append(asyncio.create_task(outage(redis, at, clock, events)))
             try:
-                await closed_loop(clients, outcomes, plans, DURATION, drain, clock)
+                await closed_loop(clients, outcomes, plans, run.duration, drain, clock)
                 await asyncio.gather(*background)
             finally:
                 for task in background:
@@ -374,11 +386,11 @@ def figures_of(
     events: dict[str, float],
 ) -> dict[str, Any]:
     every = [o for per_proxy in outcomes for o in per_proxy]
-    bucket_max = TPM / 60 * DURATION + TPM
+    bucket_max = TPM / 60 * run.duration + TPM
     kept = sum(
         e["kept"] or 0
         for e in history
-        if e["status"] == 200 and start <= e["at"] < start + DURATION
+        if e["status"] == 200 and start <= e["at"] < start + run.duration
     )
     errors: dict[str, int] = {}
     for o in every:
@@ -389,6 +401,7 @@ def figures_of(
     for index, mine in enumerate(outcomes):
         ok = [o for o in mine if o.ok and o.done is not None]
         held = [o.held for o in ok if o.held is not None]
+        steady = [o.held for o in ok if o.held is not None and o.sent >= run.warmup]
         latency = [o.done - o.sent for o in ok if o.done is not None]
         per_proxy.append(
             {
@@ -400,18 +413,15 @@ def figures_of(
                 "held_p75": percentile(held, 75),
                 "held_p90": percentile(held, 90),
                 "held_mean": statistics.fmean(held) if held else None,
+                "held_p50_steady": percentile(steady, 50),
+                "steady_answers": len(steady),
                 # every held time, 0.1 s buckets: shows a step in the waits (retry cadence)
                 "held_histogram": _histogram(held, 0.1),
                 "latency_p50": percentile(latency, 50),
                 "latency_p90": percentile(latency, 90),
             }
         )
-    held_p50 = [p["held_p50"] for p in per_proxy if p["held_p50"] is not None]
-    ratio: float | None = None
-    if len(held_p50) == len(per_proxy):
-        low, high = min(held_p50), max(held_p50)
-        # Both 0 (nothing waited): as even as it gets.
-        ratio = 1.0 if high == 0 else (high / low if low > 0 else float("inf"))
+    ratio, steady_ratio = _spread(per_proxy, "held_p50"), _spread(per_proxy, "held_p50_steady")
     answer_times = [o.done - o.sent for o in every if o.done is not None and o.error != UNFINISHED]
     return {
         "run": run.name,
@@ -432,9 +442,19 @@ def figures_of(
         "utilization": kept / bucket_max,
         "per_proxy": per_proxy,
         "held_p50_ratio": ratio,
+        "held_p50_steady_ratio": steady_ratio,
         "slowest_answer_s": max(answer_times, default=None),
         "events": events,
     }
+
+
+def _spread(per_proxy: list[dict[str, Any]], name: str) -> float | None:
+    """The larger proxy's figure over the smaller's (1.0 when both are 0: nothing waited)."""
+    values = [p[name] for p in per_proxy if p[name] is not None]
+    if len(values) != len(per_proxy):
+        return None
+    low, high = min(values), max(values)
+    return 1.0 if high == 0 else (high / low if low > 0 else float("inf"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -591,6 +611,24 @@ def add_load_figures(result: BenchResult, data: dict[str, dict[str, Any]]) -> No
             f"{_p(a['latency_p50'])} and {_p(b['latency_p50'])} (about 70 answers a proxy, a "
             "third released at once: the p50 sits where the waits rise steeply)",
         )
+    fair = data.get("fair")
+    if fair is not None:
+        a, b = fair["per_proxy"]
+        ratio = fair["held_p50_steady_ratio"]
+        result.add(
+            Figure(
+                "fair: p50 held, larger / smaller proxy (symmetric load, every request waits)",
+                ratio,
+                "",
+                target=f"<= {MAX_P50_RATIO:g}",
+                met=ratio is not None and ratio <= MAX_P50_RATIO,
+                note=f"small requests only, rpm {FAIR_RPM}, {FAIR_DURATION:g} s; sent after "
+                f"{FAIR_WARMUP:g} s: held p50 {_p(a['held_p50_steady'])} and "
+                f"{_p(b['held_p50_steady'])} ({a['steady_answers']} and {b['steady_answers']} "
+                f"answers); over the whole run {_p(a['held_p50'])} and {_p(b['held_p50'])}; "
+                f"upstream 429s {fair['upstream_429s']}, client errors {fair['client_errors']}",
+            )
+        )
     k = data.get("redis-killed")
     if k is not None:
         at = k["attempts"]
@@ -670,6 +708,18 @@ def run(ctx: Context) -> BenchResult:
             Run("redis-killed", shared=True, kill=True, request_timeout=KILL_REQUEST_TIMEOUT),
             KILL_REQUEST_TIMEOUT + 15.0,  # everything held is answered by then
         ),
+        (
+            "fair",
+            Run(
+                "fair",
+                shared=True,
+                rpm=FAIR_RPM,
+                small_share=1.0,
+                duration=FAIR_DURATION,
+                warmup=FAIR_WARMUP,
+            ),
+            drain,
+        ),
     ]
     data: dict[str, dict[str, Any]] = {}
     for key, spec, run_drain in runs:
@@ -677,7 +727,7 @@ def run(ctx: Context) -> BenchResult:
             continue
         t0 = time.monotonic()
         print(
-            f"-- {spec.name}: {PROXIES} proxies, {WORKERS} workers, {DURATION:g} s "
+            f"-- {spec.name}: {PROXIES} proxies, {WORKERS} workers, {spec.duration:g} s "
             f"(+ drain <= {run_drain:g} s)",
             flush=True,
         )
