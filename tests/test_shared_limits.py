@@ -448,3 +448,34 @@ def test_when_the_limiter_lost_upstreams_state_the_next_wave_probes_first():
     assert behind.held and gate.scheduler.waiting["m"][0] == "probe"
     gate.finish(probe, 200, 10)
     assert behind.outcome is Outcome.RELEASED
+
+
+def test_a_later_request_that_fits_beside_a_fresh_older_head_goes_at_once(clients, prefix):
+    a, b = proxy(clients, prefix, "a"), proxy(clients, prefix, "b")
+    a.confirm(a.try_acquire("m", (TPM,), 200, now=0).reservation, now=0)
+    assert not a.try_acquire("m", (TPM,), 500, now=9.5, waited=9.5).granted  # fits at 10 s
+    # At 10.2 s: 98 used, a's 500 and b's 1 fit together: b does not wait for a's next ask.
+    assert b.try_acquire("m", (TPM,), 1, now=10.2).granted
+    assert a.try_acquire("m", (TPM,), 500, now=10.3, waited=10.3).granted
+
+
+def test_a_report_that_waited_does_not_put_back_a_newer_view(clients, prefix):
+    """A proxy's report riding with its settle may arrive after another proxy applied a newer
+    one: the older says nothing the view does not know better."""
+    a, b = proxy(clients, prefix, "a"), proxy(clients, prefix, "b")
+    a.observe("m", [RateReport("tokens", 60.0, 600, 500, 0.0)], now=1.0, defer=True)
+    assert b.observe("m", [RateReport("tokens", 60.0, 600, 100, 0.0)], now=1.5)
+    a.flush(2.0)  # a's report of 1.0 arrives now
+    # b's view: 100 left at 1.5 s, 10 a second back since, 3 (0.5 %) kept in reserve
+    assert a.used("m", TPM, 2.0) == pytest.approx(600 - (100 + 5) + 3)
+
+
+def test_a_lease_renewed_by_its_proxy_lasts_and_one_left_alone_runs_out(clients, prefix):
+    alive = proxy(clients, prefix, "alive", lease=30.0)
+    dead = proxy(clients, prefix, "dead", lease=30.0)
+    assert alive.try_acquire("m", (TPM,), 300, now=0).granted
+    assert dead.try_acquire("m", (TPM,), 300, now=0).granted
+    for t in (10.0, 20.0, 30.0, 40.0):
+        alive.renew(t)  # (the tick, every second in a proxy)
+    assert alive.used("m", TPM, 45.0) == 300  # still in flight; the dead proxy's is gone
+    assert alive.state("m")["tokens:60:f"] == 300

@@ -327,12 +327,16 @@ local function op_acquire(args)
   if binding == 0 then
     local rival_rank, rival = rival_head()
     if rival_rank ~= nil and rival_rank < rank then
-      for i, p in ipairs(plan) do
-        local both = p.amount + (rival[p.s] or 0)
-        local wait = bucket_wait(p.s, both, p.limit, p.period)
-        if has_view(p.s) then wait = math.max(wait, view_wait(p.s, both)) end
-        wait = math.min(math.max(wait, EPSILON), HEAD_RECHECK)
-        if (rival[p.s] or 0) > 0 and wait > worst then worst, binding = wait, -1 end
+      for _, p in ipairs(plan) do
+        local theirs = rival[p.s] or 0
+        if theirs > 0 then
+          local wait = bucket_wait(p.s, p.amount + theirs, p.limit, p.period)
+          if has_view(p.s) then wait = math.max(wait, view_wait(p.s, p.amount + theirs)) end
+          if wait > 0 then -- no room for both: the earlier one goes first
+            wait = math.min(wait, HEAD_RECHECK)
+            if wait > worst then worst, binding = wait, -1 end
+          end
+        end
       end
     end
   end
@@ -389,15 +393,22 @@ local function op_observe(args)
       lump = tonumber(args[base + 7]), share = tonumber(args[base + 8]),
     }
     rep.left = math.min(math.max(rep.remaining, 0), rep.limit)
+    -- A report older than the view (it waited, and another proxy's newer one came first)
+    -- says nothing the view does not know better: applying it would put the view back.
+    rep.stale = has_view(rep.s) and now < get(rep.s, "vs", 0)
     reports[i] = rep
-    if not news and is_news(rep.s, rep.limit, rep.left, interval) then news = true end
+    if not news and not rep.stale and is_news(rep.s, rep.limit, rep.left, interval) then
+      news = true
+    end
   end
   emit(news and "1" or "0")
   if not news then return end
   for _, rep in ipairs(reports) do
     local s, limit = rep.s, rep.limit
     local flying = get(s, "f", 0)
-    if has_view(s) and get(s, "vL", 0) == limit then
+    if rep.stale then
+      emit("0")
+    elseif has_view(s) and get(s, "vL", 0) == limit then
       -- what upstream would have left had nobody else used it and had it refunded nothing
       local expected = math.min(limit, view_level(s) + get(s, "vo", 0) * (now - get(s, "vs", now)))
       emit("1")
@@ -485,6 +496,10 @@ while i <= #ARGV do
     op_query(args)
   elseif code == "P" then -- an upstream 429: every proxy pauses this model
     set("pause", "until", math.max(get("pause", "until", 0), now + tonumber(args[1])))
+  elseif code == "L" then -- this proxy is alive and still waits for these answers
+    for _, id in ipairs(args) do
+      redis.call("ZADD", KEYS[3], "XX", fmt(now + lease), id)
+    end
   elseif code == "W" then -- nothing of this model waits at this proxy any more
     redis.call("ZREM", KEYS[4], me)
     redis.call("HDEL", KEYS[5], me)

@@ -49,9 +49,10 @@ from ..limiter import (
 log = logging.getLogger(__name__)
 
 SCRIPT = resources.files(__package__).joinpath("cooldown.lua").read_text(encoding="utf-8")
-# A reservation nobody settles (its proxy died) is dropped this long after its release: in
+# A reservation nobody settles is dropped this long after its proxy last renewed it (each tick
+# renews every one it holds): a proxy that died, or lost Redis, leaks nothing for longer. In
 # flight, its amounts come back; confirmed, its charge stands.
-LEASE_SECONDS = 300.0
+LEASE_SECONDS = 60.0
 # A proxy waiting for a model asks again at least this often: its queue's head stays
 # published to the others (the script forgets a head not refreshed within a second or two).
 MAX_WAIT = 0.5
@@ -100,7 +101,8 @@ class RedisLimiter:
         # Per key: operations for the next call, each with the (local) time it happened and
         # what reads its results (a report's re-sync returns what it measured).
         self._pending: dict[str, list[_Waiting]] = {}
-        self._open: set[str] = set()  # reservations handed out and not settled or released
+        # Reservations handed out and not settled or released, and their keys.
+        self._open: dict[str, str] = {}
         # Per key and (unit, period): (used, at) as the last call that asked said.
         self._used: dict[str, dict[tuple[Unit, float], tuple[float, float]]] = {}
         self._learned: dict[Slot, int] = {}  # upstream's limits as its reports said
@@ -139,6 +141,15 @@ class RedisLimiter:
         for key in list(self._pending):
             self.call(key, (), now)
 
+    def renew(self, now: float) -> None:
+        """Extend the lease of every reservation this proxy still holds (a tick's work): a
+        lease runs out only when its proxy stopped renewing it (died, or lost Redis)."""
+        by_key: dict[str, list[str]] = {}
+        for rid, key in self._open.items():
+            by_key.setdefault(key, []).append(rid)
+        for key, ids in by_key.items():
+            self.call(key, ["L", str(len(ids)), *ids], now)
+
     def pending(self) -> int:
         """Operations waiting for their next call (confirms, settles, releases)."""
         return sum(len(ops) for ops in self._pending.values())
@@ -170,7 +181,7 @@ class RedisLimiter:
         for i, rate in enumerate(rates):
             known[(rate.unit, rate.period)] = (float(out[3 + 2 * i]), now)
         if granted:
-            self._open.add(rid)
+            self._open[rid] = key
             return Decision(True, reservation=Reservation(rid, key, int(tokens)))
         name = {-1: SHARED_QUEUE, -2: UPSTREAM_429}.get(binding) or rates[binding - 1].name
         return Decision(False, wait=min(wait, self._max_wait), binding=name)
@@ -194,7 +205,7 @@ class RedisLimiter:
         that fails keeps it for the next one, and raises."""
         if reservation.id not in self._open:
             return
-        self._open.discard(reservation.id)
+        del self._open[reservation.id]
         args = [
             reservation.id,
             str(max(int(actual_tokens), 0)),
@@ -207,7 +218,7 @@ class RedisLimiter:
     def release(self, reservation: Reservation, now: float, later: bool = False) -> None:
         """As `settle`: at once, or with the next call."""
         if reservation.id in self._open:
-            self._open.discard(reservation.id)
+            del self._open[reservation.id]
             self._send(reservation.key, ["R", reservation.id], now, later)
 
     def _send(self, key: str, op: list[str], now: float, later: bool) -> None:

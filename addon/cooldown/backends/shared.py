@@ -88,6 +88,7 @@ class SharedLimiter:
         try:
             lost = self.presence.beat()
             self.shared.flush(now)
+            self.shared.renew(now)
         except SharedStateError as e:
             self._down(e, now)
             return False
