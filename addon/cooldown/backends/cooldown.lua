@@ -23,7 +23,7 @@ local REFUND_CREDIT_DELAY = 0.25
 local REFUND_TRUST = 0.9
 local STALE_RECHECK_SECONDS = 1.0
 local HEAD_TTL = 1.0          -- a published head not refreshed for this long is ignored
-local HEAD_RECHECK = 0.5      -- a proxy yielding to another's head looks again this often
+local HEAD_RECHECK = 0.1      -- a proxy yielding to another's head looks again this often
 local CLASS_SECONDS = 86400.0 -- one priority class outranks any wait within a day
 
 local now

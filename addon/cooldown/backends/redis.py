@@ -55,7 +55,7 @@ SCRIPT = resources.files(__package__).joinpath("cooldown.lua").read_text(encodin
 LEASE_SECONDS = 60.0
 # A proxy waiting for a model asks again at least this often: its queue's head stays
 # published to the others (the script forgets a head not refreshed within a second or two).
-MAX_WAIT = 0.5
+MAX_WAIT = 0.1
 # `used` answers from the last call for the model when it is at most this old (it orders the
 # queue and fills the X-RateLimit-* headers; admission never reads it).
 USED_FRESH_SECONDS = 0.25
