@@ -5,8 +5,8 @@ the proxy runs Cooldown's six addons as usual, minus the parts named (comma-sepa
 
 - `metering`: the metering addon's request, responseheaders and response hooks do nothing
   (what is left is mitmproxy calling the addons' hooks, and the other addons' own);
-- `responseheaders`: the metering addon's responseheaders hook does nothing (no confirm, no
-  x-ratelimit-* reading, no X-RateLimit-* / X-Cooldown-* headers);
+- `answered`: nothing happens when upstream's answer begins (no confirm, no x-ratelimit-*
+  re-sync, no X-RateLimit-* / X-Cooldown-* headers; the answer's headers are still read);
 - `rate_reports`: upstream's x-ratelimit-* headers are not read (no re-sync of its view);
 - `proxy_headers`: the proxy adds no X-RateLimit-* / X-Cooldown-* headers;
 - `proxy_header_values`: it adds the same nine headers with constant values (what sending
@@ -27,13 +27,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "addon"))
 
-from cooldown import gate, metering, settle
+from cooldown import metering, settle, upstream
 from cooldown.addon import Cooldown
 from cooldown.config import Config
 
 PARTS = (
     "metering",
-    "responseheaders",
+    "answered",
     "rate_reports",
     "proxy_headers",
     "proxy_header_values",
@@ -54,18 +54,12 @@ CONSTANT_HEADERS = [
 ]
 
 
-def constant_proxy_headers(_gate: Any, response: Any, _metered: Any) -> str | None:
-    """settle.add_proxy_headers with the same pass over the answer's fields, and constants."""
-    kept, content_type = [], None
-    for field in response.headers.fields:
-        name = field[0].lower()
-        if name in settle._OURS:
-            continue
-        if name == b"content-type" and content_type is None:
-            content_type = field[1].decode("latin-1")
-        kept.append(field)
-    response.headers.fields = (*kept, *CONSTANT_HEADERS)
-    return content_type
+def constant_proxy_headers(_gate: Any, response: Any, _metered: Any, head: Any) -> None:
+    """settle.add_proxy_headers with constants."""
+    fields = response.headers.fields
+    if head.has_ours:
+        fields = tuple(field for field in fields if field[0].lower() not in settle.OURS)
+    response.headers.fields = (*fields, *CONSTANT_HEADERS)
 
 
 def cooldown_without(parts: set[str]) -> list[Any]:
@@ -87,10 +81,10 @@ def cooldown_without(parts: set[str]) -> list[Any]:
             nothing,
             nothing_async,
         )
-    if "responseheaders" in parts:
-        meter.responseheaders = nothing
+    if "answered" in parts:
+        meter._answered = lambda *_args: None
     if "rate_reports" in parts:
-        setattr(gate, "parse_rate_headers", lambda _headers: [])  # noqa: B010 (a stub)
+        setattr(upstream.AnswerHead, "reports", lambda _head: [])  # noqa: B010 (a stub)
     if "proxy_headers" in parts:
         setattr(metering, "add_proxy_headers", lambda *_args: None)  # noqa: B010 (a stub)
     if "proxy_header_values" in parts:

@@ -3,7 +3,7 @@
     .venv/bin/python -m benchmarks.together                       # this checkout's addon
     git worktree add /tmp/base <commit>
     .venv/bin/python -m benchmarks.together --script /tmp/base/addon/cerebras.py --rounds 4
-    .venv/bin/python -m benchmarks.together --stub metering --stub responseheaders  # parts' cost
+    .venv/bin/python -m benchmarks.together --stub metering --stub answered  # parts' cost
 
 Each round loads bare mitmdump and one addon variant at the same time, both pinned to the
 same CPU (benchmark 3's headline phase, `bench_proxy.together_on_one_cpu`), so each ratio is

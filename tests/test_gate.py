@@ -6,7 +6,7 @@ import pytest
 from cooldown.config import CerebrasLimits, Config
 from cooldown.gate import Gate
 from cooldown.scheduler import Outcome
-from cooldown.upstream import RateReport
+from cooldown.upstream import RateReport, parse_rate_headers
 
 from .helpers import FakeClock
 
@@ -282,7 +282,7 @@ async def test_a_429_is_settled_and_its_report_read_before_anything_else_is_rele
     assert first.outcome is Outcome.RELEASED and held.held
     # Upstream refused `first` (others had used 900 of 1000): giving `first` back alone would
     # let `held` go; with the report read first it keeps waiting.
-    gate.confirm(first, 429, HEADERS_900_OF_1000_USED)
+    gate.confirm(first, 429, parse_rate_headers(HEADERS_900_OF_1000_USED))
     assert first.finished
     assert held.held and held.wait_reason == "tpm"
     assert gate.status()["upstream_429s"] == 1

@@ -119,6 +119,10 @@ async def test_forwarded_responses_carry_the_proxys_rate_limit_headers(addon_ctx
     f.response = ok_response(total_tokens=50)
     f.response.headers["x-ratelimit-remaining-tokens-minute"] = "123456"  # upstream's, untouched
     addon_ctx.metering.responseheaders(f)
+    # A whole answer's headers reach the client with its body: the proxy adds its own then,
+    # as upstream's answer is confirmed and before it is settled.
+    assert "X-RateLimit-Limit-RPM" not in f.response.headers
+    await addon_ctx.metering.response(f)
     headers = f.response.headers
     assert headers["X-RateLimit-Limit-RPM"] == "10"
     assert headers["X-RateLimit-Limit-TPM"] == "1000"

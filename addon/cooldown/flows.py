@@ -21,7 +21,7 @@ from mitmproxy import http
 from .estimate import Estimate, RequestShape, clamp_output, parse_request
 from .runtime import CacheGuess
 from .tickets import NORMAL, Policy, Ticket
-from .upstream import SSEUsageTap
+from .upstream import AnswerHead, SSEUsageTap
 
 
 class Phase(enum.Enum):
@@ -59,6 +59,8 @@ class MeteredFlow:
     estimate: Estimate | None = None
     ticket: Ticket | None = None
     tap: SSEUsageTap | None = None  # reads usage from a streamed answer on its way through
+    head: AnswerHead | None = None  # what its answer's header fields say, once they came
+    answered: bool = False  # confirmed with its answer's report (a stream's at its headers)
     # The request as it was released (before routing and later addons): what a retry re-sends.
     # Only kept while retries are left.
     request: http.Request | None = None
@@ -219,12 +221,6 @@ def header_values(headers: http.Headers, *names: bytes) -> list[str | None]:
         if lowered in found and found[lowered] is None:
             found[lowered] = value.decode("latin-1")
     return [found[name] for name in names]
-
-
-def is_event_stream(response: http.Response) -> bool:
-    """An SSE answer (a stream): its end may be long after its headers."""
-    (content_type,) = header_values(response.headers, b"content-type")
-    return content_type is not None and content_type.startswith("text/event-stream")
 
 
 PRIORITY_HEADER = b"x-cooldown-priority"

@@ -25,7 +25,7 @@ from .limiter import LimiterBackend, MemoryLimiter, Rate, Settled, Unit
 from .periods import RATE_NAMES, TOTAL_TPM
 from .scheduler import Scheduler
 from .tickets import NORMAL, Outcome, Policy, Ticket
-from .upstream import RateReport, parse_rate_headers
+from .upstream import RateReport
 
 log = logging.getLogger(__name__)
 
@@ -316,18 +316,17 @@ class Gate:
         self,
         ticket: Ticket,
         status: int = 200,
-        headers: Mapping[str, str] | Any = None,
+        reports: Sequence[RateReport] = (),
         body_follows: bool = False,
     ) -> None:
         """Upstream's answer to `ticket` has begun: its status, and the `x-ratelimit-*`
-        reports in its `headers` (any case-insensitive mapping), read in the same step.
+        `reports` it carries (upstream.parse_rate_headers), applied in the same step.
         `body_follows`: the rest of the answer comes at once (not a stream), so a shared
         limiter may send the report with the settle, one round trip instead of two.
 
         A 429 is settled before its report is read: upstream refused the request before any
         work, so the report does not count it and neither may the limiter.
         """
-        reports = parse_rate_headers(headers) if headers is not None else ()
         if status == 429:
             # Not finish(): its pump would release more on the picture the 429 just proved wrong.
             self._finish(ticket, 429, None)

@@ -29,10 +29,10 @@ from .flows import (
 from .retry import Retries
 from .routing import client_of, is_cerebras, is_metered_path, key_for, route
 from .runtime import Runtime
-from .settle import account, add_proxy_headers, confirm, cool_down, settle_error
+from .settle import OURS, account, answer_began, cool_down, re_estimate_held, settle_error
 from .streams import find_stream, stream_reset
 from .tickets import Outcome, Ticket, policy_of
-from .upstream import SSEUsageTap, classify_429
+from .upstream import SSEUsageTap, classify_429, read_answer_head
 
 log = logging.getLogger(__name__)
 
@@ -228,16 +228,6 @@ class Metering:
         else:
             metered.phase = Phase.ENDED
 
-    def re_estimate_held(self, key: str) -> None:
-        """Apply what calibration just learnt to the requests still waiting for `key`."""
-        sizes: list[tuple[Ticket, int, int | None]] = []
-        for metered in self.table:
-            if metered.phase is Phase.HELD and metered.key == key and metered.ticket is not None:
-                estimate = self.runtime.estimate(metered.key, metered.shape)
-                metered.flow.metadata["cooldown_estimate"] = estimate.total
-                sizes.append((metered.ticket, *self.runtime.admission(estimate, metered.cache)))
-        self.runtime.gate.resize(sizes)
-
     @staticmethod
     def _trigger_update(f: http.HTTPFlow) -> None:
         # Tells mitmweb/mitmproxy to redraw the flow (paused or resumed).
@@ -249,19 +239,20 @@ class Metering:
         metered = self.table.get(f.id)
         if metered is None or metered.phase is not Phase.IN_FLIGHT or f.response is None:
             return
-        assert metered.ticket is not None
-        streamed = confirm(self.runtime.gate, metered, f.response)
-        if f.response.status_code == 200:
-            self.runtime.processed(metered.cache)
-        add_proxy_headers(self.runtime.gate, f.response, metered)
-        if streamed:
-            if metered.parent is not None:
-                # A retry's copy: buffered whole, to be handed to the flow it retries (whose
-                # client then gets the stream at once); usage is read from the whole body.
-                return
-            # Pass the stream through unbuffered, reading usage from it on the way.
-            metered.tap = SSEUsageTap()
-            f.response.stream = metered.tap
+        head = metered.head = read_answer_head(f.response.headers.fields, OURS)
+        if not head.stream:
+            # A whole answer: its body follows at once, and the client gets its headers only
+            # with it, after the response hook. It is confirmed there, in one step with its
+            # settle (one look at its headers, one pump).
+            return
+        answer_began(self.runtime, metered, f.response, head)
+        if metered.parent is not None:
+            # A retry's copy: buffered whole, to be handed to the flow it retries (whose
+            # client then gets the stream at once); usage is read from the whole body.
+            return
+        # Pass the stream through unbuffered, reading usage from it on the way.
+        metered.tap = SSEUsageTap()
+        f.response.stream = metered.tap
 
     async def response(self, f: http.HTTPFlow) -> None:
         metered = self.table.get(f.id)
@@ -270,6 +261,11 @@ class Metering:
         try:
             if metered.phase is not Phase.IN_FLIGHT or f.response is None:
                 return
+            head = metered.head
+            if head is None:  # answered without upstream (a later addon set the response)
+                head = read_answer_head(f.response.headers.fields)
+            elif not metered.answered:
+                answer_began(self.runtime, metered, f.response, head)
             if f.response.status_code == 429:
                 verdict = classify_429(f.response.get_content(strict=False))
                 self.runtime.metrics.upstream_429(metered.key, verdict.kind)
@@ -277,8 +273,8 @@ class Metering:
                 if self.retries.may_retry(metered):
                     await self.retries.run(metered, cooldown)
                     return
-            if account(self.runtime, metered, f.response):
-                self.re_estimate_held(metered.key)
+            if account(self.runtime, metered, f.response, head):
+                re_estimate_held(self.runtime, self.table, metered.key)
         finally:
             self._end(metered)
             if metered.parent is not None:
@@ -292,6 +288,9 @@ class Metering:
             if metered.phase is Phase.HELD and metered.ticket is not None:
                 self.runtime.gate.cancel(metered.ticket)  # its request hook then ends it
             elif metered.phase is Phase.IN_FLIGHT:
+                if metered.head is not None and not metered.answered and f.response is not None:
+                    # A whole answer whose body broke off: upstream had begun answering.
+                    answer_began(self.runtime, metered, f.response, metered.head)
                 settle_error(self.runtime, metered)
                 self._end(metered)
         finally:

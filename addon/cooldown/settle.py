@@ -13,26 +13,40 @@ import time
 from mitmproxy import http
 
 from . import answers
-from .flows import MeteredFlow, header_values, is_event_stream
+from .flows import FlowTable, MeteredFlow, Phase
 from .gate import Gate
 from .periods import RATE_NAMES, TOTAL_TPM
 from .runtime import Runtime
-from .upstream import SSEUsageTap, Upstream429, parse_retry_after, usage_from_json
+from .tickets import Ticket
+from .upstream import AnswerHead, SSEUsageTap, Upstream429, parse_retry_after, usage_from_json
 
 log = logging.getLogger(__name__)
 
 
-def confirm(gate: Gate, metered: MeteredFlow, response: http.Response) -> bool:
+def answer_began(
+    runtime: Runtime, metered: MeteredFlow, response: http.Response, head: AnswerHead
+) -> None:
+    """Upstream has begun answering: confirm the reservation with the answer's report, note
+    that upstream holds the prompt, and tell the client the proxy's view in its headers."""
+    metered.answered = True
+    confirm(runtime.gate, metered, response, head)
+    if response.status_code == 200:
+        runtime.processed(metered.cache)
+    add_proxy_headers(runtime.gate, response, metered, head)
+
+
+def confirm(gate: Gate, metered: MeteredFlow, response: http.Response, head: AnswerHead) -> None:
     """Upstream has counted the request by now: its reservation ages from here (a 429's comes
-    back), and the answer's report re-syncs the limits. True for a stream, whose report is
-    sent at once (an answer that is not one may send it with its settle: Gate.confirm)."""
+    back), and the answer's report (`head`, read from `response`) re-syncs the limits. A
+    stream is confirmed at its headers, since its report is sent at once; a whole answer at
+    its end, with its body (a shared limiter then sends the report with the settle)."""
     assert metered.ticket is not None
-    streamed = is_event_stream(response)
-    gate.confirm(metered.ticket, response.status_code, response.headers, not streamed)
-    return streamed
+    gate.confirm(metered.ticket, response.status_code, head.reports(), not head.stream)
 
 
-def add_proxy_headers(gate: Gate, response: http.Response, metered: MeteredFlow) -> None:
+def add_proxy_headers(
+    gate: Gate, response: http.Response, metered: MeteredFlow, head: AnswerHead
+) -> None:
     """The proxy's own view, beside upstream's x-ratelimit-* (which pass unchanged)."""
     assert metered.ticket is not None and metered.estimate is not None
     added: list[tuple[bytes, bytes]] = []
@@ -47,12 +61,12 @@ def add_proxy_headers(gate: Gate, response: http.Response, metered: MeteredFlow)
     if metered.cache is not None:
         cached = metered.cache.prediction.cached
         added.append((b"X-Cooldown-Cached-Tokens", str(cached).encode()))
-    # One rebuild of the header tuple instead of a scan-and-rebuild per header. Upstream's
-    # own X-RateLimit-* names differ from ours, so a client-visible clash is rare: only then
-    # is anything dropped.
-    kept = [field for field in response.headers.fields if field[0].lower() not in _OURS]
-    kept += added
-    response.headers.fields = tuple(kept)
+    fields = response.headers.fields
+    if head.has_ours:
+        # Upstream's own X-RateLimit-* names differ from ours, so a client-visible clash is
+        # rare: only then are the answer's fields filtered.
+        fields = tuple(field for field in fields if field[0].lower() not in OURS)
+    response.headers.fields = fields + tuple(added)
 
 
 # Our header names per limit ("tpm" -> X-RateLimit-Limit-TPM, X-RateLimit-Remaining-TPM;
@@ -64,7 +78,7 @@ _RATE_HEADERS = {
     )
     for name in RATE_NAMES
 } | {TOTAL_TPM: (b"X-RateLimit-Limit-Total-TPM", b"X-RateLimit-Remaining-Total-TPM")}
-_OURS = frozenset(
+OURS = frozenset(
     [
         b"x-cooldown-wait",
         b"x-cooldown-estimated-tokens",
@@ -75,15 +89,16 @@ _OURS = frozenset(
 )
 
 
-def usage_of(metered: MeteredFlow, response: http.Response) -> dict[str, int] | None:
-    """What upstream says the request used (None: it did not say)."""
+def usage_of(
+    metered: MeteredFlow, response: http.Response, head: AnswerHead
+) -> dict[str, int] | None:
+    """What upstream says the request used (None: it did not say); `head`: the answer's."""
     if metered.tap is not None:
         return metered.tap.usage
     if response.raw_content is None:
         return None
-    content_type, encoding = header_values(response.headers, b"content-type", b"content-encoding")
-    content = response.raw_content if encoding is None else response.get_content(strict=False)
-    if content_type is not None and content_type.startswith("text/event-stream"):
+    content = response.get_content(strict=False) if head.encoded else response.raw_content
+    if head.stream:
         tap = SSEUsageTap()  # a stream that was buffered (a retry's copy)
         tap(content or b"")
         tap(b"")
@@ -109,14 +124,16 @@ def refund(metered: MeteredFlow, usage: dict[str, int] | None) -> int | None:
     return max(metered.estimate.output_tokens - usage["completion_tokens"], 0)
 
 
-def account(runtime: Runtime, metered: MeteredFlow, response: http.Response) -> bool:
+def account(
+    runtime: Runtime, metered: MeteredFlow, response: http.Response, head: AnswerHead
+) -> bool:
     """Settle the last attempt's reservation, learn from it, and note it on the flow.
 
     True when the input calibration changed (held requests of the model may be re-sized).
     """
     assert metered.ticket is not None and metered.estimate is not None
     f, key = metered.flow, metered.key
-    usage = usage_of(metered, response)
+    usage = usage_of(metered, response, head)
     total = usage.get("total_tokens") if usage else None
     charge = runtime.charge(
         key, metered.cache if response.status_code == 200 else None, usage, refund(metered, usage)
@@ -181,3 +198,14 @@ def cool_down(
         cooldown,
     )
     return cooldown
+
+
+def re_estimate_held(runtime: Runtime, table: FlowTable, key: str) -> None:
+    """Apply what calibration just learnt to the requests still waiting for `key`."""
+    sizes: list[tuple[Ticket, int, int | None]] = []
+    for metered in table:
+        if metered.phase is Phase.HELD and metered.key == key and metered.ticket is not None:
+            estimate = runtime.estimate(metered.key, metered.shape)
+            metered.flow.metadata["cooldown_estimate"] = estimate.total
+            sizes.append((metered.ticket, *runtime.admission(estimate, metered.cache)))
+    runtime.gate.resize(sizes)

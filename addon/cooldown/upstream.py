@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -54,32 +54,78 @@ def parse_rate_headers(headers: Mapping[str, str] | Any) -> list[RateReport]:
     Headers, a dict with lower-case keys, ...). A triple with a missing or unreadable limit
     or remaining is skipped; a missing reset is taken as a full period (the safe side).
     """
-    found: dict[tuple[str, str], dict[str, float]] = {}
     fields = getattr(headers, "fields", None)
     if fields is not None:
         # mitmproxy's raw (name, value) byte pairs: only the family's few lines are decoded.
-        # (A non-ASCII latin-1 name never lower-cases to an ASCII one, so comparing
-        # ASCII-lower-cased bytes finds exactly the names the decoded comparison would.)
-        for name, value in fields:
-            parts = _RATE_NAMES_BYTES.get(name.lower())
-            if parts is None:
-                continue
+        return read_answer_head(fields).reports()
+    found: dict[tuple[str, str], dict[str, float]] = {}
+    for name, value in headers.items():
+        if not name[:12].lower().startswith(_PREFIX):
+            continue
+        parts = _RATE_NAMES.get(name.lower())
+        if parts is None:
+            continue
+        number = _number(value)
+        if number is not None:
+            kind, unit, period = parts
+            found.setdefault((unit, period), {})[kind] = number
+    return reports_from(found)
+
+
+_CONTENT_TYPE = b"content-type"
+_CONTENT_ENCODING = b"content-encoding"
+_EVENT_STREAM = "text/event-stream"
+
+
+@dataclass(slots=True)
+class AnswerHead:
+    """What the proxy reads of an answer's header fields, all in one pass (`read_answer_head`):
+    mitmproxy's `Headers.get` scans and re-encodes every field per name asked, and an answer
+    is looked at for its content type, its encoding, upstream's `x-ratelimit-*` report and
+    whether it already carries a header the proxy sets."""
+
+    content_type: str | None = None
+    encoded: bool = False  # a Content-Encoding is set: the body is read decoded
+    # upstream's x-ratelimit-* numbers by (unit, period word): {"limit", "remaining", "reset"}
+    rate_numbers: dict[tuple[str, str], dict[str, float]] | None = None
+    has_ours: bool = False  # one of the names in `ours` (see read_answer_head) is set
+
+    @property
+    def stream(self) -> bool:
+        """An SSE answer: its end may be long after its headers."""
+        return self.content_type is not None and self.content_type.startswith(_EVENT_STREAM)
+
+    def reports(self) -> list[RateReport]:
+        """Upstream's report, as `parse_rate_headers` reads it."""
+        return reports_from(self.rate_numbers) if self.rate_numbers else []
+
+
+def read_answer_head(
+    fields: Iterable[tuple[bytes, bytes]], ours: Container[bytes] = ()
+) -> AnswerHead:
+    """One pass over mitmproxy's raw (name, value) fields; `ours`: lower-case names whose
+    presence is noted (the proxy's own, which it replaces rather than repeats)."""
+    head = AnswerHead()
+    for name, value in fields:
+        lowered = name.lower()
+        parts = _RATE_NAMES_BYTES.get(lowered)
+        if parts is not None:
+            # (A non-ASCII latin-1 name never lower-cases to an ASCII one, so comparing
+            # ASCII-lower-cased bytes finds exactly the names the decoded comparison would.)
             number = _number(value.decode("latin-1"))
             if number is not None:
                 kind, unit, period = parts
-                found.setdefault((unit, period), {})[kind] = number
-    else:
-        for name, value in headers.items():
-            if not name[:12].lower().startswith(_PREFIX):
-                continue
-            parts = _RATE_NAMES.get(name.lower())
-            if parts is None:
-                continue
-            number = _number(value)
-            if number is not None:
-                kind, unit, period = parts
-                found.setdefault((unit, period), {})[kind] = number
-    return reports_from(found)
+                if head.rate_numbers is None:
+                    head.rate_numbers = {}
+                head.rate_numbers.setdefault((unit, period), {})[kind] = number
+        elif lowered == _CONTENT_TYPE:
+            if head.content_type is None:
+                head.content_type = value.decode("latin-1")
+        elif lowered == _CONTENT_ENCODING:
+            head.encoded = True
+        elif lowered in ours:
+            head.has_ours = True
+    return head
 
 
 def reports_from(found: dict[tuple[str, str], dict[str, float]]) -> list[RateReport]:
