@@ -11,7 +11,9 @@ the proxy runs Cooldown's six addons as usual, minus the parts named (comma-sepa
 - `proxy_headers`: the proxy adds no X-RateLimit-* / X-Cooldown-* headers;
 - `proxy_header_values`: it adds the same nine headers with constant values (what sending
   them costs, without computing them);
-- `prompt_cache`: the prompt cache model is off, as with `prompt_cache.enabled: false`.
+- `prompt_cache`: the prompt cache model is off, as with `prompt_cache.enabled: false`;
+- `metrics`: no Prometheus counter or histogram is updated per request;
+- `snapshot`: the request is not kept for a retry after a 429 (a 429 could not be retried).
 
 A part's cost is the difference between the full addon and the addon without it, measured
 side by side in one run. Each stub changes what the proxy does: for measuring only.
@@ -38,6 +40,8 @@ PARTS = (
     "proxy_headers",
     "proxy_header_values",
     "prompt_cache",
+    "metrics",
+    "snapshot",
 )
 # The nine headers the benchmark's answers get (bench_proxy's config), with constant values.
 CONSTANT_HEADERS = [
@@ -89,6 +93,13 @@ def cooldown_without(parts: set[str]) -> list[Any]:
         setattr(metering, "add_proxy_headers", lambda *_args: None)  # noqa: B010 (a stub)
     if "proxy_header_values" in parts:
         setattr(metering, "add_proxy_headers", constant_proxy_headers)  # noqa: B010 (a stub)
+    if "metrics" in parts:
+        counters: Any = cooldown.runtime.metrics
+        counters.request_outcome = counters.estimate_vs_actual = counters.cached_input = (
+            lambda *_args: None
+        )
+    if "snapshot" in parts:
+        setattr(metering, "snapshot_request", lambda _request: None)  # noqa: B010 (a stub)
     if "prompt_cache" in parts:
         runtime: Any = cooldown.runtime
         apply = runtime.apply
