@@ -20,7 +20,7 @@ from cooldown.flows import header_values, prepare, take_priority
 from cooldown.gate import Gate
 from cooldown.limiter import RateReport
 from cooldown.metrics import Metrics
-from cooldown.upstream import _number, parse_rate_headers, reports_from
+from cooldown.upstream import _number, _number_of, parse_rate_headers, reports_from
 
 # -- x-ratelimit-* parsing: the table lookup finds what the regex found -------------------------
 
@@ -67,6 +67,11 @@ def test_rate_headers_match_the_regex_parser(pairs: list[tuple[str, str]]) -> No
     for name, value in pairs:  # a plain mapping with lower-case keys: the last value wins
         lower_dict[name.lower()] = value
     assert parse_rate_headers(lower_dict) == reference_rate_headers(list(lower_dict.items()))
+
+
+@pytest.mark.parametrize("value", _VALUES + ["\xa012\xa0", "\x8512", "1_000", "+7"])
+def test_a_raw_value_reads_as_its_decoded_text(value: str) -> None:
+    assert _number_of(value.encode("latin-1")) == _number(value)
 
 
 def test_rate_headers_with_non_ascii_names_are_ignored() -> None:

@@ -52,15 +52,14 @@ def add_proxy_headers(
     added: list[tuple[bytes, bytes]] = []
     for rate, (limit, remaining) in gate.rate_view(metered.key).items():
         limit_name, remaining_name = _RATE_HEADERS[rate]
-        added.append((limit_name, str(limit).encode()))
-        added.append((remaining_name, str(remaining).encode()))
-    added.append((b"X-Cooldown-Wait", f"{metered.ticket.waited:.3f}".encode()))
-    added.append((b"X-Cooldown-Estimated-Tokens", str(metered.estimate.total).encode()))
+        added.append((limit_name, b"%d" % limit))
+        added.append((remaining_name, b"%d" % remaining))
+    added.append((b"X-Cooldown-Wait", b"%.3f" % metered.ticket.waited))
+    added.append((b"X-Cooldown-Estimated-Tokens", b"%d" % metered.estimate.total))
     if metered.shape.clamped is not None:  # the client should know why its answer is short
         added.append((b"X-Cooldown-Clamped", metered.shape.clamped.encode()))
     if metered.cache is not None:
-        cached = metered.cache.prediction.cached
-        added.append((b"X-Cooldown-Cached-Tokens", str(cached).encode()))
+        added.append((b"X-Cooldown-Cached-Tokens", b"%d" % metered.cache.prediction.cached))
     fields = response.headers.fields
     if head.has_ours:
         # Upstream's own X-RateLimit-* names differ from ours, so a client-visible clash is

@@ -30,6 +30,16 @@ def _number(value: str) -> float | None:
     return number if math.isfinite(number) and number >= 0 else None
 
 
+def _number_of(value: bytes) -> float | None:
+    """`_number` of a raw header value: float() reads ASCII bytes and strips ASCII spaces
+    (anything else, such as a latin-1 no-break space, is read as `_number` reads it)."""
+    try:
+        number = float(value)
+    except ValueError:
+        return _number(value.decode("latin-1"))
+    return number if 0 <= number < math.inf else None
+
+
 # Every name of the family, lower-case, with what it says: a dictionary lookup per header
 # instead of a regex. Cerebras has not published names for its total-tokens bucket; an
 # upstream that reports it as `x-ratelimit-*-total-tokens-*` (the project's mock does) is read.
@@ -112,7 +122,7 @@ def read_answer_head(
         if parts is not None:
             # (A non-ASCII latin-1 name never lower-cases to an ASCII one, so comparing
             # ASCII-lower-cased bytes finds exactly the names the decoded comparison would.)
-            number = _number(value.decode("latin-1"))
+            number = _number_of(value)
             if number is not None:
                 kind, unit, period = parts
                 if head.rate_numbers is None:
