@@ -542,6 +542,66 @@ async def test_upstream_headers_correct_the_local_picture(addon_ctx):
     assert addon.status()["usage"]["m"]["tpm"] == pytest.approx(0.9, abs=0.01)
 
 
+def reported(response, remaining: str):
+    """`response` with upstream's report of its tokens-per-minute limit (1000)."""
+    response.headers["x-ratelimit-limit-tokens-minute"] = "1000"
+    response.headers["x-ratelimit-remaining-tokens-minute"] = remaining
+    response.headers["x-ratelimit-reset-tokens-minute"] = "54"
+    return response
+
+
+async def test_a_whole_answer_is_confirmed_with_its_body_and_a_stream_at_its_headers(addon_ctx):
+    addon, _ = addon_ctx
+    whole = cerebras_flow()
+    await addon.request(whole)
+    whole.response = reported(ok_response(total_tokens=12), "100")
+    addon.responseheaders(whole)
+    # Its client gets the headers only with the body: nothing is read or added before.
+    assert "X-Cooldown-Wait" not in whole.response.headers
+    assert addon.status()["usage"]["m"]["tpm"] < 0.5
+    await addon.response(whole)
+    assert whole.response.headers["X-RateLimit-Limit-TPM"] == "1000"
+    assert addon.status()["usage"]["m"]["tpm"] == pytest.approx(0.9, abs=0.01)
+
+    stream = cerebras_flow({"model": "m", "stream": True, "messages": []})
+    await addon.request(stream)
+    stream.response = reported(
+        tutils.tresp(content=None, headers=[(b"content-type", b"text/event-stream")]), "50"
+    )
+    addon.responseheaders(stream)
+    # A stream's headers go at once: the proxy's view and upstream's report are taken now.
+    assert "X-Cooldown-Wait" in stream.response.headers
+    assert addon.status()["usage"]["m"]["tpm"] >= 0.95
+
+
+async def test_a_whole_answer_broken_off_after_its_headers_is_confirmed_and_settled(addon_ctx):
+    addon, _ = addon_ctx
+    f = cerebras_flow()
+    await addon.request(f)
+    f.response = reported(ok_response(total_tokens=12), "100")
+    addon.responseheaders(f)
+    f.error = flow.Error("connection reset")
+    addon.error(f)
+    status = addon.status()
+    assert status["open_reservations"] == 0
+    assert status["tracked_flows"] == 0
+    assert status["usage"]["m"]["tpm"] == pytest.approx(0.9, abs=0.01)  # its report counted
+
+
+async def test_the_proxys_headers_replace_any_an_answer_already_had(addon_ctx):
+    addon, _ = addon_ctx
+    f = cerebras_flow()
+    await addon.request(f)
+    f.response = ok_response()
+    f.response.headers["X-Cooldown-Wait"] = "99"
+    f.response.headers["x-ratelimit-limit-rpm"] = "7"
+    addon.responseheaders(f)
+    await addon.response(f)
+    assert f.response.headers.get_all("X-Cooldown-Wait") != ["99"]
+    assert len(f.response.headers.get_all("X-Cooldown-Wait")) == 1
+    assert f.response.headers.get_all("X-RateLimit-Limit-RPM") == ["2"]
+
+
 async def test_429_without_retries_left_reaches_the_client_and_is_counted(config_file):
     cooldown = Cooldown()
     addon = cooldown.metering

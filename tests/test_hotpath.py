@@ -69,7 +69,7 @@ def test_rate_headers_match_the_regex_parser(pairs: list[tuple[str, str]]) -> No
     assert parse_rate_headers(lower_dict) == reference_rate_headers(list(lower_dict.items()))
 
 
-@pytest.mark.parametrize("value", _VALUES + ["\xa012\xa0", "\x8512", "1_000", "+7"])
+@pytest.mark.parametrize("value", [*_VALUES, "\xa012\xa0", "\x8512", "1_000", "+7"])
 def test_a_raw_value_reads_as_its_decoded_text(value: str) -> None:
     assert _number_of(value.encode("latin-1")) == _number(value)
 

@@ -10,6 +10,7 @@ from cooldown.upstream import (
     classify_429,
     parse_rate_headers,
     parse_retry_after,
+    read_answer_head,
     usage_from_json,
 )
 
@@ -157,3 +158,23 @@ def test_sse_tap_never_raises_and_never_changes_a_byte(chunks):
     for chunk in chunks:
         assert tap(chunk) == chunk
     assert tap(b"") == b""
+
+
+def test_an_answers_head_is_read_in_one_pass():
+    head = read_answer_head(
+        [
+            (b"Content-Type", b"text/event-stream; charset=utf-8"),
+            (b"content-type", b"application/json"),  # only the first counts
+            (b"X-RateLimit-Limit-Tokens-Minute", b"1000"),
+            (b"x-ratelimit-remaining-tokens-minute", b" 400 "),
+            (b"Content-Encoding", b"gzip"),
+            (b"x-other", b"1"),
+        ],
+        ours=frozenset([b"x-other"]),
+    )
+    assert head.stream and head.encoded and head.has_ours
+    assert head.content_type == "text/event-stream; charset=utf-8"
+    assert head.reports() == [RateReport("tokens", 60.0, 1000, 400, 60.0)]
+    plain = read_answer_head([(b"content-type", b"application/json")])
+    assert not (plain.stream or plain.encoded or plain.has_ours)
+    assert plain.reports() == []
