@@ -20,6 +20,7 @@ import json
 import statistics
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -50,30 +51,31 @@ def main() -> None:
         stack.enter_context(upstream)
         config = work / "cooldown.yaml"
         config.write_text(yaml.safe_dump(addon_config()), encoding="utf-8")
+
+        # Each process is stopped on the way out as soon as it has started, even when a later
+        # one fails to.
+        def started(name: str, **kwargs: Any) -> Any:
+            return stack.enter_context(start_mitmdump(work, name, **kwargs))
+
         variants = {
-            "this addon": start_mitmdump(work, "this", addon_config=addon_config()),
-            "empty addon": start_mitmdump(
-                work, "noop", addon_config=None, extra=["-s", str(NOOP_ADDON)]
-            ),
+            "this addon": started("this", addon_config=addon_config()),
+            "empty addon": started("noop", addon_config=None, extra=["-s", str(NOOP_ADDON)]),
         }
         for i, script in enumerate(args.script):
-            variants[script] = start_mitmdump(
-                work,
+            variants[script] = started(
                 f"other-{i}",
                 addon_config=None,
-                extra=["-s", script, "--set", f"cerebras_config={config}"],
+                # (mitmdump runs in the work directory: a relative path is the caller's)
+                extra=["-s", str(Path(script).resolve()), "--set", f"cerebras_config={config}"],
             )
         for i, parts in enumerate(args.stub):
-            variants[f"this addon without {parts}"] = start_mitmdump(
-                work,
+            variants[f"this addon without {parts}"] = started(
                 f"stub-{i}",
                 addon_config=None,
                 extra=["-s", str(PARTIAL_ADDON), "--set", f"cerebras_config={config}"],
                 env={"COOLDOWN_BENCH_STUB": parts},
             )
-        bare = stack.enter_context(start_mitmdump(work, "bare", addon_config=None))
-        for proc in variants.values():
-            stack.enter_context(proc)
+        bare = started("bare", addon_config=None)
         request = build_request(
             "POST",
             f"http://{HOST}:{port}/v1/chat/completions",

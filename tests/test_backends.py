@@ -180,6 +180,39 @@ def test_settle_confirms_at_settle_time(make):
     assert limiter.used("k", TPM, 6) == pytest.approx(10)  # 20 at 5, 10 a second back
 
 
+def test_what_upstream_never_counted_comes_back_only_while_it_is_still_in_the_bucket(make):
+    # Upstream counted 0 of a 100-token reservation (cached input, say): its bucket stayed
+    # fuller by 100 until it refilled to full. Ours counted the 100 and refilled to full too,
+    # so a settle after that has nothing to give back; giving it back anyway let a burst
+    # after an idle moment through on room upstream did not have.
+    limiter = make()
+    early = granted(limiter, (TPM,), 100, 0)
+    limiter.confirm(early, now=0)
+    burst = granted(limiter, (TPM,), 500, 60)  # the bucket was full again at 10 s
+    limiter.confirm(burst, now=60)
+    limiter.settle(early, 0, now=60)
+    assert limiter.used("k", TPM, 60) == pytest.approx(500)
+    assert not limiter.try_acquire("k", (TPM,), 101, now=60).granted
+    # Without other counts since, all that is still in the bucket comes back.
+    alone = make()
+    reservation = granted(alone, (TPM,), 100, 0)
+    alone.confirm(reservation, now=0)
+    alone.settle(reservation, 0, now=3)  # 70 of its 100 were still in the bucket
+    assert alone.used("k", TPM, 3) == pytest.approx(0)
+
+
+def test_what_upstream_refunds_comes_back_whenever_it_was_counted(make):
+    # Upstream gives the unused output back at the end, to its bucket as it is then: so does
+    # ours, whatever was counted meanwhile.
+    limiter = make()
+    early = granted(limiter, (TPM,), 100, 0)
+    limiter.confirm(early, now=0)
+    burst = granted(limiter, (TPM,), 500, 60)
+    limiter.confirm(burst, now=60)
+    limiter.settle(early, 20, now=60, refund=80)
+    assert limiter.used("k", TPM, 60) == pytest.approx(420)
+
+
 def test_release_gives_back_in_flight_and_confirmed_amounts(make):
     limiter = make()
     flying = granted(limiter, (RPM, TPM), 300, 0)

@@ -243,10 +243,24 @@ _COUNTED_AT_ITS_END = [
     (0.0, 1, 0.0, 642, 0.0, 1.0, 1.0, 0.0, 0.0, "ok"),
 ]
 
+# Found by hypothesis: cached input counted by us, never by upstream, was given back at the
+# settle although the bucket had refilled to full since; the next burst then overdrew
+# upstream's uncached bucket by a token.
+_GIVEN_BACK_AFTER_FULL = [
+    (0.0, 1, 0.0, 0, 0.0, 1.0, 1.0, 0.0, 0.0, "ok"),
+    (0.0, 1, 0.0, 0, 0.0, 1.0, 1.0, 0.0, 0.0, "ok"),
+    (0.0, 1, 0.0, 1494, 1.0, 2.0, 1.0, 1.0, 0.0, "ok"),
+    (0.0, 9, 1.0, 0, 0.0, 2.0, 0.0, 0.0, 0.0, "ok"),
+    (0.0, 895, 1.0, 8, 0.0, 2.0, 1.0, 0.0, 0.0, "ok"),
+    (0.0, 1103, 0.0, 1500, 0.0, 1.0, 1.0, 0.0, 0.0, "ok"),
+    (0.0, 1, 0.0, 910, 0.0, 1.0, 1.0, 0.0, 0.0, "ok"),
+]
+
 
 @settings(max_examples=120, deadline=None)
 @given(requests, st.sampled_from(["full", "predicted"]))
 @example(_COUNTED_AT_ITS_END, "full")
+@example(_GIVEN_BACK_AFTER_FULL, "predicted")
 def test_neither_bucket_is_ever_overdrawn_and_nothing_leaks(events, admission):
     """Wherever upstream counts each request between release and its headers, with `full`
     admission, or `predicted` with a prediction that never exceeds what upstream finds

@@ -137,7 +137,7 @@ class TokenBucket(_InFlight):
     it then has to drain like upstream's own.
     """
 
-    __slots__ = ("_used", "at", "period")
+    __slots__ = ("_added", "_used", "at", "period")
     kind: Algorithm = "token_bucket"
 
     def __init__(self, period: float, used: float, now: float) -> None:
@@ -145,6 +145,7 @@ class TokenBucket(_InFlight):
         self.period = period
         self._used = used
         self.at = now
+        self._added = 0.0  # everything ever counted or charged extra: see `correct`
 
     def _drain(self, limit: int, now: float) -> float:
         if now > self.at:
@@ -165,17 +166,51 @@ class TokenBucket(_InFlight):
         # Refill is computed in floats: a wake-up at the computed moment must find room.
         return 0.0 if excess <= _EPSILON else excess * self.period / limit
 
-    def count(self, amount: int, limit: int, now: float) -> None:
-        """Upstream has counted `amount` by `now`: charge it, and let it refill from here."""
+    def count(self, amount: int, limit: int, now: float) -> tuple[TokenBucket, float]:
+        """Upstream has counted `amount` by `now`: charge it, and let it refill from here.
+        Returns the handle `correct` needs: this bucket, and what it had counted by then."""
         self.in_flight -= amount
         self._used = self._drain(limit, now) + amount
+        self._added += amount
+        return self, self._added
 
-    def correct(self, handle: object, old: int, new: int, limit: int, now: float) -> None:
-        """A counted amount turned out to be `new`, not `old` (refund or extra charge)."""
-        self._used = max(0.0, self._drain(limit, now) + new - old)
+    def correct(
+        self,
+        handle: object,
+        old: int,
+        new: int,
+        limit: int,
+        now: float,
+        refunded: int | None = None,
+    ) -> None:
+        """A counted amount turned out to be `new`, not `old`: an extra charge, or less.
+
+        Of less, `refunded` is what upstream gave back at the answer's end (its unused
+        output): upstream's bucket takes it back now, up to full, and so does this one. The
+        rest (all of it when `refunded` is None) is what upstream never counted: an input
+        estimate above its count, cached tokens, a request it refused. Upstream's bucket has
+        held it all along, so what this one counted in its place is gone where it would have
+        refilled past full; only what is still in it comes back. That is at most how low the
+        bucket has been since the count, which is no lower than what it holds now less all
+        counted since (giving back more drew a 429 after an idle moment: a burst found the
+        bucket fuller than upstream's).
+        """
+        used = self._drain(limit, now)
+        if new >= old:
+            self._used = used + new - old
+            self._added += new - old
+            return
+        back = old - new
+        given = 0 if refunded is None else min(max(refunded, 0), back)
+        still_in = 0.0
+        if isinstance(handle, tuple) and handle[0] is self:
+            still_in = min(back - given, max(0.0, used - (self._added - handle[1])))
+        self._used = max(0.0, used - still_in - given)
 
     def exhaust(self, limit: int, now: float) -> None:
-        self._used = max(self._drain(limit, now), float(limit))
+        used = self._drain(limit, now)
+        self._added += max(0.0, limit - used)
+        self._used = max(used, float(limit))
 
     def __repr__(self) -> str:
         return f"<TokenBucket used={self._used:g} at={self.at:g} in_flight={self.in_flight}>"
@@ -240,8 +275,17 @@ class SlidingWindow(_InFlight):
         if self._used < limit:
             self.add(limit - self._used, now)
 
-    def correct(self, handle: object, old: int, new: int, limit: int, now: float) -> None:
-        """Change what an earlier admission counts for, if it is still inside the window."""
+    def correct(
+        self,
+        handle: object,
+        old: int,
+        new: int,
+        limit: int,
+        now: float,
+        refunded: int | None = None,
+    ) -> None:
+        """Change what an earlier admission counts for, if it is still inside the window
+        (refunded or never counted by upstream: the same here)."""
         self._expire(now)
         if not isinstance(handle, _Entry) or handle.at + self.period <= now:
             return  # aged out (or counted by another algorithm): nothing left to correct
@@ -957,7 +1001,7 @@ class MemoryLimiter(_Alone):
                 continue
             counter = self._counters.get(part.slot)
             if counter is not None:
-                counter.correct(part.handle, part.amount, used, part.limit, now)
+                counter.correct(part.handle, part.amount, used, part.limit, now, given)
             view = self._views.get(part.slot)
             if view is not None:
                 if used > part.amount:

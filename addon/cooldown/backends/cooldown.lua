@@ -72,8 +72,24 @@ local function bucket_wait(s, amount, limit, period)
   if excess <= EPSILON then return 0 end
   return excess * period / limit
 end
-local function bucket_correct(s, old, new, limit, period)
-  set(s, "u", math.max(0, drain(s, limit, period) + new - old))
+-- `A` is everything the bucket ever counted; a reservation's mark is `A` once it was counted.
+-- Less than counted comes back as TokenBucket.correct says: `refunded` (what upstream gave
+-- back) at once, the rest (never counted upstream) only as far as it is still in the bucket.
+local function bucket_correct(s, old, new, limit, period, mark, refunded)
+  local used = drain(s, limit, period)
+  if new >= old then
+    set(s, "u", used + new - old)
+    set(s, "A", get(s, "A", 0) + new - old)
+    return
+  end
+  local back = old - new
+  local given = 0
+  if refunded ~= nil then given = math.min(math.max(refunded, 0), back) end
+  local still_in = 0
+  if mark ~= nil then
+    still_in = math.min(back - given, math.max(0, used - (get(s, "A", 0) - mark)))
+  end
+  set(s, "u", math.max(0, used - still_in - given))
 end
 
 -- Upstream's view of the slot (present once a report named it): level at `va`, refilling at
@@ -195,6 +211,9 @@ local function confirm(r)
     local used = drain(s, limit, period)
     set(s, "f", get(s, "f", 0) - amount)
     set(s, "u", used + amount)
+    set(s, "A", get(s, "A", 0) + amount)
+    if r.m == nil then r.m = {} end
+    r.m[i] = get(s, "A", 0)
     if has_view(s) then
       view_charge(s, amount)
       -- in flight at the view's report, which may have counted it already
@@ -230,7 +249,7 @@ local function op_settle(id, actual, refund, total, total_refund)
     end
     if used ~= nil then
       local amount = r.a[i]
-      bucket_correct(s, amount, used, r.l[i], r.p[i])
+      bucket_correct(s, amount, used, r.l[i], r.p[i], r.m and r.m[i], given)
       if has_view(s) then
         if used > amount then
           view_charge(s, used - amount)
@@ -251,7 +270,7 @@ local function release(id, r)
   for i, s in ipairs(r.s) do
     local amount = r.a[i]
     if r.c == 1 then
-      bucket_correct(s, amount, 0, r.l[i], r.p[i])
+      bucket_correct(s, amount, 0, r.l[i], r.p[i], r.m and r.m[i], nil)
     else
       set(s, "f", get(s, "f", 0) - amount)
     end
@@ -447,12 +466,15 @@ end
 -- Upstream refused a request on this limit (a 429 naming it): count it as used up now.
 local function op_exhaust(s, limit, period)
   limit = effective_limit(s, limit)
-  set(s, "u", math.max(drain(s, limit, period), limit))
+  local used = drain(s, limit, period)
+  set(s, "A", get(s, "A", 0) + math.max(0, limit - used))
+  set(s, "u", math.max(used, limit))
 end
 
 -- What a proxy counted alone while the shared limits were out of reach, charged once.
 local function op_charge(s, limit, period, amount)
   set(s, "u", drain(s, effective_limit(s, limit), period) + amount)
+  set(s, "A", get(s, "A", 0) + amount)
 end
 
 local function op_query(args)
