@@ -188,12 +188,12 @@ class TokenBucket(_InFlight):
         Of less, `refunded` is what upstream gave back at the answer's end (its unused
         output): upstream's bucket takes it back now, up to full, and so does this one. The
         rest (all of it when `refunded` is None) is what upstream never counted: an input
-        estimate above its count, cached tokens, a request it refused. Upstream's bucket has
-        held it all along, so what this one counted in its place is gone where it would have
-        refilled past full; only what is still in it comes back. That is at most how low the
-        bucket has been since the count, which is no lower than what it holds now less all
-        counted since (giving back more drew a 429 after an idle moment: a burst found the
-        bucket fuller than upstream's).
+        estimate above its count, cached tokens, a request it refused. Upstream's bucket never
+        took it, so what this one counted in its place has been refilled away wherever this
+        bucket reached full since: only what is surely still in it comes back, at most how low
+        it has been since the count, for which what it holds now less all counted since is a
+        lower bound (giving all of it back let a burst after an idle moment through on room
+        upstream did not have).
         """
         used = self._drain(limit, now)
         if new >= old:
