@@ -242,8 +242,7 @@ class Metering:
         head = metered.head = read_answer_head(f.response.headers.fields, OURS)
         if not head.stream:
             # A whole answer: its body follows at once, and the client gets its headers only
-            # with it, after the response hook. It is confirmed there, in one step with its
-            # settle (one look at its headers, one pump).
+            # with it, after the response hook. It is confirmed there, just before its settle.
             return
         answer_began(self.runtime, metered, f.response, head)
         if metered.parent is not None:
