@@ -430,3 +430,128 @@ def test_reports_rounded_down_to_whole_units_are_not_taken_for_others_usage(make
         remaining = math.floor(level)
         limiter.observe("k", [RateReport("requests", 60.0, 30, remaining, 0.0)], now=now)
     assert limiter.foreign_rate("k", "requests", 60.0, now) == 0
+
+
+# -- reports that may be older than what the view has charged ----------------------------------
+# Upstream writes a report after admitting the request it answers and before answering; the
+# answers reach the proxy in whatever order they come, so a report may be older than another
+# request the view has already charged.
+
+KEEP = 1_511  # upstream keeps the whole reservation: no refund ever comes
+USAGE = 131  # what the proxy settles each request at
+
+
+def answered(limiter, reservation, remaining, at):
+    """An answer arrives: confirmed, its report read, settled (whole answers refund nothing
+    that the next report would not show)."""
+    limiter.confirm(reservation, now=at)
+    limiter.observe("k", report(remaining, limit=60_000), now=at, reporter=reservation)
+    limiter.settle(reservation, USAGE, now=at, refund=0)
+
+
+def test_a_report_overtaken_by_a_later_answer_does_not_forget_that_answer(make):
+    """Regression (e2e test_upstream_keeping_the_whole_reservation_is_followed, stalled 60 s
+    under load): upstream admits `early`, writes its report, then admits `late`, whose answer
+    arrives first. Re-based on `early`'s older report, the view forgot `late` (confirmed, so
+    no longer held aside) and had room upstream had not; the next report showed `late` as
+    others' usage within milliseconds, more than the whole refill, and with nothing in flight
+    the view held every request for a whole period."""
+    limiter = make()
+    limiter.observe("k", report(10_000, limit=60_000), now=0.0)
+    early = granted(limiter, (BIG,), KEEP, 0.0)
+    late = granted(limiter, (BIG,), KEEP, 0.0)
+    answered(limiter, late, 10_000 - 2 * KEEP, at=0.004)
+    answered(limiter, early, 10_000 - KEEP, at=0.006)  # written before `late` was admitted
+    # Both are counted: what upstream has left (and 6 ms of refill) is all the view offers.
+    upstream_left = 10_000 - 2 * KEEP + 6
+    assert not limiter.try_acquire("k", (BIG,), upstream_left + 1, 0.006).granted
+    third = granted(limiter, (BIG,), KEEP, 0.006)
+    answered(limiter, third, upstream_left + 4 - KEEP, at=0.010)
+    assert limiter.foreign_rate("k", "tokens", 60.0, 0.010) == 0  # nobody else used it
+    decision = limiter.try_acquire("k", (BIG,), upstream_left + 4 - KEEP + 2_000, 0.010)
+    assert not decision.granted
+    assert decision.wait == pytest.approx(2.0, abs=0.01)  # upstream's refill, not a period
+
+
+def test_reports_overtaken_twice_are_not_taken_for_others_usage(make):
+    """Two old reports in a row: the second one re-bases the view on what it counts (what
+    the first held back is taken for a double count), but neither it nor the next report is
+    learnt from, so the answer both missed is not taken for others' usage."""
+    limiter = make(resync_interval=0)  # every report re-syncs, however soon after the last
+    limiter.observe("k", report(10_000, limit=60_000), now=0.0)
+    first = granted(limiter, (BIG,), KEEP, 0.0)
+    second = granted(limiter, (BIG,), 200, 0.0)
+    late = granted(limiter, (BIG,), KEEP, 0.0)
+    answered(limiter, late, 10_000 - 2 * KEEP - 200, at=0.004)
+    answered(limiter, first, 10_000 - KEEP - 200, at=0.005)  # both written before `late`
+    answered(limiter, second, 10_000 - KEEP - 200, at=0.006)
+    fresh = granted(limiter, (BIG,), KEEP, 0.006)
+    upstream_left = 10_000 - 3 * KEEP - 200 + 10
+    answered(limiter, fresh, upstream_left, at=0.010)
+    assert limiter.foreign_rate("k", "tokens", 60.0, 0.010) == 0
+    decision = limiter.try_acquire("k", (BIG,), upstream_left + 2_000, 0.010)
+    assert decision.wait == pytest.approx(2.0, abs=0.01)  # upstream's refill, not a period
+
+
+def test_a_refund_in_a_report_that_may_be_old_reaches_the_view_one_report_later(make):
+    """The price of not trusting an old report: when another request was answered while this
+    one was in flight, the refund its report shows may as well be that answer missed, so it
+    waits for the next report (the report itself may be read at once, and a request answered
+    alone is never in doubt)."""
+    limiter = make(resync_interval=0)
+    limiter.observe("k", report(50_000, limit=60_000), now=0.0)
+    slow = granted(limiter, (BIG,), 5_000, 0.0)
+    quick = granted(limiter, (BIG,), 5_000, 0.0)
+    limiter.confirm(quick, now=1.0)
+    # both admitted, `quick` refunded 4,000 of its 5,000, a second of refill; `slow` in flight
+    limiter.observe("k", report(45_000, limit=60_000), now=1.0, reporter=quick)
+    limiter.settle(quick, 1_000, now=1.0, refund=0)
+    limiter.confirm(slow, now=1.1)
+    limiter.observe("k", report(49_100, limit=60_000), now=1.1, reporter=slow)  # refunded too
+    limiter.settle(slow, 1_000, now=1.1, refund=0)
+    assert limiter.used("k", BIG, 1.1) == pytest.approx(60_000 - 45_100)  # 4,000 held back
+    alone = granted(limiter, (BIG,), 5_000, 1.1)
+    limiter.confirm(alone, now=1.2)
+    limiter.observe("k", report(49_200 - 1_000, limit=60_000), now=1.2, reporter=alone)
+    assert limiter.used("k", BIG, 1.2) == pytest.approx(60_000 - 48_200)  # all of it now
+
+
+def test_a_report_read_after_its_request_was_given_back_may_lower_the_view_not_raise_it(make):
+    """A 429's reservation is released before its report is read: nothing tells what that
+    report may have missed, so it can bring bad news only."""
+    limiter = make(resync_interval=0)
+    limiter.observe("k", report(10_000, limit=60_000), now=0.0)
+    refused = granted(limiter, (BIG,), KEEP, 0.0)
+    late = granted(limiter, (BIG,), KEEP, 0.0)
+    answered(limiter, late, 10_000 - KEEP, at=0.004)
+    limiter.release(refused, now=0.006)  # upstream said 429, before `late` was admitted
+    limiter.observe("k", report(10_000, limit=60_000), now=0.006, reporter=refused)
+    assert limiter.used("k", BIG, 0.006) == pytest.approx(60_000 - (10_000 - KEEP + 2))
+    limiter.observe("k", report(5_000, limit=60_000), now=0.006, reporter=refused)
+    assert limiter.used("k", BIG, 0.006) == pytest.approx(55_000)
+
+
+def test_an_old_report_is_not_taken_for_a_refund(make):
+    """What an old report shows beyond the view's belief may be an answer it missed, not a
+    refund: it teaches nothing about the share of refunds upstream makes (taken for a full
+    refund, it had the view credit refunds this upstream never makes)."""
+    limiter = make()
+    limiter.observe("k", report(10_000, limit=60_000), now=0.0)
+    early = granted(limiter, (BIG,), KEEP, 0.0)
+    late = granted(limiter, (BIG,), KEEP, 0.0)
+    limiter.confirm(late, now=0.004)
+    # both counted, and 4 ms of refill: nothing new, skipped (`early`'s answer comes next)
+    assert not limiter.observe(
+        "k", report(10_000 - 2 * KEEP + 4, limit=60_000), now=0.004, reporter=late
+    )
+    limiter.settle(late, USAGE, now=0.004, refund=KEEP - USAGE)  # a stream: its refund is due
+    limiter.confirm(early, now=0.006)
+    limiter.observe("k", report(10_000 - KEEP, limit=60_000), now=0.006, reporter=early)
+    limiter.settle(early, USAGE, now=0.006, refund=KEEP - USAGE)
+    third = granted(limiter, (BIG,), KEEP, 0.006)
+    limiter.confirm(third, now=0.010)
+    upstream_left = 10_000 - 3 * KEEP + 10
+    limiter.observe("k", report(upstream_left, limit=60_000), now=0.010, reporter=third)
+    limiter.settle(third, USAGE, now=0.010, refund=KEEP - USAGE)
+    # Upstream made no refund: none is credited, however long the view waits.
+    assert limiter.used("k", BIG, 1.0) == pytest.approx(60_000 - (upstream_left + 990))

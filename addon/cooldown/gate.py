@@ -21,11 +21,13 @@ from .breaker import CircuitBreaker
 from .config import Config
 from .estimate import Need
 from .held import HeldModel, held_by_model, status_fields
-from .limiter import LimiterBackend, MemoryLimiter, Rate, Settled, Unit
+from .limiter import LimiterBackend, MemoryLimiter, Rate, Reservation, Settled, Unit
 from .periods import RATE_NAMES, TOTAL_TPM
 from .scheduler import Scheduler
 from .tickets import NORMAL, Outcome, Policy, Ticket
 from .upstream import RateReport
+
+Reports = Sequence[RateReport]  # one answer's `x-ratelimit-*` reports
 
 log = logging.getLogger(__name__)
 
@@ -180,13 +182,13 @@ class Gate:
         self.rates.reconfigure(config)
         self.pump()
 
-    def observe(self, key: str, reports: Sequence[RateReport], defer: bool = False) -> bool:
-        """Correct the local picture with upstream's `x-ratelimit-*` report for `key`;
-        False when it changed nothing (nothing to re-decide). `defer`: see `confirm`."""
-        if not reports:
-            return False
+    def observe(
+        self, key: str, reports: Reports, defer: bool = False, reporter: Reservation | None = None
+    ) -> bool:
+        """Correct the local picture with upstream's `x-ratelimit-*` report for `key`, carried
+        by `reporter`'s answer (`defer`: see `confirm`); False when it changed nothing."""
         self.keys.add(key)
-        if not self.limiter.observe(key, reports, self.clock(), defer):
+        if not reports or not self.limiter.observe(key, reports, self.clock(), defer, reporter):
             return False
         self.scheduler.invalidate()
         self.rates.reported(key, reports)
@@ -316,7 +318,7 @@ class Gate:
         self,
         ticket: Ticket,
         status: int = 200,
-        reports: Sequence[RateReport] = (),
+        reports: Reports = (),
         body_follows: bool = False,
     ) -> None:
         """Upstream's answer to `ticket` has begun: its status, and the `x-ratelimit-*`
@@ -332,7 +334,8 @@ class Gate:
             self._finish(ticket, 429, None)
         else:
             self.scheduler.confirm(ticket, self.clock())
-        if not self.observe(ticket.key, reports, body_follows and status != 429) and status == 429:
+        defer = body_follows and status != 429
+        if not self.observe(ticket.key, reports, defer, ticket.reservation) and status == 429:
             self.pump()  # (observe re-syncs and pumps when the reports change anything)
         # Otherwise nothing can go that could not before: a confirmed amount is charged, not
         # freed, and a probe is over only when its answer ends (finish pumps).

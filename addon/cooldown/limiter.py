@@ -34,7 +34,9 @@ with our requests in flight held aside on top, charged with what we confirm sinc
 the rate at which *others* use the organization's capacity (`UpstreamDrift`) taken off its
 refill. A request must fit both our bucket and the view, under the lower of the two limits:
 trusting upstream can only make the proxy wait more, never send more than its own bucket
-allows.
+allows. Answers may reach the proxy in another order than upstream wrote their reports, so a
+report may be older than requests the view has already charged: what it shows beyond the
+view's belief may be those missed rather than refunds (see `UpstreamViews.resync`).
 
 The limiter's state lives behind `LimiterBackend` so that a shared (e.g. Redis) backend can
 replace `MemoryLimiter` without the scheduler noticing. Nothing here reads a clock: every call
@@ -423,6 +425,7 @@ class UpstreamView:
         "limit",
         "pending_refunds",
         "period",
+        "possibly_missed",
         "refill",
         "reserve",
         "share",
@@ -455,8 +458,12 @@ class UpstreamView:
         self.share = share
         self._refunds: deque[tuple[float, int]] = deque()  # (settled at, unused), not matured
         self._matured = 0
-        # Confirmed since the report, though in flight at it: the report may have counted them.
-        self.counted_twice = 0
+        # Counted by the view on top of the report, which may have counted them too: confirmed
+        # since the report though in flight at it, or held back from it (UpstreamViews.resync).
+        self.counted_twice = 0.0
+        # What the report may have missed of what the view had charged, and the view does not
+        # hold back either: the next report may show that much less, through nobody's usage.
+        self.possibly_missed = 0.0
 
     def _level(self, now: float) -> float:
         if now > self.at:
@@ -476,9 +483,13 @@ class UpstreamView:
         # not worth crediting (a few tokens at the edge of the bucket are a 429).
         return self.share * self._matured if self.share >= REFUND_TRUST else 0.0
 
+    def believed_left(self, now: float) -> float:
+        """What the view takes upstream to have left now, refunds credited, our requests in
+        flight aside."""
+        return min(float(self.limit), self._level(now) + self._credit(now))
+
     def room(self, now: float) -> float:
-        left = min(float(self.limit), self._level(now) + self._credit(now))
-        return left - self.in_flight - self.reserve
+        return self.believed_left(now) - self.in_flight - self.reserve
 
     def wait_time(self, amount: int, now: float) -> float:
         excess = amount - self.room(now)
@@ -520,6 +531,9 @@ class _Part:
     handle: object = None  # the window's log entry, once counted
     view_epoch: int | None = None  # the view it is held aside in, if any
     in_flight_at_report: bool = False  # ... since that view's report (which may count it)
+    # What of ours upstream had counted on the slot when this one was released
+    # (UpstreamViews.charged): what it counted after, this one's report may not count.
+    confirmed_before: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -541,6 +555,10 @@ class _Held:
     key: str
     parts: list[_Part] = field(default_factory=list)
     confirmed: bool = False
+
+
+# The reporter of a report whose reservation the limiter no longer holds: its mark is gone.
+_NO_LONGER_HELD = _Held("")
 
 
 @dataclass(frozen=True)
@@ -631,10 +649,17 @@ class LimiterBackend(Protocol):
     def release(self, reservation: Reservation, now: float) -> None: ...
 
     def observe(
-        self, key: str, reports: Sequence[RateReport], now: float, defer: bool = False
+        self,
+        key: str,
+        reports: Sequence[RateReport],
+        now: float,
+        defer: bool = False,
+        reporter: Reservation | None = None,
     ) -> bool:
         """Re-sync from one answer's reports; `defer`: the rest of the answer follows at once,
-        and a backend may apply them (as of `now`) with its settle."""
+        and a backend may apply them (as of `now`) with its settle. `reporter`: the
+        reservation whose answer carried them (its report may miss what was counted after it
+        was released); None: reports written just now."""
         ...
 
     def withdraw(self, key: str, now: float) -> None:
@@ -677,26 +702,74 @@ class UpstreamViews:
         self._views: dict[Slot, UpstreamView] = {}
         self._drift: dict[Slot, UpstreamDrift] = {}
         self._epochs = itertools.count(1)
+        # Per slot, every amount of ours upstream has counted so far (confirmed, or charged
+        # beyond the estimate at a settle): what a report may have missed is told from it.
+        self._charged: dict[Slot, float] = {}
 
     def get(self, slot: Slot) -> UpstreamView | None:
         return self._views.get(slot)
 
+    def charged(self, slot: Slot) -> float:
+        """Every amount of ours counted on `slot` so far (a reservation's mark at release)."""
+        return self._charged.get(slot, 0.0)
+
+    def count(self, slot: Slot, amount: float) -> None:
+        """Upstream has counted `amount` more of ours on `slot`."""
+        self._charged[slot] = self._charged.get(slot, 0.0) + amount
+
+    def unseen(self, slot: Slot, reporter: _Held | None) -> float:
+        """What of ours a report on `slot` carried by `reporter`'s answer may not count.
+
+        Upstream wrote it after admitting `reporter` and before answering, so it counts
+        everything counted before `reporter` was released, and perhaps nothing since (an
+        answer written later may have arrived first). Nothing for a report with no reporter
+        (written just now); everything for a reporter without a mark on `slot`, or no longer
+        held (a 429's, released before its report is read).
+        """
+        if reporter is None:
+            return 0.0
+        for part in reporter.parts:
+            if part.slot == slot:
+                own = part.amount if reporter.confirmed else 0
+                return max(self.charged(slot) - part.confirmed_before - own, 0.0)
+        return float("inf")
+
     def drift(self, slot: Slot) -> UpstreamDrift | None:
         return self._drift.get(slot)
 
-    def resync(self, slot: Slot, report: RateReport, flying: int, now: float) -> int:
-        """A new view of `slot` from upstream's report, with `flying` held aside; its epoch."""
+    def resync(self, slot: Slot, report: RateReport, flying: int, unseen: float, now: float) -> int:
+        """A new view of `slot` from upstream's report, with `flying` held aside; its epoch.
+
+        `unseen`: what the view has charged that the report may not count (see `unseen`).
+        Answers may arrive in another order than upstream wrote their reports, and re-basing
+        on an older report forgot a request answered meanwhile: the view had room upstream had
+        not, and the next report showed that request as others' usage, often more than the
+        whole refill, so that the view held every request for a period. A report that says
+        upstream has more than the view believes may show refunds, or have missed up to
+        `unseen`, and nothing tells the two apart:
+
+        - what it shows beyond what the view may have counted twice (its `counted_twice`) is
+          held back, up to `unseen`, until the next report (kept charged, and counted twice in
+          turn, so that it is not held back again). One overtaken report is then harmless,
+          and a refund reaches the view one report later;
+        - all it may have missed is `possibly_missed`: neither this report nor the next one
+          teaches anything about others' usage or refunds.
+        """
         limit = report.limit
         reported_left = float(min(max(report.remaining, 0), limit))
         drift = self._drift.get(slot)
         if drift is None:
             drift = self._drift[slot] = UpstreamDrift()
         old = self._views.get(slot)
+        kept = missed = 0.0
         if old is not None and old.limit == limit:
+            surplus = reported_left - old.believed_left(now)
+            missed = min(unseen, max(surplus, 0.0))
+            kept = min(unseen, max(surplus - old.counted_twice, 0.0))
             # What upstream would have left had nobody else used the limit and had it made
             # no refunds since the last report.
             gap = reported_left - old.expected_left(now)
-            unsure = old.counted_twice + flying
+            unsure = old.counted_twice + old.possibly_missed + flying + missed
             drift.add(gap, unsure, now - old.synced_at, old.pending_refunds, limit, now)
         refill = limit / report.period
         used = limit - reported_left
@@ -705,7 +778,7 @@ class UpstreamViews:
         others = min(drift.rate(now), refill)
         view = UpstreamView(
             limit,
-            reported_left,
+            reported_left - kept,
             refill - others,
             others,
             flying,
@@ -721,6 +794,8 @@ class UpstreamViews:
             ),
             report.period,
         )
+        view.counted_twice = kept
+        view.possibly_missed = missed - kept
         self._views[slot] = view
         return view.epoch
 
@@ -730,10 +805,12 @@ class UpstreamViews:
         reports: Sequence[RateReport],
         in_flight: Iterable[_Held],
         now: float,
+        reporter: _Held | None = None,
     ) -> bool:
         """Re-sync the views of `key` from one response's `x-ratelimit-*` reports, with our
         reservations `in_flight` (released, not confirmed) held aside; False when the reports
-        changed nothing (see `_is_news`).
+        changed nothing (see `_is_news`). `reporter`: the reservation whose answer carried
+        them (see `unseen`).
 
         Upstream writes a report when it sends the answer, and any of our requests still in
         flight may or may not be in it: one released earlier can reach upstream later (another
@@ -755,7 +832,8 @@ class UpstreamViews:
                     parts.append(part)
                     flying[part.slot] += part.amount
         epochs = {
-            slot: self.resync(slot, report, flying[slot], now) for slot, report in wanted.items()
+            slot: self.resync(slot, report, flying[slot], self.unseen(slot, reporter), now)
+            for slot, report in wanted.items()
         }
         for part in parts:
             part.view_epoch = epochs[part.slot]
@@ -916,7 +994,7 @@ class MemoryLimiter(_Alone):
         held = _Held(key)
         for slot, counter, view, pace, amount, limit in plan:
             counter.hold(amount)
-            part = _Part(slot, amount, limit, pace)
+            part = _Part(slot, amount, limit, pace, confirmed_before=self._views.charged(slot))
             if view is not None:
                 view.in_flight += amount
                 part.view_epoch = view.epoch
@@ -931,11 +1009,20 @@ class MemoryLimiter(_Alone):
     # -- upstream's reports --------------------------------------------------------------------
 
     def observe(
-        self, key: str, reports: Sequence[RateReport], now: float, defer: bool = False
+        self,
+        key: str,
+        reports: Sequence[RateReport],
+        now: float,
+        defer: bool = False,
+        reporter: Reservation | None = None,
     ) -> bool:
         """Re-sync upstream's view of `key` from one response's `x-ratelimit-*` reports;
-        False when they changed nothing (see `UpstreamViews.observe`). Always at once."""
-        return self._views.observe(key, reports, self._in_flight.get(key, ()), now)
+        False when they changed nothing (see `UpstreamViews.observe`). Always at once.
+        `reporter`: the reservation whose answer carried them (None: written just now)."""
+        held = None
+        if reporter is not None:
+            held = self._held.get(reporter.id, _NO_LONGER_HELD)
+        return self._views.observe(key, reports, self._in_flight.get(key, ()), now, held)
 
     def learned_limits(self, key: str) -> dict[tuple[Unit, float], int]:
         return self._views.learned_limits(key)
@@ -956,6 +1043,7 @@ class MemoryLimiter(_Alone):
         if held.confirmed:
             return
         for part in held.parts:
+            self._views.count(part.slot, part.amount)
             counter = self._counters.get(part.slot)
             if counter is not None:
                 part.handle = counter.count(part.amount, part.limit, now)
@@ -1006,6 +1094,7 @@ class MemoryLimiter(_Alone):
             if view is not None:
                 if used > part.amount:
                     view.charge(used - part.amount, now)  # upstream counted more
+                    self._views.count(part.slot, used - part.amount)
                 else:
                     # Credited later, as far as upstream is known to refund (see UpstreamView).
                     unused = part.amount - used

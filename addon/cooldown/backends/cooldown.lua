@@ -192,8 +192,8 @@ local function used_of(s, limit, period)
   return local_used
 end
 
--- A reservation's record: per part its slot, amount, limit, period, burst and the view epoch
--- it was released under; `c` once confirmed.
+-- A reservation's record: per part its slot, amount, limit, period, burst, the view epoch
+-- it was released under and the slot's `vC` then (`k`); `c` once confirmed.
 local function load(id)
   local raw = redis.call("HGET", KEYS[2], id)
   if not raw then return nil end
@@ -204,10 +204,17 @@ local function drop(id)
   redis.call("ZREM", KEYS[3], id)
 end
 
+-- Every amount of ours upstream has counted on a slot so far (`vC`, never reset): what a
+-- report may have missed is told from it (see unseen).
+local function count(s, amount)
+  set(s, "vC", get(s, "vC", 0) + amount)
+end
+
 local function confirm(r)
   if r.c == 1 then return end
   for i, s in ipairs(r.s) do
     local amount, limit, period = r.a[i], r.l[i], r.p[i]
+    count(s, amount)
     local used = drain(s, limit, period)
     set(s, "f", get(s, "f", 0) - amount)
     set(s, "u", used + amount)
@@ -253,6 +260,7 @@ local function op_settle(id, actual, refund, total, total_refund)
       if has_view(s) then
         if used > amount then
           view_charge(s, used - amount)
+          count(s, used - amount)
         else
           local unused = amount - used
           if given ~= nil then unused = math.max(math.min(given, unused), 0) end
@@ -366,7 +374,7 @@ local function op_acquire(args)
     local ttl = math.min(worst, HEAD_TTL) + HEAD_TTL
     redis.call("HSET", KEYS[5], me, cjson.encode({x = now + ttl, a = amounts}))
   else
-    local r = {s = {}, a = {}, l = {}, p = {}, b = {}, e = {}, c = 0}
+    local r = {s = {}, a = {}, l = {}, p = {}, b = {}, e = {}, k = {}, c = 0}
     for i, p in ipairs(plan) do
       local s = p.s
       set(s, "f", get(s, "f", 0) + p.amount)
@@ -375,6 +383,7 @@ local function op_acquire(args)
       end
       r.s[i], r.a[i], r.l[i], r.p[i], r.b[i] = s, p.amount, p.limit, p.period, p.burst
       r.e[i] = get(s, "ve", 0)
+      r.k[i] = get(s, "vC", 0)
     end
     redis.call("HSET", KEYS[2], id, cjson.encode(r))
     redis.call("ZADD", KEYS[3], fmt(now + lease), id)
@@ -397,14 +406,37 @@ local function is_news(s, limit, left, interval)
   return left < view_level(s) - get(s, "f", 0)
 end
 
+-- What of ours a report on slot `s` carried by the answer to reservation `r` may not count
+-- (see UpstreamViews.unseen): what was counted since `r` was released, `r` aside. Nothing
+-- without a reporter (`r` false: written just now); everything for a reporter no longer
+-- held (nil: a 429's, released before its report is read) or without a mark on `s`.
+local function unseen(s, r)
+  if r == false then return 0 end
+  if r == nil or r.k == nil then return math.huge end
+  for i, slot in ipairs(r.s) do
+    if slot == s then
+      local own = 0
+      if r.c == 1 then own = r.a[i] end
+      return math.max(get(s, "vC", 0) - r.k[i] - own, 0)
+    end
+  end
+  return math.huge
+end
+
 -- Re-base the views of one answer's reports. The caller passes what it estimates of others'
 -- usage of each limit (rate, lump to keep back, refund share): that estimator lives in the
--- proxy (limiter.UpstreamDrift), fed with the gap each re-sync returns.
+-- proxy (limiter.UpstreamDrift), fed with the gap each re-sync returns. A report that says
+-- more than the view believed may have missed what was counted since its reservation was
+-- released: beyond what the view may count twice (`vT`), that much is held back until the
+-- next report, and all of it (the rest as `vM`) makes this report and the next unsure
+-- (see UpstreamViews.resync).
 local function op_observe(args)
-  local margin, interval, n = tonumber(args[1]), tonumber(args[2]), tonumber(args[3])
+  local margin, interval, n = tonumber(args[1]), tonumber(args[2]), tonumber(args[4])
+  local reporter = false
+  if args[3] ~= "" then reporter = load(args[3]) end
   local reports, news = {}, false
   for i = 1, n do
-    local base = 3 + (i - 1) * 8
+    local base = 4 + (i - 1) * 8
     local rep = {
       s = args[base + 1], limit = tonumber(args[base + 2]),
       remaining = tonumber(args[base + 3]), reset = tonumber(args[base + 4]),
@@ -425,6 +457,13 @@ local function op_observe(args)
   for _, rep in ipairs(reports) do
     local s, limit = rep.s, rep.limit
     local flying = get(s, "f", 0)
+    local kept, missed = 0, 0
+    if has_view(s) and get(s, "vL", 0) == limit then
+      local surplus = rep.left - math.min(limit, view_level(s) + credit(s))
+      local may_miss = unseen(s, reporter)
+      missed = math.min(may_miss, math.max(surplus, 0))
+      kept = math.min(may_miss, math.max(surplus - get(s, "vT", 0), 0))
+    end
     if rep.stale then
       emit("0")
     elseif has_view(s) and get(s, "vL", 0) == limit then
@@ -432,7 +471,7 @@ local function op_observe(args)
       local expected = math.min(limit, view_level(s) + get(s, "vo", 0) * (now - get(s, "vs", now)))
       emit("1")
       emit(rep.left - expected)
-      emit(get(s, "vT", 0) + flying)
+      emit(get(s, "vT", 0) + get(s, "vM", 0) + flying + missed)
       emit(now - get(s, "vs", now))
       emit(get(s, "vP", 0))
     else
@@ -446,7 +485,7 @@ local function op_observe(args)
     local others = math.min(rep.others, refill)
     local reserve = math.min(math.max(rep.lump, others, limit * margin), limit / 2)
     set(s, "vL", limit)
-    set(s, "vl", rep.left)
+    set(s, "vl", rep.left - kept)
     set(s, "va", now)
     set(s, "vs", now)
     set(s, "vr", refill - others)
@@ -455,7 +494,8 @@ local function op_observe(args)
     set(s, "vS", rep.share)
     set(s, "vp", rep.period)
     set(s, "vP", 0)
-    set(s, "vT", 0)
+    set(s, "vT", kept)
+    set(s, "vM", missed - kept)
     set(s, "vm", 0)
     set(s, "n1", 0)
     set(s, "n2", 0)

@@ -248,24 +248,26 @@ class RedisLimiter:
     # -- upstream's reports ----------------------------------------------------------------
 
     def observe(
-        self, key: str, reports: Sequence[RateReport], now: float, defer: bool = False
+        self,
+        key: str,
+        reports: Sequence[RateReport],
+        now: float,
+        defer: bool = False,
+        reporter: Reservation | None = None,
     ) -> bool:
-        """Re-sync the shared views from one answer's reports (see UpstreamViews.observe);
+        """Re-sync the shared views from one answer's reports (see LimiterBackend.observe);
         `defer`: with the next call (the settle that follows), applied as of now."""
         wanted = {(r.unit, r.period): r for r in reports if r.limit > 0}
         if not wanted:
             return False
-        args = [_fmt(self._view_margin), _fmt(self._resync_interval), str(len(wanted))]
+        reporter_id = "" if reporter is None else reporter.id
+        args = [_fmt(self._view_margin), _fmt(self._resync_interval), reporter_id, str(len(wanted))]
         drifts = []
         for report in wanted.values():
             slot: Slot = (key, report.unit, report.period)
-            drift = self._drift.get(slot)
-            if drift is None:
-                drift = self._drift[slot] = UpstreamDrift()
+            drift = self._drift.get(slot) or self._drift.setdefault(slot, UpstreamDrift())
             drifts.append((drift, report))
-            args += [_slot_name(report.unit, report.period), str(report.limit)]
-            args += [str(report.remaining), _fmt(report.reset), _fmt(report.period)]
-            args += [_fmt(drift.rate(now)), _fmt(drift.lump(now)), _fmt(drift.share)]
+            args += _report_args(report, drift, now)
             self._learned[slot] = report.limit
 
         def read(out: Iterator[str], at: float) -> bool:
@@ -345,3 +347,18 @@ class _Waiting:
 
 def _slot_name(unit: Unit, period: float) -> str:
     return f"{unit}:{period:g}"
+
+
+def _report_args(report: RateReport, drift: UpstreamDrift, now: float) -> list[str]:
+    """One report as the script's `O` operation reads it, with this proxy's estimate of
+    others' usage of its limit."""
+    return [
+        _slot_name(report.unit, report.period),
+        str(report.limit),
+        str(report.remaining),
+        _fmt(report.reset),
+        _fmt(report.period),
+        _fmt(drift.rate(now)),
+        _fmt(drift.lump(now)),
+        _fmt(drift.share),
+    ]

@@ -221,15 +221,21 @@ class SharedLimiter:
             self._alone.exhaust(key, self._scaled(rate), now)
 
     def observe(
-        self, key: str, reports: Sequence[RateReport], now: float, defer: bool = False
+        self,
+        key: str,
+        reports: Sequence[RateReport],
+        now: float,
+        defer: bool = False,
+        reporter: Reservation | None = None,
     ) -> bool:
         if self.up:
             try:
-                return self.shared.observe(key, reports, now, defer)
+                return self.shared.observe(key, reports, now, defer, reporter)
             except SharedStateError as e:
                 self._down(e, now)
         # Alone, upstream's reports still say what the whole organization left.
-        return self._alone is not None and self._alone.observe(key, reports, now)
+        alone = self._alone
+        return alone is not None and alone.observe(key, reports, now, reporter=reporter)
 
     def pause(self, key: str, seconds: float, now: float) -> None:
         if self.up:
