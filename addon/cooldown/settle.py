@@ -26,22 +26,18 @@ log = logging.getLogger(__name__)
 def answer_began(
     runtime: Runtime, metered: MeteredFlow, response: http.Response, head: AnswerHead
 ) -> None:
-    """Upstream has begun answering: confirm the reservation with the answer's report, note
-    that upstream holds the prompt, and tell the client the proxy's view in its headers."""
+    """Upstream has begun answering, so it has counted the request by now: its reservation
+    ages from here (a 429's comes back) and the answer's report (`head`, read from
+    `response`) re-syncs the limits; upstream holds the prompt; the client gets the proxy's
+    view in the headers. A stream is here at its headers, since its report is sent at once; a
+    whole answer at its end, with its body (a shared limiter then sends the report with the
+    settle)."""
+    assert metered.ticket is not None
     metered.answered = True
-    confirm(runtime.gate, metered, response, head)
+    runtime.gate.confirm(metered.ticket, response.status_code, head.reports(), not head.stream)
     if response.status_code == 200:
         runtime.processed(metered.cache)
     add_proxy_headers(runtime.gate, response, metered, head)
-
-
-def confirm(gate: Gate, metered: MeteredFlow, response: http.Response, head: AnswerHead) -> None:
-    """Upstream has counted the request by now: its reservation ages from here (a 429's comes
-    back), and the answer's report (`head`, read from `response`) re-syncs the limits. A
-    stream is confirmed at its headers, since its report is sent at once; a whole answer at
-    its end, with its body (a shared limiter then sends the report with the settle)."""
-    assert metered.ticket is not None
-    gate.confirm(metered.ticket, response.status_code, head.reports(), not head.stream)
 
 
 def add_proxy_headers(
